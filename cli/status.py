@@ -1,0 +1,43 @@
+"""`dbsync status`: how far behind the Agent DB is."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dbsync.cli.options import connection_options, json_option
+from dbsync.config import load_settings
+from dbsync.db import connect
+from dbsync.status import read_status
+
+
+@click.command()
+@connection_options
+@json_option
+@click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
+def status(
+    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, as_json: bool, source: str | None
+) -> None:
+    """Show the high-water mark, the newest log sequence and the lag."""
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source)
+    settings.require("site_dsn", "agent_dsn")
+    assert settings.site_dsn and settings.agent_dsn
+    with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+        st = read_status(site, agent, settings.source)
+    if as_json:
+        click.echo(json.dumps(st.as_dict(), indent=2))
+        return
+    rows = [
+        ("source", st.source),
+        ("high-water mark", st.high_water_mark),
+        ("newest log seq", st.newest_seq),
+        ("events behind", st.events_behind),
+        ("seconds behind", f"{st.seconds_behind:.3f}"),
+        ("events applied", st.events_applied),
+        ("last progress", st.progress_updated_at.isoformat() if st.progress_updated_at else "never"),
+        ("tables", ", ".join(st.tables) or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")

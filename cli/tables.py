@@ -1,0 +1,58 @@
+"""`dbsync tables add|remove|list`: choose what is replicated."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dbsync import tables as registry
+from dbsync.cli.options import connection_options, json_option
+from dbsync.config import load_settings
+from dbsync.db import connect
+
+
+@click.group()
+def tables() -> None:
+    """Install or remove capture on Site DB tables."""
+
+
+@tables.command("add")
+@connection_options
+@click.argument("names", nargs=-1, required=True)
+def add(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
+    """Replicate the tables NAMES (each must have a primary key and exist on the Agent DB)."""
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
+    assert settings.site_dsn and settings.agent_dsn
+    with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+        for name in names:
+            info = registry.add(site, agent, name)
+            click.echo(f"replicating {info.label} (key: {', '.join(info.keys)})")
+
+
+@tables.command("remove")
+@connection_options
+@click.argument("names", nargs=-1, required=True)
+def remove(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
+    """Stop capturing the tables NAMES; changes already logged are still applied."""
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
+    assert settings.site_dsn
+    with connect(settings.site_dsn, "Site") as site:
+        for name in names:
+            click.echo(f"no longer replicating {registry.remove(site, name)}")
+
+
+@tables.command("list")
+@connection_options
+@json_option
+def list_(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, as_json: bool) -> None:
+    """List the replicated tables."""
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
+    assert settings.site_dsn
+    with connect(settings.site_dsn, "Site") as site:
+        infos = registry.listing(site)
+    if as_json:
+        click.echo(json.dumps([{"table": i.label, "key": i.keys, "table_id": i.table_id} for i in infos]))
+        return
+    for info in infos:
+        click.echo(f"{info.label}\tkey: {', '.join(info.keys)}")

@@ -1,0 +1,1 @@
+"""dbsync: trigger-based replication from a Site PostgreSQL to an Agent PostgreSQL."""

@@ -1,0 +1,3 @@
+from dbsync.cli.main import main
+
+main()

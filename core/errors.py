@@ -1,0 +1,33 @@
+"""One root exception, a child per subsystem; the CLI turns them into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class DbsyncError(Exception):
+    """Anything dbsync expects can go wrong. The message is one line, safe to print."""
+
+    exit_code = 2
+
+
+class ConfigError(DbsyncError):
+    """The settings are incomplete or malformed."""
+
+
+class ConnectError(DbsyncError):
+    """A database could not be reached or refused the login."""
+
+
+class SchemaError(DbsyncError):
+    """A table cannot be replicated as it stands (no primary key, missing on the Agent DB...)."""
+
+
+class DriftError(SchemaError):
+    """A replicated row carries a column the Agent DB does not have."""
+
+
+class ApplyError(DbsyncError):
+    """The Agent DB rejected a batch."""
+
+
+class MigrationError(DbsyncError):
+    """A migration could not be applied."""

@@ -1,0 +1,88 @@
+"""How far behind the Agent DB is: read from both databases, computed in one place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from dbsync.errors import SchemaError
+
+# Committed events not yet applied: not visible in prev_snapshot, and not already applied as
+# part of the open batch (visible in batch_snapshot with seq <= batch_cursor).
+PENDING = """
+SELECT count(*) AS events,
+       min(l.captured_at) AS oldest,
+       extract(epoch FROM clock_timestamp() - min(l.captured_at))::float8 AS seconds
+FROM dbsync.sync_log l
+WHERE l.txid >= pg_snapshot_xmin(%(prev)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(l.txid, %(prev)s::pg_snapshot)
+  AND NOT (%(batch)s::pg_snapshot IS NOT NULL
+           AND pg_visible_in_snapshot(l.txid, %(batch)s::pg_snapshot)
+           AND l.seq <= %(cursor)s::bigint)
+"""
+
+NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync_log_seq"
+
+PROGRESS = """
+SELECT prev_snapshot::text, batch_snapshot::text, batch_cursor, applied_seq, events_applied,
+       last_captured_at, updated_at
+FROM dbsync.apply_progress WHERE source = %s
+"""
+
+
+@dataclass(frozen=True)
+class Status:
+    source: str
+    high_water_mark: int
+    newest_seq: int
+    events_behind: int
+    seconds_behind: float
+    events_applied: int
+    oldest_pending_at: datetime | None
+    last_applied_capture_at: datetime | None
+    progress_updated_at: datetime | None
+    batch_open: bool
+    tables: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, datetime):
+                out[key] = value.isoformat()
+        return out
+
+
+def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str) -> Status:
+    for conn, role, rel in ((site, "Site", "dbsync.sync_log"), (agent, "Agent", "dbsync.apply_progress")):
+        if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
+            raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
+    row = agent.execute(PROGRESS, (source,)).fetchone()
+    if row is None:
+        prev, batch, cursor, hwm, applied, last_cap, updated = "3:3:", None, None, 0, 0, None, None
+    else:
+        prev, batch, cursor, hwm, applied, last_cap, updated = row
+    newest = site.execute(NEWEST).fetchone()[0]  # type: ignore[index]
+    pending = site.execute(PENDING, {"prev": prev, "batch": batch, "cursor": cursor}).fetchone()
+    assert pending is not None
+    tables = [
+        f"{r[0]}.{r[1]}"
+        for r in site.execute(
+            "SELECT schema_name, table_name FROM dbsync.replicated_tables WHERE removed_at IS NULL ORDER BY 1, 2"
+        ).fetchall()
+    ]
+    return Status(
+        source=source,
+        high_water_mark=hwm,
+        newest_seq=newest,
+        events_behind=pending[0],
+        seconds_behind=round(max(pending[2] or 0.0, 0.0), 3),
+        events_applied=applied,
+        oldest_pending_at=pending[1],
+        last_applied_capture_at=last_cap,
+        progress_updated_at=updated,
+        batch_open=batch is not None,
+        tables=tables,
+    )

@@ -1,0 +1,118 @@
+"""Adding and removing tables from replication, with the checks both databases need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from dbsync.db import first_line
+from dbsync.errors import SchemaError
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    table_id: int
+    schema: str
+    name: str
+    keys: list[str]
+    columns: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+def resolve(conn: psycopg.Connection, name: str, where: str) -> tuple[str, str]:
+    """(schema, table) of a table name as a user typed it ("t", "s.t", '"Odd Name"')."""
+    try:
+        row = conn.execute(
+            "SELECT n.nspname, c.relname, c.relkind FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+            (name,),
+        ).fetchone()
+    except psycopg.Error as exc:
+        raise SchemaError(f"{name!r} is not a valid table name: {first_line(exc)}") from None
+    if row is None:
+        raise SchemaError(f"table {name!r} does not exist on the {where} DB")
+    if row[2] not in ("r", "p"):
+        raise SchemaError(f"{name!r} on the {where} DB is not a table")
+    return row[0], row[1]
+
+
+def columns(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = %s::regclass "
+        "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (sql.Identifier(schema, name).as_string(conn),),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def primary_key(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY k.ord",
+        (sql.Identifier(schema, name).as_string(conn),),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -> TableInfo:
+    """Check the table on both sides, then install capture on the Site DB."""
+    schema, table = resolve(site, name, "Site")
+    label = f"{schema}.{table}"
+    keys = primary_key(site, schema, table)
+    if not keys:
+        raise SchemaError(f"table {label} has no primary key; dbsync needs one to apply changes idempotently")
+    site_cols = columns(site, schema, table)
+    agent_cols = columns(agent, schema, table) if _exists(agent, schema, table) else None
+    if agent_cols is None:
+        raise SchemaError(f"table {label} does not exist on the Agent DB; create it there first")
+    missing = [c for c in site_cols if c not in agent_cols]
+    if missing:
+        raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(missing)}")
+    agent_keys = primary_key(agent, schema, table)
+    if sorted(agent_keys) != sorted(keys):
+        raise SchemaError(
+            f"table {label}: the Agent DB's primary key ({', '.join(agent_keys) or 'none'}) "
+            f"differs from the Site DB's ({', '.join(keys)})"
+        )
+    try:
+        with site.transaction():
+            table_id = site.execute(
+                "SELECT dbsync.add_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
+            ).fetchone()[0]  # type: ignore[index]
+    except psycopg.Error as exc:
+        raise SchemaError(first_line(exc).removeprefix("dbsync: ")) from None
+    return TableInfo(table_id, schema, table, keys, site_cols)
+
+
+def remove(site: psycopg.Connection, name: str) -> str:
+    schema, table = resolve(site, name, "Site")
+    with site.transaction():
+        removed = site.execute(
+            "SELECT dbsync.remove_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
+        ).fetchone()[0]  # type: ignore[index]
+    if not removed:
+        raise SchemaError(f"table {schema}.{table} is not replicated")
+    return f"{schema}.{table}"
+
+
+def listing(site: psycopg.Connection) -> list[TableInfo]:
+    rows = site.execute(
+        "SELECT table_id, schema_name, table_name, key_columns FROM dbsync.replicated_tables "
+        "WHERE removed_at IS NULL ORDER BY schema_name, table_name"
+    ).fetchall()
+    return [TableInfo(r[0], r[1], r[2], list(r[3]), []) for r in rows]
+
+
+def _exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (schema, name),
+    ).fetchone()
+    return row is not None

@@ -1,0 +1,348 @@
+"""The apply path: one Agent DB transaction per page, rows and progress together.
+
+A page is coalesced to the last image per key (the Agent DB holds state, not history), then
+written with one statement per table and kind: a set-based DELETE and a set-based upsert, both
+fed the row images as one JSON array that PostgreSQL expands with json_populate_recordset. Row
+images pass through Python as text and are never decoded, except the last one per table, whose
+column names are checked against the Agent table (schema drift).
+
+If the set-based statements fail, the page is retried event by event in log order. That path
+succeeds where coalescing reordered writes that a unique constraint cares about, and otherwise
+pins the failure on one event (table, key, seq) for the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from psycopg import sql
+
+from dbsync.daemon.consume import Progress
+from dbsync.errors import ApplyError, DriftError, SchemaError
+
+
+def ident(*names: str) -> str:
+    return sql.Identifier(*names).as_string(None)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A replicated table as the apply path needs it."""
+
+    table_id: int
+    schema: str
+    name: str
+    keys: tuple[str, ...]
+    columns: frozenset[str]
+    insertable: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def qualified(self) -> str:
+        return ident(self.schema, self.name)
+
+    def upsert_sql(self, columns: Sequence[str]) -> str:
+        cols = ", ".join(ident(c) for c in columns)
+        keys = ", ".join(ident(k) for k in self.keys)
+        sets = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in columns if c not in self.keys)
+        action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
+        return (
+            f"INSERT INTO {self.qualified} ({cols}) OVERRIDING SYSTEM VALUE "
+            f"SELECT {cols} FROM pg_catalog.json_populate_recordset(NULL::{self.qualified}, $1::text::json) "
+            f"ON CONFLICT ({keys}) {action}"
+        )
+
+    def delete_sql(self) -> str:
+        match = " AND ".join(f"d.{ident(k)} = k.{ident(k)}" for k in self.keys)
+        return (
+            f"DELETE FROM {self.qualified} AS d "
+            f"USING pg_catalog.json_populate_recordset(NULL::{self.qualified}, $1::text::json) AS k "
+            f"WHERE {match}"
+        )
+
+    def truncate_sql(self) -> str:
+        return f"DELETE FROM {self.qualified}"
+
+
+SITE_REGISTRY = """
+SELECT table_id, schema_name, table_name, key_columns
+FROM dbsync.replicated_tables
+"""
+
+AGENT_COLUMNS = """
+SELECT a.attname::text AS name, a.attgenerated <> '' AS generated
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = (
+    SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))
+  AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+# A unique index on exactly the key columns is what ON CONFLICT needs.
+AGENT_KEY_INDEX = """
+SELECT 1
+FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indpred IS NULL
+  AND i.indexprs IS NULL
+  AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+       FROM pg_catalog.pg_attribute a
+       WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) = $3::text[]
+"""
+
+
+class Catalog:
+    """Site registry plus Agent columns, cached; refreshed when a page mentions something new."""
+
+    def __init__(self) -> None:
+        self._registry: dict[int, tuple[str, str, tuple[str, ...]]] = {}
+        self._targets: dict[int, Target] = {}
+
+    def forget(self) -> None:
+        self._registry.clear()
+        self._targets.clear()
+
+    async def target(self, site: asyncpg.Connection, agent: asyncpg.Connection, table_id: int) -> Target:
+        if table_id in self._targets:
+            return self._targets[table_id]
+        if table_id not in self._registry:
+            rows = await site.fetch(SITE_REGISTRY)
+            self._registry = {r["table_id"]: (r["schema_name"], r["table_name"], tuple(r["key_columns"])) for r in rows}
+        if table_id not in self._registry:
+            raise SchemaError(f"the sync log names table id {table_id}, which dbsync.replicated_tables does not know")
+        schema, name, keys = self._registry[table_id]
+        target = await load_target(agent, table_id, schema, name, keys)
+        self._targets[table_id] = target
+        return target
+
+
+async def load_target(
+    agent: asyncpg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
+) -> Target:
+    label = f"{schema}.{name}"
+    cols = await agent.fetch(AGENT_COLUMNS, schema, name)
+    if not cols:
+        raise SchemaError(f"table {label} does not exist on the Agent DB")
+    names = {c["name"] for c in cols}
+    missing = [k for k in keys if k not in names]
+    if missing:
+        raise SchemaError(f"table {label} on the Agent DB lacks key column(s) {', '.join(missing)}")
+    if not await agent.fetchval(AGENT_KEY_INDEX, schema, name, sorted(keys)):
+        raise SchemaError(
+            f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
+        )
+    return Target(
+        table_id=table_id,
+        schema=schema,
+        name=name,
+        keys=keys,
+        columns=frozenset(names),
+        insertable=tuple(c["name"] for c in cols if not c["generated"]),
+    )
+
+
+@dataclass
+class TablePlan:
+    """What one page does to one table, after coalescing."""
+
+    target: Target
+    truncate: bool = False
+    last: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # pk text -> (op, image)
+
+    def add(self, op: str, pk: str | None, image: str | None) -> None:
+        if op == "T":
+            self.truncate = True
+            self.last.clear()
+        else:
+            assert pk is not None
+            self.last.pop(pk, None)  # keep dict order = order of last write
+            self.last[pk] = (op, image)
+
+    def deletes(self) -> list[str]:
+        return [pk for pk, (op, _) in self.last.items() if op == "D"]
+
+    def upserts(self) -> list[str]:
+        return [img for op, img in self.last.values() if op != "D" and img is not None]
+
+
+def json_array(items: Iterable[str]) -> str:
+    return "[" + ",".join(items) + "]"
+
+
+def check_columns(target: Target, image: str) -> None:
+    """Every column in a Site row image must exist on the Agent table."""
+    extra = sorted(set(json.loads(image)) - target.columns)
+    if extra:
+        cols = ", ".join(extra)
+        raise DriftError(
+            f"column(s) {cols} of {target.label} exist on the Site DB but not on the Agent DB; "
+            f"add them to the Agent table and replication resumes"
+        )
+
+
+class Applier:
+    """Writes pages to the Agent DB."""
+
+    def __init__(self, source: str, catalog: Catalog) -> None:
+        self.source = source
+        self.catalog = catalog
+
+    async def _plans(
+        self, site: asyncpg.Connection, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]
+    ) -> list[TablePlan]:
+        plans: dict[int, TablePlan] = {}
+        for ev in events:
+            plan = plans.get(ev["table_id"])
+            if plan is None:
+                plan = plans[ev["table_id"]] = TablePlan(await self.catalog.target(site, agent, ev["table_id"]))
+            plan.add(ev["op"], ev["pk"], ev["row_image"])
+        for plan in plans.values():
+            upserts = plan.upserts()
+            if upserts:
+                try:
+                    check_columns(plan.target, upserts[-1])
+                except DriftError:
+                    # The Agent table may have been altered since we looked: look again first.
+                    self.catalog.forget()
+                    plan.target = await self.catalog.target(site, agent, plan.target.table_id)
+                    check_columns(plan.target, upserts[-1])
+        return list(plans.values())
+
+    async def _write_coalesced(self, agent: asyncpg.Connection, plans: Sequence[TablePlan]) -> None:
+        for plan in plans:
+            if plan.truncate:
+                await agent.execute(plan.target.truncate_sql())
+        for plan in plans:
+            deletes = plan.deletes()
+            if deletes:
+                await agent.execute(plan.target.delete_sql(), json_array(deletes))
+        for plan in plans:
+            upserts = plan.upserts()
+            if upserts:
+                cols = _columns_of(plan.target, upserts[-1])
+                await agent.execute(plan.target.upsert_sql(cols), json_array(upserts))
+
+    async def _write_one_by_one(
+        self, site: asyncpg.Connection, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]
+    ) -> None:
+        for ev in events:
+            target = await self.catalog.target(site, agent, ev["table_id"])
+            try:
+                if ev["op"] == "T":
+                    await agent.execute(target.truncate_sql())
+                elif ev["op"] == "D":
+                    await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
+                else:
+                    check_columns(target, ev["row_image"])
+                    cols = _columns_of(target, ev["row_image"])
+                    await agent.execute(target.upsert_sql(cols), json_array([ev["row_image"]]))
+            except asyncpg.PostgresError as exc:
+                if _is_connection_error(exc):
+                    raise
+                raise ApplyError(
+                    f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {target.label}"
+                    f"{' key ' + ev['pk'] if ev['pk'] else ''}): {exc.__class__.__name__}: {str(exc).strip()}"
+                ) from exc
+
+    async def apply(
+        self,
+        site: asyncpg.Connection,
+        agent: asyncpg.Connection,
+        events: Sequence[asyncpg.Record],
+        before: Progress,
+        after: Progress,
+    ) -> None:
+        """Apply `events` and move the stored progress from `before` to `after`, atomically."""
+        plans = await self._plans(site, agent, events)
+        try:
+            async with agent.transaction():
+                await self._write_coalesced(agent, plans)
+                await self._save(agent, before, after, events)
+            return
+        except asyncpg.PostgresError as exc:
+            if _is_connection_error(exc):
+                raise
+        async with agent.transaction():
+            await self._write_one_by_one(site, agent, events)
+            await self._save(agent, before, after, events)
+
+    async def save(self, agent: asyncpg.Connection, before: Progress, after: Progress) -> None:
+        async with agent.transaction():
+            await self._save(agent, before, after, [])
+
+    async def _save(
+        self, agent: asyncpg.Connection, before: Progress, after: Progress, events: Sequence[asyncpg.Record]
+    ) -> None:
+        last_captured = events[-1]["captured_at"] if events else None
+        status = await agent.execute(
+            SAVE_PROGRESS,
+            self.source,
+            after.prev_snapshot,
+            after.batch_snapshot,
+            after.batch_hi,
+            after.batch_cursor,
+            after.applied_seq,
+            after.events_applied,
+            last_captured,
+            before.prev_snapshot,
+            before.batch_cursor if before.batch_snapshot is not None else None,
+        )
+        if status != "UPDATE 1":
+            raise ConcurrentConsumerError(
+                f"the progress of source {self.source!r} on the Agent DB changed underneath this daemon; "
+                "is another dbsync daemon applying the same source?"
+            )
+
+
+class ConcurrentConsumerError(ApplyError):
+    """Another consumer moved the progress row: this daemon's batch is void."""
+
+
+# The WHERE clause makes a second consumer's write fail instead of applying twice.
+SAVE_PROGRESS = """
+UPDATE dbsync.apply_progress SET
+    prev_snapshot = $2::text::pg_snapshot,
+    batch_snapshot = $3::text::pg_snapshot,
+    batch_hi = $4,
+    batch_cursor = $5,
+    applied_seq = $6,
+    events_applied = $7,
+    last_captured_at = coalesce($8, last_captured_at),
+    updated_at = pg_catalog.now()
+WHERE source = $1
+  AND prev_snapshot::text = $9
+  AND batch_cursor IS NOT DISTINCT FROM $10
+"""
+
+LOAD_PROGRESS = """
+INSERT INTO dbsync.apply_progress (source, prev_snapshot) VALUES ($1, $2::text::pg_snapshot)
+ON CONFLICT (source) DO NOTHING;
+"""
+
+READ_PROGRESS = """
+SELECT prev_snapshot::text AS prev_snapshot, batch_snapshot::text AS batch_snapshot,
+       batch_hi, batch_cursor, applied_seq, events_applied
+FROM dbsync.apply_progress WHERE source = $1
+"""
+
+
+def _columns_of(target: Target, image: str) -> list[str]:
+    present = json.loads(image).keys()
+    return [c for c in target.insertable if c in present]
+
+
+def _opname(op: str) -> str:
+    return {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}.get(op, op)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    sqlstate = getattr(exc, "sqlstate", "") or ""
+    return sqlstate.startswith(("08", "57P"))

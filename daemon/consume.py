@@ -1,0 +1,152 @@
+"""The consumption rule: which sync-log events to apply next, and in what order.
+
+Sequence numbers are handed out before commit, so "everything up to the highest seq seen" is not
+a safe mark: a transaction holding seq 10 may commit after the one holding seq 11. dbsync uses
+the snapshot difference instead (as PgQ does):
+
+* every event carries its transaction's xid (`txid`);
+* the Agent DB records the Site snapshot `prev` in which everything visible has been applied;
+* a batch is every event whose transaction is visible in a new snapshot `snap` and was not
+  visible in `prev`, applied in `seq` order.
+
+A transaction still running at `snap` is simply not visible yet: it is neither skipped nor
+waited for, and its events arrive in the batch of the first snapshot that sees it committed.
+A rolled-back transaction never becomes visible and stalls nothing.
+
+Per-row order holds because PostgreSQL's row locks order conflicting writers: the second
+writer's trigger runs after the first has committed, so it takes a larger seq, and any snapshot
+that sees the second also sees the first.
+
+A batch can be large (a backlog, a transaction that changed a million rows); it is read in pages
+bounded by count and bytes, and the page cursor is stored with the applied rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import asyncpg
+
+# Nothing is visible in it: the first batch takes every committed event.
+INITIAL_SNAPSHOT = "3:3:"
+
+# One statement, one snapshot: `snap` is the statement's own snapshot, so the bounds are computed
+# over exactly the rows `snap` sees. The txid index finds the events of transactions that
+# started after `prev` and of those that were running at `prev`.
+OPEN_BATCH = """
+WITH s AS (SELECT pg_catalog.pg_current_snapshot() AS snap)
+SELECT s.snap::text AS snap, b.lo, b.hi, b.events
+FROM s CROSS JOIN LATERAL (
+    SELECT min(l.seq) AS lo, max(l.seq) AS hi, count(*) AS events
+    FROM dbsync.sync_log l
+    WHERE ((l.txid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
+            AND l.txid < pg_catalog.pg_snapshot_xmax(s.snap))
+           OR l.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
+      AND pg_catalog.pg_visible_in_snapshot(l.txid, s.snap)
+      AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, $1::text::pg_snapshot)
+) b
+"""
+
+# The next page of the open batch, in seq order, at most $5 events and, past the first event,
+# at most $6 bytes of row images. next_seq on the last row says whether more follow.
+READ_PAGE = """
+SELECT seq, table_id, op, pk, row_image, captured_at, next_seq
+FROM (
+    SELECT l.seq, l.table_id, l.op::text AS op, l.pk::text AS pk, l.row_image::text AS row_image,
+           l.captured_at,
+           row_number() OVER w AS rn,
+           lead(l.seq) OVER w AS next_seq,
+           sum(coalesce(octet_length(l.row_image::text), 0)) OVER w
+             - coalesce(octet_length(l.row_image::text), 0) AS bytes_before
+    FROM (
+        SELECT * FROM dbsync.sync_log
+        WHERE seq > $3 AND seq <= $4
+          AND pg_catalog.pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
+          AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
+        ORDER BY seq
+        LIMIT $5 + 1
+    ) l
+    WINDOW w AS (ORDER BY l.seq)
+) p
+WHERE rn <= $5 AND (rn = 1 OR bytes_before <= $6)
+ORDER BY seq
+"""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the Agent DB has applied; mirrors a row of dbsync.apply_progress."""
+
+    prev_snapshot: str = INITIAL_SNAPSHOT
+    batch_snapshot: str | None = None
+    batch_hi: int | None = None
+    batch_cursor: int | None = None
+    applied_seq: int = 0
+    events_applied: int = 0
+
+    @property
+    def in_batch(self) -> bool:
+        return self.batch_snapshot is not None
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[asyncpg.Record]
+    more: bool
+
+
+async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Progress, int]:
+    """Take a new snapshot; returns the progress with the batch opened, and its event count.
+
+    When nothing new is visible the progress comes back unchanged (with no batch): there is
+    nothing to record, and `prev` still describes exactly what has been applied.
+    """
+    row = await site.fetchrow(OPEN_BATCH, progress.prev_snapshot)
+    assert row is not None
+    if row["lo"] is None:
+        return progress, 0
+    opened = replace(
+        progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1
+    )
+    return opened, int(row["events"])
+
+
+async def read_page(site: asyncpg.Connection, progress: Progress, limit: int, max_bytes: int) -> Page:
+    assert progress.in_batch
+    rows = await site.fetch(
+        READ_PAGE,
+        progress.prev_snapshot,
+        progress.batch_snapshot,
+        progress.batch_cursor,
+        progress.batch_hi,
+        limit,
+        max_bytes,
+    )
+    more = bool(rows) and rows[-1]["next_seq"] is not None
+    return Page(events=list(rows), more=more)
+
+
+def advance(progress: Progress, page: Page) -> Progress:
+    """The progress once `page` is applied: the cursor moves on, or the batch closes."""
+    applied = max([progress.applied_seq, *(e["seq"] for e in page.events)])
+    counted = progress.events_applied + len(page.events)
+    if page.more:
+        return replace(
+            progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted
+        )
+    assert progress.batch_snapshot is not None
+    return Progress(
+        prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted
+    )
+
+
+def progress_from_row(row: Any) -> Progress:
+    return Progress(
+        prev_snapshot=row["prev_snapshot"],
+        batch_snapshot=row["batch_snapshot"],
+        batch_hi=row["batch_hi"],
+        batch_cursor=row["batch_cursor"],
+        applied_seq=row["applied_seq"],
+        events_applied=row["events_applied"],
+    )

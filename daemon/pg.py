@@ -1,0 +1,63 @@
+"""asyncpg connections for the daemon, opened from any libpq DSN, failing with one clear line."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from dbsync.config import check_dsn, describe_dsn, redact_dsn
+from dbsync.db import first_line
+from dbsync.errors import ConfigError, ConnectError
+
+# Errors that mean "the connection is gone or unusable": reconnect, nothing is wrong with the data.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    ConnectError,
+)
+
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+def connect_kwargs(dsn: str, what: str) -> dict[str, Any]:
+    """asyncpg only parses URLs; translate a libpq DSN of either form into keyword arguments."""
+    parts = check_dsn(dsn, what)
+    kwargs: dict[str, Any] = {}
+    for key, target in (("host", "host"), ("user", "user"), ("password", "password"), ("dbname", "database")):
+        if key in parts:
+            kwargs[target] = parts.pop(key)
+    if "port" in parts:
+        try:
+            kwargs["port"] = int(parts.pop("port"))
+        except ValueError:
+            raise ConfigError(f"{what}: port must be a number") from None
+    if "sslmode" in parts:
+        mode = parts.pop("sslmode")
+        if mode not in _SSLMODES:
+            raise ConfigError(f"{what}: unknown sslmode {mode!r}")
+        kwargs["ssl"] = mode
+    if "connect_timeout" in parts:
+        kwargs["timeout"] = float(parts.pop("connect_timeout"))
+    if "passfile" in parts:
+        kwargs["passfile"] = parts.pop("passfile")
+    settings = {"application_name": parts.pop("application_name", "dbsync")}
+    if "options" in parts:
+        raise ConfigError(f"{what}: the 'options' parameter is not supported by the daemon")
+    kwargs["server_settings"] = settings
+    kwargs.setdefault("timeout", 10.0)
+    return kwargs
+
+
+async def connect(dsn: str, role: str) -> asyncpg.Connection:
+    kwargs = connect_kwargs(dsn, f"{role.lower()}_dsn")
+    try:
+        return await asyncpg.connect(**kwargs)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = redact_dsn(first_line(exc)) if str(exc) else type(exc).__name__
+        raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None

@@ -1,0 +1,1 @@
+"""Migrations DBAs apply, shipped as package data."""

@@ -1,0 +1,172 @@
+-- dbsync Site DB core: the sync log, the capture trigger and the registry of replicated tables.
+-- Requires PostgreSQL 13+ (xid8, pg_current_xact_id, pg_snapshot).
+
+CREATE SCHEMA dbsync;
+REVOKE ALL ON SCHEMA dbsync FROM PUBLIC;
+
+-- Tables whose changes are captured. The Agent DB holds a table of the same schema and name.
+CREATE TABLE dbsync.replicated_tables (
+    table_id    integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relid       oid NOT NULL UNIQUE,
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    key_columns text[] NOT NULL CHECK (cardinality(key_columns) > 0),
+    added_at    timestamptz NOT NULL DEFAULT now(),
+    -- Removed tables keep their row: events already in the log still name them.
+    removed_at  timestamptz
+);
+CREATE UNIQUE INDEX replicated_tables_name_idx ON dbsync.replicated_tables (schema_name, table_name)
+    WHERE removed_at IS NULL;
+
+-- One row per captured change. The sequence must keep CACHE 1 (the default): per-row ordering
+-- relies on sequence numbers being handed out in time order across sessions.
+CREATE TABLE dbsync.sync_log (
+    seq         bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME dbsync.sync_log_seq CACHE 1) PRIMARY KEY,
+    txid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    table_id    integer NOT NULL,
+    op          "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
+    pk          json,
+    row_image   json,
+    captured_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- The consumer finds the events of newly committed transactions by their xid.
+CREATE INDEX sync_log_txid_idx ON dbsync.sync_log (txid);
+REVOKE ALL ON dbsync.sync_log, dbsync.replicated_tables FROM PUBLIC;
+
+-- The capture trigger. SECURITY DEFINER so writers need no rights on the log; a fixed
+-- search_path so a writer cannot hijack it; fixed output settings so row images are exact
+-- whatever the writer's session has set (extra_float_digits <= 0 would round floats,
+-- IntervalStyle would change the interval format).
+-- TG_ARGV: [0] table_id, [1..] primary-key column names.
+CREATE FUNCTION dbsync.capture() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET extra_float_digits = 3
+SET IntervalStyle = postgres
+AS $fn$
+DECLARE
+    v_table integer := TG_ARGV[0]::integer;
+    v_new   json;
+    v_old   json;
+    v_key   json;
+    v_okey  json;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO dbsync.sync_log (table_id, op) VALUES (v_table, 'T');
+        PERFORM pg_catalog.pg_notify('dbsync', '');
+        RETURN NULL;
+    END IF;
+
+    IF TG_OP = 'UPDATE' AND OLD OPERATOR(pg_catalog.*=) NEW THEN
+        RETURN NULL;  -- nothing changed
+    END IF;
+
+    IF TG_OP <> 'DELETE' THEN
+        v_new := pg_catalog.to_json(NEW);
+        IF TG_NARGS = 2 THEN
+            v_key := pg_catalog.json_build_object(TG_ARGV[1], v_new -> TG_ARGV[1]);
+        ELSE
+            SELECT pg_catalog.json_object_agg(k, v_new -> k) INTO v_key
+              FROM pg_catalog.unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
+        END IF;
+    END IF;
+
+    IF TG_OP <> 'INSERT' THEN
+        v_old := pg_catalog.to_json(OLD);
+        IF TG_NARGS = 2 THEN
+            v_okey := pg_catalog.json_build_object(TG_ARGV[1], v_old -> TG_ARGV[1]);
+        ELSE
+            SELECT pg_catalog.json_object_agg(k, v_old -> k) INTO v_okey
+              FROM pg_catalog.unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
+        END IF;
+    END IF;
+
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_new);
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO dbsync.sync_log (table_id, op, pk) VALUES (v_table, 'D', v_okey);
+    ELSIF v_key::text = v_okey::text THEN
+        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'U', v_key, v_new);
+    ELSE
+        -- The primary key changed: the old key must disappear on the Agent DB.
+        INSERT INTO dbsync.sync_log (table_id, op, pk) VALUES (v_table, 'D', v_okey);
+        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_new);
+    END IF;
+    -- A doorbell, not data: a constant payload is folded into one notification per transaction.
+    PERFORM pg_catalog.pg_notify('dbsync', '');
+    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION dbsync.capture() FROM PUBLIC;
+
+-- Register a table: validate it, record it and install the capture triggers.
+CREATE FUNCTION dbsync.add_table(p_table regclass) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_schema text;
+    v_name   text;
+    v_keys   text[];
+    v_id     integer;
+    v_args   text;
+BEGIN
+    SELECT n.nspname, c.relname INTO v_schema, v_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = p_table AND c.relkind IN ('r', 'p');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'dbsync: % is not a table', p_table USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF v_schema = 'dbsync' THEN
+        RAISE EXCEPTION 'dbsync: cannot replicate dbsync''s own table %', p_table
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT array_agg(a.attname::text ORDER BY k.ord) INTO v_keys
+      FROM pg_index i
+      CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = p_table AND i.indisprimary;
+    IF v_keys IS NULL THEN
+        RAISE EXCEPTION 'dbsync: table %.% has no primary key', quote_ident(v_schema), quote_ident(v_name)
+            USING ERRCODE = 'invalid_table_definition';
+    END IF;
+    IF EXISTS (SELECT 1 FROM dbsync.replicated_tables WHERE relid = p_table AND removed_at IS NULL) THEN
+        RAISE EXCEPTION 'dbsync: table %.% is already replicated', quote_ident(v_schema), quote_ident(v_name)
+            USING ERRCODE = 'duplicate_object';
+    END IF;
+
+    INSERT INTO dbsync.replicated_tables (relid, schema_name, table_name, key_columns)
+    VALUES (p_table, v_schema, v_name, v_keys)
+    ON CONFLICT (relid) DO UPDATE
+        SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name,
+            key_columns = EXCLUDED.key_columns, added_at = now(), removed_at = NULL
+    RETURNING table_id INTO v_id;
+
+    SELECT string_agg(quote_literal(x), ', ') INTO v_args FROM unnest(v_id::text || v_keys) AS x;
+    EXECUTE format(
+        'CREATE TRIGGER dbsync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+        'FOR EACH ROW EXECUTE FUNCTION dbsync.capture(%s)', p_table, v_args);
+    EXECUTE format(
+        'CREATE TRIGGER dbsync_capture_truncate AFTER TRUNCATE ON %s '
+        'FOR EACH STATEMENT EXECUTE FUNCTION dbsync.capture(%s)', p_table, v_args);
+    RETURN v_id;
+END
+$fn$;
+
+-- Stop capturing a table. Events already in the log are still delivered.
+CREATE FUNCTION dbsync.remove_table(p_table regclass) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM dbsync.replicated_tables WHERE relid = p_table AND removed_at IS NULL) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS dbsync_capture ON %s', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS dbsync_capture_truncate ON %s', p_table);
+    UPDATE dbsync.replicated_tables SET removed_at = now() WHERE relid = p_table;
+    RETURN true;
+END
+$fn$;
+REVOKE ALL ON FUNCTION dbsync.add_table(regclass), dbsync.remove_table(regclass) FROM PUBLIC;

