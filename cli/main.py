@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from dbsync.cli import migrate, run, status, tables
+from dbsync.cli import migrate, retry, run, status, tables
 from dbsync.errors import DbsyncError
 
 
@@ -35,6 +35,7 @@ cli.add_command(migrate.migrate)
 cli.add_command(tables.tables)
 cli.add_command(run.run)
 cli.add_command(status.status)
+cli.add_command(retry.retry)
 
 
 def main() -> None:

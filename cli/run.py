@@ -10,10 +10,13 @@ import signal
 import click
 
 from dbsync.cli.options import connection_options
-from dbsync.config import Settings, load_settings
+from dbsync.config import POISON_POLICIES, Settings, load_settings
 from dbsync.daemon.runner import Replicator
 
 log = logging.getLogger("dbsync.daemon")
+
+# SIGTERM/SIGINT: the current page may finish for this long; then it is rolled back.
+STOP_GRACE = 4.0
 
 
 @click.command()
@@ -21,6 +24,12 @@ log = logging.getLogger("dbsync.daemon")
 @click.option("--once", is_flag=True, help="Apply everything committed so far, then exit.")
 @click.option("--batch-size", type=int, default=None, help="Events per Agent DB transaction (default 5000).")
 @click.option("--poll-interval", type=float, default=None, help="Seconds between polls without a notification.")
+@click.option(
+    "--poison-policy",
+    type=click.Choice(POISON_POLICIES),
+    default=None,
+    help="On an event the Agent DB rejects: stop and retry (default) or park it and carry on.",
+)
 def run(
     config_file: str | None,
     site_dsn: str | None,
@@ -28,10 +37,19 @@ def run(
     once: bool,
     batch_size: int | None,
     poll_interval: float | None,
+    poison_policy: str | None,
 ) -> None:
-    """Replicate continuously until SIGTERM or SIGINT."""
+    """Replicate continuously until SIGTERM or SIGINT.
+
+    SIGHUP does not reload the configuration: restart the service to apply changes.
+    """
     settings = load_settings(
-        config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, batch_size=batch_size, poll_interval=poll_interval
+        config_file,
+        site_dsn=site_dsn,
+        agent_dsn=agent_dsn,
+        batch_size=batch_size,
+        poll_interval=poll_interval,
+        poison_policy=poison_policy,
     ).require("site_dsn", "agent_dsn")
     asyncio.run(_serve(settings, once))
 
@@ -44,12 +62,30 @@ async def _serve(settings: Settings, once: bool) -> None:
         if stop.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(130)
-        log.info("%s received: finishing the current batch", signal.Signals(signum).name)
+        log.info("%s received: stopping after the current page", signal.Signals(signum).name)
         stop.set()
+
+    def on_hup() -> None:
+        log.warning("SIGHUP ignored: dbsync does not reload its configuration; restart it to apply changes")
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     replicator = Replicator(settings, stop=stop)
-    await replicator.run(once=once)
+    task = asyncio.ensure_future(replicator.run(once=once))
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE)
+        if not done:
+            log.warning("the current page did not finish within %.0f s; rolling it back", STOP_GRACE)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            stopper.cancel()
+            return
+    stopper.cancel()
+    task.result()  # re-raise a --once failure
     if once:
         log.info("applied %d events; exiting", replicator.stats.events)
+    else:
+        log.info("stopped")

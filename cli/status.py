@@ -16,17 +16,31 @@ from dbsync.status import read_status
 @connection_options
 @json_option
 @click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
+@click.option("--lag-threshold", type=float, default=None, help="Seconds of lag that count as unhealthy (default 5).")
 def status(
-    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, as_json: bool, source: str | None
+    config_file: str | None,
+    site_dsn: str | None,
+    agent_dsn: str | None,
+    as_json: bool,
+    source: str | None,
+    lag_threshold: float | None,
 ) -> None:
-    """Show the high-water mark, the newest log sequence and the lag."""
-    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source)
+    """Show the high-water mark, the newest log sequence and the lag.
+
+    Exits 1 when unhealthy (no active daemon, lag over the threshold, parked events, a failing
+    apply), so monitoring scripts can use it.
+    """
+    settings = load_settings(
+        config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source, lag_threshold=lag_threshold
+    )
     settings.require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
-        st = read_status(site, agent, settings.source)
+        st = read_status(site, agent, settings.source, settings.lag_threshold)
     if as_json:
         click.echo(json.dumps(st.as_dict(), indent=2))
+        if not st.healthy:
+            raise SystemExit(1)
         return
     rows = [
         ("source", st.source),
@@ -36,8 +50,13 @@ def status(
         ("seconds behind", f"{st.seconds_behind:.3f}"),
         ("events applied", st.events_applied),
         ("last progress", st.progress_updated_at.isoformat() if st.progress_updated_at else "never"),
+        ("active daemon", st.active_daemon or "none"),
+        ("parked events", st.parked_events),
         ("tables", ", ".join(st.tables) or "none"),
+        ("health", "ok" if st.healthy else "UNHEALTHY: " + "; ".join(st.problems)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+    if not st.healthy:
+        raise SystemExit(1)

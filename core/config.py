@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict
 from dbsync.errors import ConfigError
 
 ENV_PREFIX = "DBSYNC_"
+POISON_POLICIES = ("stop", "park")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class Settings:
     # Reconnect backoff (seconds): first delay, cap.
     retry_initial: float = 0.2
     retry_max: float = 10.0
+    # What to do with an event the Agent DB rejects: "stop" (retry until fixed, skip nothing)
+    # or "park" (move it and later events for its key to dbsync.parked_events, carry on).
+    poison_policy: str = "stop"
+    # Lag (seconds) above which status reports unhealthy and alerts fire.
+    lag_threshold: float = 5.0
     config_file: Path | None = field(default=None, compare=False)
 
     def require(self, *names: str) -> Settings:
@@ -86,6 +92,10 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
                 raise ConfigError(f"unknown setting {name!r}")
             values[name] = _coerce(name, value, "option --" + name.replace("_", "-"))
     settings = Settings(config_file=Path(path) if path else None, **values)
+    if settings.poison_policy not in POISON_POLICIES:
+        raise ConfigError(
+            f"poison_policy must be one of {', '.join(POISON_POLICIES)}, got {settings.poison_policy!r}"
+        )
     for dsn_name in ("site_dsn", "agent_dsn"):
         dsn = getattr(settings, dsn_name)
         if dsn:

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from dbsync.daemon.runner import LOCK_CLASS
 from dbsync.errors import SchemaError
 
 # Committed events not yet applied: not visible in prev_snapshot, and not already applied as
@@ -28,9 +29,19 @@ NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync
 
 PROGRESS = """
 SELECT prev_snapshot::text, batch_snapshot::text, batch_cursor, applied_seq, events_applied,
-       last_captured_at, updated_at
+       last_captured_at, updated_at, active_holder, last_error, last_error_at
 FROM dbsync.apply_progress WHERE source = %s
 """
+
+# The active daemon holds this advisory lock (see dbsync.daemon.runner).
+LOCK_HELD = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND objsubid = 2
+      AND classid = %(cls)s::int4::oid AND objid = hashtext(%(source)s)::oid)
+"""
+
+PARKED = "SELECT count(*) FROM dbsync.parked_events WHERE source = %s"
 
 
 @dataclass(frozen=True)
@@ -46,24 +57,38 @@ class Status:
     progress_updated_at: datetime | None
     batch_open: bool
     tables: list[str]
+    active_daemon: str | None
+    parked_events: int
+    last_error: str | None
+    last_error_at: datetime | None
+    lag_threshold: float
+    problems: list[str]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["healthy"] = self.healthy
         for key, value in out.items():
             if isinstance(value, datetime):
                 out[key] = value.isoformat()
         return out
 
 
-def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str) -> Status:
+def read_status(
+    site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float = 5.0
+) -> Status:
     for conn, role, rel in ((site, "Site", "dbsync.sync_log"), (agent, "Agent", "dbsync.apply_progress")):
         if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
             raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
     row = agent.execute(PROGRESS, (source,)).fetchone()
     if row is None:
-        prev, batch, cursor, hwm, applied, last_cap, updated = "3:3:", None, None, 0, 0, None, None
-    else:
-        prev, batch, cursor, hwm, applied, last_cap, updated = row
+        row = ("3:3:", None, None, 0, 0, None, None, None, None, None)
+    prev, batch, cursor, hwm, applied, last_cap, updated, holder, last_error, last_error_at = row
+    active = agent.execute(LOCK_HELD, {"cls": LOCK_CLASS, "source": source}).fetchone()[0]  # type: ignore[index]
+    parked = agent.execute(PARKED, (source,)).fetchone()[0]  # type: ignore[index]
     newest = site.execute(NEWEST).fetchone()[0]  # type: ignore[index]
     pending = site.execute(PENDING, {"prev": prev, "batch": batch, "cursor": cursor}).fetchone()
     assert pending is not None
@@ -73,16 +98,32 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
             "SELECT schema_name, table_name FROM dbsync.replicated_tables WHERE removed_at IS NULL ORDER BY 1, 2"
         ).fetchall()
     ]
+    seconds = round(max(pending[2] or 0.0, 0.0), 3)
+    problems = []
+    if not active:
+        problems.append("no active daemon")
+    if seconds > lag_threshold:
+        problems.append(f"lag {seconds:.1f} s is over the threshold of {lag_threshold:g} s")
+    if parked:
+        problems.append(f"{parked} parked event(s)")
+    if last_error:
+        problems.append(f"apply is failing: {last_error}")
     return Status(
         source=source,
         high_water_mark=hwm,
         newest_seq=newest,
         events_behind=pending[0],
-        seconds_behind=round(max(pending[2] or 0.0, 0.0), 3),
+        seconds_behind=seconds,
         events_applied=applied,
         oldest_pending_at=pending[1],
         last_applied_capture_at=last_cap,
         progress_updated_at=updated,
         batch_open=batch is not None,
         tables=tables,
+        active_daemon=holder if active else None,
+        parked_events=parked,
+        last_error=last_error,
+        last_error_at=last_error_at,
+        lag_threshold=lag_threshold,
+        problems=problems,
     )

@@ -189,11 +189,23 @@ def check_columns(target: Target, image: str) -> None:
 
 
 class Applier:
-    """Writes pages to the Agent DB."""
+    """Writes pages to the Agent DB.
 
-    def __init__(self, source: str, catalog: Catalog) -> None:
+    With `park` set, an event the Agent DB rejects is moved to dbsync.parked_events together
+    with every later event for the same key, and the rest of the page is applied; without it,
+    the page fails and nothing is skipped.
+    """
+
+    def __init__(self, source: str, catalog: Catalog, *, park: bool = False) -> None:
         self.source = source
         self.catalog = catalog
+        self.park = park
+        # Parked events of this source, as last counted; 0 lets the hot path skip the lookup.
+        self.parked = 0
+
+    async def count_parked(self, agent: asyncpg.Connection) -> int:
+        self.parked = int(await agent.fetchval(COUNT_PARKED, self.source))
+        return self.parked
 
     async def _plans(
         self, site: asyncpg.Connection, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]
@@ -230,27 +242,70 @@ class Applier:
                 cols = _columns_of(plan.target, upserts[-1])
                 await agent.execute(plan.target.upsert_sql(cols), json_array(upserts))
 
+    async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record) -> None:
+        target = await self.catalog.target(site, agent, ev["table_id"])
+        if ev["op"] == "T":
+            await agent.execute(target.truncate_sql())
+            # A TRUNCATE supersedes whatever was parked for the table before it.
+            await agent.execute(DROP_SUPERSEDED, self.source, ev["table_id"], ev["seq"])
+        elif ev["op"] == "D":
+            await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
+        else:
+            check_columns(target, ev["row_image"])
+            cols = _columns_of(target, ev["row_image"])
+            await agent.execute(target.upsert_sql(cols), json_array([ev["row_image"]]))
+
     async def _write_one_by_one(
-        self, site: asyncpg.Connection, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]
-    ) -> None:
+        self,
+        site: asyncpg.Connection,
+        agent: asyncpg.Connection,
+        events: Sequence[asyncpg.Record],
+        held: set[tuple[int, str]],
+    ) -> int:
+        """Apply in log order; returns how many events were parked."""
+        parked = 0
         for ev in events:
-            target = await self.catalog.target(site, agent, ev["table_id"])
+            key = (ev["table_id"], ev["pk"])
+            if ev["op"] != "T" and key in held:
+                await self._park(site, agent, ev, "held back: an earlier event for this key is parked")
+                parked += 1
+                continue
             try:
-                if ev["op"] == "T":
-                    await agent.execute(target.truncate_sql())
-                elif ev["op"] == "D":
-                    await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
+                if self.park:
+                    async with agent.transaction():  # a savepoint
+                        await self._write_event(site, agent, ev)
                 else:
-                    check_columns(target, ev["row_image"])
-                    cols = _columns_of(target, ev["row_image"])
-                    await agent.execute(target.upsert_sql(cols), json_array([ev["row_image"]]))
+                    await self._write_event(site, agent, ev)
             except asyncpg.PostgresError as exc:
                 if _is_connection_error(exc):
                     raise
-                raise ApplyError(
-                    f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {target.label}"
-                    f"{' key ' + ev['pk'] if ev['pk'] else ''}): {exc.__class__.__name__}: {str(exc).strip()}"
-                ) from exc
+                target = await self.catalog.target(site, agent, ev["table_id"])
+                reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
+                if not self.park:
+                    raise ApplyError(
+                        f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {target.label}"
+                        f"{' key ' + ev['pk'] if ev['pk'] else ''}): {reason}"
+                    ) from exc
+                await self._park(site, agent, ev, reason)
+                held.add(key)
+                parked += 1
+        return parked
+
+    async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
+        target = await self.catalog.target(site, agent, ev["table_id"])
+        await agent.execute(
+            PARK, self.source, ev["seq"], ev["table_id"], target.label, ev["op"], ev["pk"], ev["row_image"],
+            ev["captured_at"], error,
+        )
+
+    async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]) -> set[tuple[int, str]]:
+        if not self.parked:
+            return set()
+        keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
+        rows = await agent.fetch(
+            PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed]
+        )
+        return {(r["table_id"], r["pk"]) for r in rows}
 
     async def apply(
         self,
@@ -259,20 +314,54 @@ class Applier:
         events: Sequence[asyncpg.Record],
         before: Progress,
         after: Progress,
-    ) -> None:
-        """Apply `events` and move the stored progress from `before` to `after`, atomically."""
-        plans = await self._plans(site, agent, events)
-        try:
-            async with agent.transaction():
-                await self._write_coalesced(agent, plans)
-                await self._save(agent, before, after, events)
-            return
-        except asyncpg.PostgresError as exc:
-            if _is_connection_error(exc):
-                raise
+    ) -> int:
+        """Apply `events` and move the stored progress from `before` to `after`, atomically.
+
+        Returns the number of events parked.
+        """
+        held = await self._held_keys(agent, events)
+        if not held:
+            plans = await self._plans(site, agent, events)
+            try:
+                async with agent.transaction():
+                    await self._write_coalesced(agent, plans)
+                    await self._save(agent, before, after, events)
+                return 0
+            except asyncpg.PostgresError as exc:
+                if _is_connection_error(exc):
+                    raise
         async with agent.transaction():
-            await self._write_one_by_one(site, agent, events)
+            parked = await self._write_one_by_one(site, agent, events, held)
             await self._save(agent, before, after, events)
+        if parked:
+            self.parked += parked
+        return parked
+
+    async def retry_parked(self, site: asyncpg.Connection, agent: asyncpg.Connection) -> tuple[int, int]:
+        """Re-apply parked events flagged by `dbsync retry`, key by key, in log order.
+
+        Returns (events applied, events still parked after a new failure).
+        """
+        rows = await agent.fetch(RETRY_CANDIDATES, self.source)
+        groups: dict[tuple[int, str], list[asyncpg.Record]] = {}
+        for row in rows:
+            groups.setdefault((row["table_id"], row["pk"]), []).append(row)
+        done = failed = 0
+        for evs in groups.values():
+            seqs = [e["seq"] for e in evs]
+            try:
+                async with agent.transaction():
+                    for ev in evs:
+                        await self._write_event(site, agent, ev)
+                    await agent.execute(UNPARK, self.source, seqs)
+                done += len(evs)
+            except (asyncpg.PostgresError, DriftError) as exc:
+                if isinstance(exc, asyncpg.PostgresError) and _is_connection_error(exc):
+                    raise
+                await agent.execute(RETRY_FAILED, self.source, seqs, f"{exc.__class__.__name__}: {str(exc).strip()}")
+                failed += len(evs)
+        await self.count_parked(agent)
+        return done, failed
 
     async def save(self, agent: asyncpg.Connection, before: Progress, after: Progress) -> None:
         async with agent.transaction():
@@ -316,10 +405,49 @@ UPDATE dbsync.apply_progress SET
     applied_seq = $6,
     events_applied = $7,
     last_captured_at = coalesce($8, last_captured_at),
-    updated_at = pg_catalog.now()
+    updated_at = pg_catalog.now(),
+    last_error = NULL,
+    last_error_at = NULL
 WHERE source = $1
   AND prev_snapshot::text = $9
   AND batch_cursor IS NOT DISTINCT FROM $10
+"""
+
+COUNT_PARKED = "SELECT count(*) FROM dbsync.parked_events WHERE source = $1"
+
+PARK = """
+INSERT INTO dbsync.parked_events (source, seq, table_id, table_name, op, pk, row_image, captured_at, error)
+VALUES ($1, $2, $3, $4, $5, $6::text::json, $7::text::json, $8, $9)
+ON CONFLICT (source, seq) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_catalog.now()
+"""
+
+PARKED_KEYS = """
+SELECT DISTINCT p.table_id, p.pk::text AS pk
+FROM dbsync.parked_events p
+JOIN pg_catalog.unnest($2::int[], $3::text[]) AS k(table_id, pk)
+  ON p.table_id = k.table_id AND p.pk::text = k.pk
+WHERE p.source = $1
+"""
+
+DROP_SUPERSEDED = "DELETE FROM dbsync.parked_events WHERE source = $1 AND table_id = $2 AND seq < $3"
+
+RETRY_CANDIDATES = """
+SELECT seq, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
+FROM dbsync.parked_events
+WHERE source = $1 AND (table_id, pk::text) IN (
+    SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = $1 AND retry_requested)
+ORDER BY seq
+"""
+
+UNPARK = "DELETE FROM dbsync.parked_events WHERE source = $1 AND seq = ANY ($2::bigint[])"
+
+RETRY_FAILED = """
+UPDATE dbsync.parked_events SET retry_requested = false, error = $3, parked_at = pg_catalog.now()
+WHERE source = $1 AND seq = ANY ($2::bigint[])
+"""
+
+RECORD_ERROR = """
+UPDATE dbsync.apply_progress SET last_error = $2, last_error_at = pg_catalog.now() WHERE source = $1
 """
 
 LOAD_PROGRESS = """

@@ -54,8 +54,9 @@ def connect_kwargs(dsn: str, what: str) -> dict[str, Any]:
     return kwargs
 
 
-async def connect(dsn: str, role: str) -> asyncpg.Connection:
+async def connect(dsn: str, role: str, server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
     kwargs = connect_kwargs(dsn, f"{role.lower()}_dsn")
+    kwargs["server_settings"].update(server_settings or {})
     try:
         return await asyncpg.connect(**kwargs)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
