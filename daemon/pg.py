@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import asyncpg
@@ -54,9 +55,15 @@ def connect_kwargs(dsn: str, what: str) -> dict[str, Any]:
     return kwargs
 
 
+# A query that has not answered after this long is on a dead or stalled link: give up on the
+# connection and reconnect (DBSYNC_IO_TIMEOUT overrides it).
+IO_TIMEOUT = float(os.environ.get("DBSYNC_IO_TIMEOUT") or 30.0)
+
+
 async def connect(dsn: str, role: str, server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
     kwargs = connect_kwargs(dsn, f"{role.lower()}_dsn")
     kwargs["server_settings"].update(server_settings or {})
+    kwargs["command_timeout"] = IO_TIMEOUT
     try:
         return await asyncpg.connect(**kwargs)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

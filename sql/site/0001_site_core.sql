@@ -31,6 +31,14 @@ CREATE TABLE dbsync.sync_log (
 );
 -- The consumer finds the events of newly committed transactions by their xid.
 CREATE INDEX sync_log_txid_idx ON dbsync.sync_log (txid);
+-- The daemon deletes applied events continuously: vacuum after a fixed number of dead rows,
+-- not a fraction of the table, so the log stays small however busy the Site is.
+ALTER TABLE dbsync.sync_log SET (
+    autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_insert_scale_factor = 0.0,
+    autovacuum_vacuum_insert_threshold = 100000
+);
 REVOKE ALL ON dbsync.sync_log, dbsync.replicated_tables FROM PUBLIC;
 
 -- The capture trigger. SECURITY DEFINER so writers need no rights on the log; a fixed
