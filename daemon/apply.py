@@ -38,6 +38,11 @@ class Target:
     keys: tuple[str, ...]
     columns: frozenset[str]
     insertable: tuple[str, ...]
+    # Column -> type name (without typmod: the INSERT's own assignment applies it, and raises
+    # where an explicit cast would silently truncate).
+    types: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # GENERATED ALWAYS identity columns: inserted with OVERRIDING SYSTEM VALUE, never updated.
+    always_identity: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -47,24 +52,35 @@ class Target:
     def qualified(self) -> str:
         return ident(self.schema, self.name)
 
+    # Row images arrive as JSON objects of text values (each column's text output on the Site);
+    # json_to_recordset reads them as text and each value goes through the Agent column type's
+    # input function: PostgreSQL's own exact round trip.
+    def _source(self, columns: Sequence[str], alias: str) -> str:
+        defs = ", ".join(f"{ident(c)} text" for c in columns)
+        return f"pg_catalog.json_to_recordset($1::text::json) AS {alias}({defs})"
+
+    def _cast(self, alias: str, column: str) -> str:
+        return f"{alias}.{ident(column)}::{self.types[column]}"
+
     def upsert_sql(self, columns: Sequence[str]) -> str:
         cols = ", ".join(ident(c) for c in columns)
+        values = ", ".join(self._cast("r", c) for c in columns)
         keys = ", ".join(ident(k) for k in self.keys)
-        sets = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in columns if c not in self.keys)
+        sets = ", ".join(
+            f"{ident(c)} = EXCLUDED.{ident(c)}"
+            for c in columns
+            if c not in self.keys and c not in self.always_identity
+        )
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         return (
             f"INSERT INTO {self.qualified} ({cols}) OVERRIDING SYSTEM VALUE "
-            f"SELECT {cols} FROM pg_catalog.json_populate_recordset(NULL::{self.qualified}, $1::text::json) "
+            f"SELECT {values} FROM {self._source(columns, 'r')} "
             f"ON CONFLICT ({keys}) {action}"
         )
 
     def delete_sql(self) -> str:
-        match = " AND ".join(f"d.{ident(k)} = k.{ident(k)}" for k in self.keys)
-        return (
-            f"DELETE FROM {self.qualified} AS d "
-            f"USING pg_catalog.json_populate_recordset(NULL::{self.qualified}, $1::text::json) AS k "
-            f"WHERE {match}"
-        )
+        match = " AND ".join(f"d.{ident(k)} = {self._cast('k', k)}" for k in self.keys)
+        return f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k')} WHERE {match}"
 
     def truncate_sql(self) -> str:
         return f"DELETE FROM {self.qualified}"
@@ -76,7 +92,14 @@ FROM dbsync.replicated_tables
 """
 
 AGENT_COLUMNS = """
-SELECT a.attname::text AS name, a.attgenerated <> '' AS generated
+SELECT a.attname::text AS name, a.attgenerated <> '' AS generated, a.attidentity = 'a' AS always_identity,
+       CASE a.atttypid  -- without a length, these names mean length 1
+           WHEN 'pg_catalog.bpchar'::pg_catalog.regtype THEN 'pg_catalog.bpchar'
+           WHEN 'pg_catalog._bpchar'::pg_catalog.regtype THEN 'pg_catalog.bpchar[]'
+           WHEN 'pg_catalog.bit'::pg_catalog.regtype THEN 'pg_catalog.varbit'
+           WHEN 'pg_catalog._bit'::pg_catalog.regtype THEN 'pg_catalog.varbit[]'
+           ELSE pg_catalog.format_type(a.atttypid, NULL)
+       END AS type
 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = (
     SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -146,6 +169,8 @@ async def load_target(
         keys=keys,
         columns=frozenset(names),
         insertable=tuple(c["name"] for c in cols if not c["generated"]),
+        types={c["name"]: c["type"] for c in cols},
+        always_identity=frozenset(c["name"] for c in cols if c["always_identity"]),
     )
 
 

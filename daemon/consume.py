@@ -53,14 +53,15 @@ FROM s CROSS JOIN LATERAL (
 READ_PAGE = """
 SELECT seq, table_id, op, pk, row_image, captured_at, next_seq
 FROM (
-    SELECT l.seq, l.table_id, l.op::text AS op, l.pk::text AS pk, l.row_image::text AS row_image,
-           l.captured_at,
+    SELECT l.*,
            row_number() OVER w AS rn,
            lead(l.seq) OVER w AS next_seq,
-           sum(coalesce(octet_length(l.row_image::text), 0)) OVER w
-             - coalesce(octet_length(l.row_image::text), 0) AS bytes_before
+           sum(coalesce(octet_length(l.row_image), 0)) OVER w - coalesce(octet_length(l.row_image), 0)
+             AS bytes_before
     FROM (
-        SELECT * FROM dbsync.sync_log
+        SELECT seq, table_id, op::text AS op, dbsync.image_json(pk)::text AS pk,
+               dbsync.image_json(row_image)::text AS row_image, captured_at
+        FROM dbsync.sync_log
         WHERE seq > $3 AND seq <= $4
           AND pg_catalog.pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
           AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::text::pg_snapshot)

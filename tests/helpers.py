@@ -176,3 +176,13 @@ class Daemon:
 
 def dbname(dsn: str) -> str:
     return str(conninfo_to_dict(dsn)["dbname"])
+
+
+def replicate(pair: DbPair, ddl: str, *tables: str, agent_ddl: str | None = None) -> None:
+    """Create tables on both sides (`agent_ddl` when the Agent's definition differs), then capture
+    `tables` on the Site."""
+    pair.site().execute(ddl)
+    pair.agent().execute(agent_ddl if agent_ddl is not None else ddl)
+    site = pair.site()
+    for table in tables:
+        site.execute("SELECT dbsync.add_table(%s::regclass)", (table,))

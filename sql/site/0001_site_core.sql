@@ -18,17 +18,48 @@ CREATE TABLE dbsync.replicated_tables (
 CREATE UNIQUE INDEX replicated_tables_name_idx ON dbsync.replicated_tables (schema_name, table_name)
     WHERE removed_at IS NULL;
 
--- One row per captured change. The sequence must keep CACHE 1 (the default): per-row ordering
--- relies on sequence numbers being handed out in time order across sessions.
-CREATE TABLE dbsync.sync_log (
-    seq         bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME dbsync.sync_log_seq CACHE 1) PRIMARY KEY,
-    txid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    table_id    integer NOT NULL,
-    op          "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
-    pk          json,
-    row_image   json,
-    captured_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
+-- Row images are hstore values: every column as PostgreSQL's own text output, keyed by name.
+-- Text output and input are PostgreSQL's exact round trip for every type (floats incl. -0 and
+-- NaN, numeric scale, array bounds, json whitespace, JSON null vs SQL NULL), provided the output
+-- settings are fixed: the capture function pins them. hstore is a trusted contrib extension;
+-- an existing installation is used wherever it lives.
+CREATE EXTENSION IF NOT EXISTS hstore;
+
+DO $do$
+DECLARE
+    ext text := (SELECT quote_ident(n.nspname) FROM pg_extension e
+                   JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'hstore');
+BEGIN
+    -- One row per captured change. The sequence must keep CACHE 1 (the default): per-row
+    -- ordering relies on sequence numbers being handed out in time order across sessions.
+    EXECUTE format($sql$
+        CREATE TABLE dbsync.sync_log (
+            seq         bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME dbsync.sync_log_seq CACHE 1) PRIMARY KEY,
+            txid        xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            table_id    integer NOT NULL,
+            op          "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
+            pk          %1$s.hstore,
+            row_image   %1$s.hstore,
+            captured_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        )$sql$, ext);
+    -- The image helpers: the one place where a row becomes an event. Plain SQL, so they are
+    -- inlined; the caller pins the output settings.
+    EXECUTE format($sql$
+        CREATE FUNCTION dbsync.row_image(anyelement) RETURNS %1$s.hstore
+        LANGUAGE sql STABLE AS 'SELECT %1$s.hstore($1)'$sql$, ext);
+    EXECUTE format($sql$
+        CREATE FUNCTION dbsync.key_image(%1$s.hstore, text[]) RETURNS %1$s.hstore
+        LANGUAGE sql IMMUTABLE AS 'SELECT %1$s.slice($1, $2)'$sql$, ext);
+    EXECUTE format($sql$
+        CREATE FUNCTION dbsync.image_json(%1$s.hstore) RETURNS json
+        LANGUAGE sql IMMUTABLE AS 'SELECT %1$s.hstore_to_json($1)'$sql$, ext);
+    -- The row with its key columns set from a key image: equal to the row iff the key is.
+    EXECUTE format($sql$
+        CREATE FUNCTION dbsync.with_key(anyelement, %1$s.hstore) RETURNS anyelement
+        LANGUAGE sql STABLE AS 'SELECT %1$s.populate_record($1, $2)'$sql$, ext);
+END
+$do$;
+
 -- The consumer finds the events of newly committed transactions by their xid.
 CREATE INDEX sync_log_txid_idx ON dbsync.sync_log (txid);
 -- The daemon deletes applied events continuously: vacuum after a fixed number of dead rows,
@@ -42,9 +73,8 @@ ALTER TABLE dbsync.sync_log SET (
 REVOKE ALL ON dbsync.sync_log, dbsync.replicated_tables FROM PUBLIC;
 
 -- The capture trigger. SECURITY DEFINER so writers need no rights on the log; a fixed
--- search_path so a writer cannot hijack it; fixed output settings so row images are exact
--- whatever the writer's session has set (extra_float_digits <= 0 would round floats,
--- IntervalStyle would change the interval format).
+-- search_path so a writer cannot hijack it; fixed output settings so row images are exact and
+-- keys canonical whatever the writer's session has set.
 -- TG_ARGV: [0] table_id, [1..] primary-key column names.
 CREATE FUNCTION dbsync.capture() RETURNS trigger
 LANGUAGE plpgsql
@@ -52,54 +82,42 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET extra_float_digits = 3
 SET IntervalStyle = postgres
+SET DateStyle = 'ISO, YMD'
+SET TimeZone = 'UTC'
+SET bytea_output = hex
 AS $fn$
 DECLARE
     v_table integer := TG_ARGV[0]::integer;
-    v_new   json;
-    v_old   json;
-    v_key   json;
-    v_okey  json;
+    v_keys  text[];
+    v_img   dbsync.sync_log.row_image%TYPE;
+    v_key   dbsync.sync_log.pk%TYPE;
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO dbsync.sync_log (table_id, op) VALUES (v_table, 'T');
         PERFORM pg_catalog.pg_notify('dbsync', '');
         RETURN NULL;
     END IF;
-
     IF TG_OP = 'UPDATE' AND OLD OPERATOR(pg_catalog.*=) NEW THEN
         RETURN NULL;  -- nothing changed
     END IF;
-
+    v_keys := TG_ARGV[1:TG_NARGS - 1];
     IF TG_OP <> 'DELETE' THEN
-        v_new := pg_catalog.to_json(NEW);
-        IF TG_NARGS = 2 THEN
-            v_key := pg_catalog.json_build_object(TG_ARGV[1], v_new -> TG_ARGV[1]);
-        ELSE
-            SELECT pg_catalog.json_object_agg(k, v_new -> k) INTO v_key
-              FROM pg_catalog.unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
-        END IF;
-    END IF;
-
-    IF TG_OP <> 'INSERT' THEN
-        v_old := pg_catalog.to_json(OLD);
-        IF TG_NARGS = 2 THEN
-            v_okey := pg_catalog.json_build_object(TG_ARGV[1], v_old -> TG_ARGV[1]);
-        ELSE
-            SELECT pg_catalog.json_object_agg(k, v_old -> k) INTO v_okey
-              FROM pg_catalog.unnest(TG_ARGV[1:TG_NARGS - 1]) AS k;
-        END IF;
+        v_img := dbsync.row_image(NEW);
+        v_key := dbsync.key_image(v_img, v_keys);
     END IF;
 
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_new);
+        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_img);
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO dbsync.sync_log (table_id, op, pk) VALUES (v_table, 'D', v_okey);
-    ELSIF v_key::text = v_okey::text THEN
-        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'U', v_key, v_new);
+        INSERT INTO dbsync.sync_log (table_id, op, pk)
+        VALUES (v_table, 'D', dbsync.key_image(dbsync.row_image(OLD), v_keys));
+    ELSIF dbsync.with_key(OLD, v_key) OPERATOR(pg_catalog.*=) OLD THEN
+        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'U', v_key, v_img);
     ELSE
         -- The primary key changed: the old key must disappear on the Agent DB.
-        INSERT INTO dbsync.sync_log (table_id, op, pk) VALUES (v_table, 'D', v_okey);
-        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_new);
+        INSERT INTO dbsync.sync_log (table_id, op, pk)
+        VALUES (v_table, 'D', dbsync.key_image(dbsync.row_image(OLD), v_keys));
+        INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_img);
     END IF;
     -- A doorbell, not data: a constant payload is folded into one notification per transaction.
     PERFORM pg_catalog.pg_notify('dbsync', '');
