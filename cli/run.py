@@ -11,7 +11,9 @@ import click
 
 from dbsync.cli.options import connection_options
 from dbsync.config import POISON_POLICIES, Settings, load_settings
-from dbsync.daemon.runner import Replicator
+from dbsync.daemon.alerts import check_url
+from dbsync.daemon.http import parse_address
+from dbsync.daemon.service import Service
 
 log = logging.getLogger("dbsync.daemon")
 
@@ -30,6 +32,11 @@ STOP_GRACE = 4.0
     default=None,
     help="On an event the Agent DB rejects: stop and retry (default) or park it and carry on.",
 )
+@click.option(
+    "--lag-threshold", type=float, default=None, help="Seconds of lag that fail /readyz and raise an alert (default 5)."
+)
+@click.option("--http", metavar="HOST:PORT", default=None, help="Serve /metrics, /healthz and /readyz (default: off).")
+@click.option("--alert-webhook", metavar="URL", default=None, help="POST alerts as JSON here (default: only log them).")
 def run(
     config_file: str | None,
     site_dsn: str | None,
@@ -38,9 +45,13 @@ def run(
     batch_size: int | None,
     poll_interval: float | None,
     poison_policy: str | None,
+    lag_threshold: float | None,
+    http: str | None,
+    alert_webhook: str | None,
 ) -> None:
     """Replicate continuously until SIGTERM or SIGINT.
 
+    Under systemd (Type=notify) it reports readiness, status and watchdog pings itself.
     SIGHUP does not reload the configuration: restart the service to apply changes.
     """
     settings = load_settings(
@@ -50,7 +61,14 @@ def run(
         batch_size=batch_size,
         poll_interval=poll_interval,
         poison_policy=poison_policy,
+        lag_threshold=lag_threshold,
+        http=http,
+        alert_webhook=alert_webhook,
     ).require("site_dsn", "agent_dsn")
+    if settings.http:
+        parse_address(settings.http)
+    if settings.alert_webhook:
+        check_url(settings.alert_webhook)
     asyncio.run(_serve(settings, once))
 
 
@@ -71,8 +89,8 @@ async def _serve(settings: Settings, once: bool) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    replicator = Replicator(settings, stop=stop)
-    task = asyncio.ensure_future(replicator.run(once=once))
+    service = Service(settings, stop=stop)
+    task = asyncio.ensure_future(service.run(once=once))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if not task.done():
@@ -86,6 +104,6 @@ async def _serve(settings: Settings, once: bool) -> None:
     stopper.cancel()
     task.result()  # re-raise a --once failure
     if once:
-        log.info("applied %d events; exiting", replicator.stats.events)
+        log.info("applied %d events; exiting", service.replicator.stats.events)
     else:
         log.info("stopped")

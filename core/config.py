@@ -34,6 +34,10 @@ class Settings:
     poison_policy: str = "stop"
     # Lag (seconds) above which status reports unhealthy and alerts fire.
     lag_threshold: float = 5.0
+    # `dbsync run` only: where to serve /metrics, /healthz and /readyz ("host:port"), and the
+    # URL that alerts are POSTed to. Both off by default.
+    http: str | None = None
+    alert_webhook: str | None = None
     config_file: Path | None = field(default=None, compare=False)
 
     def require(self, *names: str) -> Settings:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 
 from dbsync.config import describe_dsn, redact_dsn
@@ -26,3 +28,11 @@ def connect(dsn: str, role: str, *, autocommit: bool = True) -> psycopg.Connecti
 
 def server_version(conn: psycopg.Connection) -> int:
     return int(conn.info.server_version)
+
+
+_PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def display_name(*parts: str) -> str:
+    """schema.table as a user would type it: quoted only where PostgreSQL needs quotes."""
+    return ".".join(p if _PLAIN.fullmatch(p) else '"' + p.replace('"', '""') + '"' for p in parts)

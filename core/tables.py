@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from dbsync.db import first_line
+from dbsync.db import display_name, first_line
 from dbsync.errors import SchemaError
 
 
@@ -21,7 +21,7 @@ class TableInfo:
 
     @property
     def label(self) -> str:
-        return f"{self.schema}.{self.name}"
+        return display_name(self.schema, self.name)
 
 
 def resolve(conn: psycopg.Connection, name: str, where: str) -> tuple[str, str]:

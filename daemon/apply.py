@@ -21,6 +21,7 @@ import asyncpg
 from psycopg import sql
 
 from dbsync.daemon.consume import Progress
+from dbsync.db import display_name
 from dbsync.errors import ApplyError, DriftError, SchemaError
 
 
@@ -46,7 +47,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return f"{self.schema}.{self.name}"
+        return display_name(self.schema, self.name)
 
     @property
     def qualified(self) -> str:
@@ -449,7 +450,7 @@ ON CONFLICT (source, seq) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_c
 PARKED_KEYS = """
 SELECT DISTINCT p.table_id, p.pk::text AS pk
 FROM dbsync.parked_events p
-JOIN pg_catalog.unnest($2::int[], $3::text[]) AS k(table_id, pk)
+JOIN ROWS FROM (pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::text[])) AS k(table_id, pk)
   ON p.table_id = k.table_id AND p.pk::text = k.pk
 WHERE p.source = $1
 """

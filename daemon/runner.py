@@ -11,6 +11,10 @@ Only one daemon applies a source at a time: it holds a session advisory lock on 
 for as long as its Agent connection lives. Others wait as standbys and take over when the lock
 is released (the holder's connection closes when the process dies). The progress row's guard
 (see apply.SAVE_PROGRESS) makes a double apply impossible even if two ever overlapped.
+
+The loop calls `on_tick` whenever it has made progress or finished a slice of a normal wait
+(never more than `tick_interval` apart while waiting); the service turns that into systemd's
+watchdog ping, so a loop stuck inside a step stops pinging.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -29,6 +34,7 @@ import asyncpg
 from dbsync.config import Settings
 from dbsync.daemon import pg
 from dbsync.daemon.apply import LOAD_PROGRESS, READ_PROGRESS, RECORD_ERROR, Applier, Catalog
+from dbsync.daemon.retention import Retention
 from dbsync.daemon.consume import INITIAL_SNAPSHOT, Progress, advance, open_batch, progress_from_row, read_page
 from dbsync.errors import ApplyError, DbsyncError, SchemaError
 
@@ -45,6 +51,10 @@ CLAIM = """
 UPDATE dbsync.apply_progress SET active_holder = $2, active_since = pg_catalog.now() WHERE source = $1
 """
 RETRY_REQUESTED = "SELECT EXISTS (SELECT 1 FROM dbsync.parked_events WHERE source = $1 AND retry_requested)"
+PARKED_IN_PAGE = """
+SELECT table_name, op, count(*) AS n FROM dbsync.parked_events
+WHERE source = $1 AND seq = ANY ($2::bigint[]) GROUP BY table_name, op
+"""
 
 # Server-side keepalives on the Agent connection: if this host vanishes without closing the
 # socket, the server drops the session (and the lock) in about 6 s, so a standby can take over.
@@ -58,6 +68,19 @@ class Stats:
     parked: int = 0
     reconnects: int = 0
     last_apply_at: float | None = None
+
+
+@dataclass(frozen=True)
+class PageReport:
+    """One committed page, for metrics."""
+
+    applied: Mapping[tuple[str, str], int]  # (table, op letter) -> events applied
+    parked: int
+    seconds: float
+
+
+# What the daemon is doing; `active` alone says whether it holds the lock.
+STARTING, STANDBY, APPLYING, RECONNECTING = "starting", "standby", "applying", "reconnecting"
 
 
 class Backoff:
@@ -95,6 +118,7 @@ class Replicator:
         self.stop = stop or asyncio.Event()
         self.wake = asyncio.Event()
         self.catalog = Catalog()
+        self.retention = Retention()
         self.applier = Applier(settings.source, self.catalog, park=settings.poison_policy == "park")
         self.stats = Stats()
         self.site: asyncpg.Connection | None = None
@@ -103,8 +127,19 @@ class Replicator:
         self._persisted = Progress()
         self._problem: str | None = None
         self.active = False
-        # Called after each page commits on the Agent DB (the demo and metrics use it).
+        self.state = STARTING
+        # Monotonic times: the last step that completed, the first failure since then.
+        self.last_step_at: float | None = None
+        self.failing_since: float | None = None
+        # True while self.progress is what the Agent DB holds for this daemon (not as a standby).
+        self.progress_known = False
+        # Called after each page commits on the Agent DB (the demo uses it).
         self.on_page = on_page
+        # The service's hooks: a page report for metrics, a state change, a sign of life.
+        self.on_report: Callable[[PageReport], None] | None = None
+        self.on_state: Callable[[str], None] | None = None
+        self.on_tick: Callable[[], None] | None = None
+        self.tick_interval = float("inf")
 
     # -- connections -----------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -132,6 +167,7 @@ class Replicator:
             )
         row = await agent.fetchrow(READ_PROGRESS, self.settings.source)
         self.progress = self._persisted = progress_from_row(row)
+        self.progress_known = True
         self.catalog.forget()
         await self.applier.count_parked(agent)
         # LISTEN before the first read: a commit after this point rings the bell.
@@ -154,6 +190,8 @@ class Replicator:
                 )
                 log.info("standby: source %r is applied by %s; waiting to take over", self.settings.source, holder)
                 announced = True
+                self.progress_known = False
+                self._set_state(STANDBY)
             await self._sleep(min(self.settings.poll_interval, 1.0))
 
     async def _disconnect(self) -> None:
@@ -162,7 +200,7 @@ class Replicator:
             if conn is not None and not conn.is_closed():
                 try:
                     await asyncio.wait_for(conn.close(), timeout=2)
-                except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - closing a broken link
+                except Exception:  # noqa: BLE001 - closing a broken link (TimeoutError included)
                     conn.terminate()
         self.site = self.agent = None
 
@@ -171,10 +209,45 @@ class Replicator:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on stop."""
+        await self._wait(self.stop, seconds)
+
+    async def _wait(self, event: asyncio.Event, seconds: float) -> bool:
+        """Wait for `event` or stop, at most `seconds`, ticking at least every tick_interval.
+
+        Returns True when woken by either event.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.stop.wait())}
         try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+            while True:
+                self._tick()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                done, _ = await asyncio.wait(
+                    waiters, timeout=min(remaining, self.tick_interval), return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return True
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _tick(self) -> None:
+        if self.on_tick is not None:
+            self.on_tick()
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self.on_state is not None:
+                self.on_state(state)
+
+    @property
+    def problem(self) -> str | None:
+        """What the daemon is retrying on, one line; None while it replicates normally."""
+        return self._problem
 
     # -- one step --------------------------------------------------------------------------
     async def step(self) -> bool:
@@ -184,10 +257,13 @@ class Replicator:
         if not progress.in_batch:
             progress, count = await open_batch(self.site, progress)
             if not progress.in_batch:
+                self._stepped()
                 return False
             log.debug("batch opened: %d events", count)
+        started = time.monotonic()
         page = await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES)
         after = advance(progress, page)
+        parked = 0
         if page.events:
             parked = await self.applier.apply(self.site, self.agent, page.events, self._persisted, after)
             if parked:
@@ -199,9 +275,35 @@ class Replicator:
         self.stats.events += len(page.events)
         self.stats.batches += 1
         self.stats.last_apply_at = time.time()
+        self._stepped()
         if self.on_page is not None and page.events:
             self.on_page(page.events)
+        if self.on_report is not None and page.events:
+            applied = await self._applied_by_table(page.events, parked)
+            self.on_report(PageReport(applied, parked, time.monotonic() - started))
         return True
+
+    async def _applied_by_table(self, events: Sequence[asyncpg.Record], parked: int) -> Counter[tuple[str, str]]:
+        """Events of a committed page by (table, op), less those that were parked."""
+        assert self.site and self.agent
+        out: Counter[tuple[str, str]] = Counter()
+        for ev in events:
+            target = await self.catalog.target(self.site, self.agent, ev["table_id"])  # cached by the apply
+            out[target.label, ev["op"]] += 1
+        if parked:
+            seqs = [ev["seq"] for ev in events]
+            for row in await self.agent.fetch(PARKED_IN_PAGE, self.settings.source, seqs):
+                out[row["table_name"], row["op"]] -= row["n"]
+        return +out  # drops zero counts
+
+    def _stepped(self) -> None:
+        """A step completed: replication is making progress, whatever failed before is over."""
+        self.last_step_at = time.monotonic()
+        self.failing_since = None
+        if self._problem is not None:
+            log.info("recovered; replicating again")
+            self._problem = None
+        self._tick()
 
     async def drain(self) -> None:
         """Apply everything committed before this call, then return."""
@@ -233,6 +335,7 @@ class Replicator:
                     if self.stop.is_set():
                         return
                     self._recovered()
+                    self._set_state(APPLYING)
                     backoff.reset()
                     if on_ready is not None:
                         await on_ready()
@@ -246,7 +349,10 @@ class Replicator:
                     await self._disconnect()
                     if once:
                         raise
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
                     self._report(exc)
+                    self._set_state(RECONNECTING)
                     self.stats.reconnects += 1
                     await self._sleep(backoff.next_delay())
         finally:
@@ -255,18 +361,14 @@ class Replicator:
     async def _loop(self) -> None:
         while not self.stop.is_set():
             self.wake.clear()
-            if await self.step():
+            busy = await self.step()
+            if not self.progress.in_batch:
+                assert self.site is not None
+                await self.retention.maybe_prune(self.site, self.progress.prev_snapshot)
+            if busy:
                 continue
             await self._retry_parked()
-            waiter = asyncio.ensure_future(self.wake.wait())
-            stopper = asyncio.ensure_future(self.stop.wait())
-            try:
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=self.settings.poll_interval, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+            await self._wait(self.wake, self.settings.poll_interval)
 
     async def _record_error(self, exc: BaseException) -> None:
         """Leave a stuck apply where `dbsync status` shows it."""
@@ -287,9 +389,8 @@ class Replicator:
             self._problem = message
 
     def _recovered(self) -> None:
-        if self._problem is not None:
-            log.info("connected again; resuming")
-            self._problem = None
-        else:
+        # After a failure, the first step that completes says so (see _stepped): a poison event
+        # fails again right after every reconnect, and that is one incident, not one per attempt.
+        if self._problem is None:
             log.info("connected to the Site and Agent DBs; replicating")
 

@@ -19,7 +19,7 @@ import pytest
 
 from dbsync import migrations
 from dbsync.embedded import LocalCluster
-from tests.helpers import DbPair, Server
+from tests.helpers import DbPair, Server, dbname
 
 _counter = itertools.count()
 
@@ -72,6 +72,14 @@ def pair(servers: tuple[Server, Server], templates: tuple[str, str]) -> Iterator
     )
     yield p
     p.close()
+    _drop_dbs(p)
+
+
+def _drop_dbs(p: DbPair) -> None:
+    """Drop a test's databases so clusters do not pile them up (WITH FORCE: PostgreSQL 13+)."""
+    for server, dsn in ((p.site_server, p.site_dsn), (p.agent_server, p.agent_dsn)):
+        with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname(dsn)} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -87,3 +95,4 @@ def bare_pair(servers: tuple[Server, Server]) -> Iterator[DbPair]:
     )
     yield p
     p.close()
+    _drop_dbs(p)

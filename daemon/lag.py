@@ -1,0 +1,96 @@
+"""How far behind the Agent DB is, measured by the daemon itself, on a connection of its own.
+
+The count is `dbsync status`'s query (dbsync.status.PENDING), fed the daemon's in-memory
+progress instead of the Agent DB's row, so it costs the Agent DB nothing. It runs on its own
+Site connection: lag is worth most exactly when the replication connections are failing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+from dbsync.daemon import pg
+from dbsync.daemon.consume import Progress
+from dbsync.db import first_line
+from dbsync.errors import DbsyncError
+from dbsync.status import PENDING
+
+# An answer slower than this is as good as none.
+QUERY_TIMEOUT = 5.0
+
+
+def positional(query: str, names: tuple[str, ...]) -> str:
+    """A psycopg query with %(name)s parameters, for asyncpg ($1, $2, ...)."""
+    for i, name in enumerate(names, start=1):
+        query = query.replace(f"%({name})s", f"${i}")
+    if re.search(r"%\(\w+\)s", query):
+        raise ValueError("positional(): a parameter was not named")
+    return query
+
+
+PENDING_ASYNCPG = positional(PENDING, ("prev", "batch", "cursor"))
+
+
+@dataclass(frozen=True)
+class Lag:
+    events: int
+    seconds: float
+
+
+class LagProbe:
+    def __init__(self, site_dsn: str) -> None:
+        self.site_dsn = site_dsn
+        self.conn: asyncpg.Connection | None = None
+        # Why the last measurement failed (one line, no password), or None.
+        self.error: str | None = None
+
+    @property
+    def site_reachable(self) -> bool:
+        return self.error is None and self.conn is not None
+
+    async def measure(self, progress: Progress | None) -> Lag | None:
+        """The lag behind `progress`; with None, only checks that the Site DB answers."""
+        try:
+            conn = await self._connection()
+            if progress is None:
+                await conn.fetchval("SELECT 1", timeout=QUERY_TIMEOUT)
+                self.error = None
+                return None
+            row = await conn.fetchrow(
+                PENDING_ASYNCPG,
+                progress.prev_snapshot,
+                progress.batch_snapshot,
+                progress.batch_cursor,
+                timeout=QUERY_TIMEOUT,
+            )
+        except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS) as exc:
+            self.error = first_line(exc)
+            await self.close()
+            return None
+        assert row is not None
+        self.error = None
+        return Lag(events=int(row["events"]), seconds=max(float(row["seconds"] or 0.0), 0.0))
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            conn = await pg.connect(self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"})
+            try:
+                await conn.execute("SET search_path = pg_catalog, pg_temp")
+                # PENDING passes snapshots as text; asyncpg's own codec wants a tuple.
+                await conn.set_type_codec("pg_snapshot", schema="pg_catalog", encoder=str, decoder=str, format="text")
+            except BaseException:
+                conn.terminate()
+                raise
+            self.conn = conn
+        return self.conn
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.close(timeout=2)
+            except (Exception, TimeoutError):  # noqa: BLE001 - closing a broken link
+                conn.terminate()

@@ -1,0 +1,134 @@
+"""The daemon's Prometheus metrics, in the text exposition format, written by hand.
+
+Counters and histograms are accumulated here from page reports; gauges are read from the
+daemon's state at scrape time (a `Gauges` snapshot), so they can never go stale.
+docs/operations.md lists every series; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from dbsync.daemon.runner import PageReport
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
+# Events per Agent DB transaction (batch_size defaults to 5000), and seconds per page.
+SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000)
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.buckets = [0] * len(self.bounds)  # not cumulative; summed when rendered
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[i] += 1
+                break
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """The daemon's state when scraped."""
+
+    active: bool
+    site_connected: bool
+    agent_connected: bool
+    lag_seconds: float | None  # None: not measured (standby, or the Site DB is unreachable)
+    lag_events: int | None
+    parked_events: int
+    reconnects: int
+    last_apply_at: float | None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.applied: Counter[tuple[str, str]] = Counter()
+        self.parked = 0
+        self.batch_size = Histogram(SIZE_BUCKETS)
+        self.batch_seconds = Histogram(SECONDS_BUCKETS)
+
+    def record(self, report: PageReport) -> None:
+        self.applied.update(report.applied)
+        self.parked += report.parked
+        self.batch_size.observe(sum(report.applied.values()) + report.parked)
+        self.batch_seconds.observe(report.seconds)
+
+    def render(self, g: Gauges) -> str:
+        out = _Text()
+        out.family("dbsync_events_applied_total", "counter", "Events applied to the Agent DB.")
+        for (table, op), n in sorted(self.applied.items()):
+            out.sample("dbsync_events_applied_total", n, table=table, op=OP_NAMES.get(op, op))
+        out.single("dbsync_events_parked_total", "counter", "Events parked (policy park).", self.parked)
+        out.histogram("dbsync_batch_size", "Events per Agent DB transaction.", self.batch_size)
+        out.histogram("dbsync_batch_duration_seconds", "Time to read and apply one page.", self.batch_seconds)
+        if g.lag_seconds is not None and g.lag_events is not None:
+            out.single(
+                "dbsync_lag_seconds", "gauge", "Age of the oldest committed event not yet applied.", g.lag_seconds
+            )
+            out.single("dbsync_lag_events", "gauge", "Committed events not yet applied.", g.lag_events)
+        out.single("dbsync_parked_events", "gauge", "Events waiting in dbsync.parked_events.", g.parked_events)
+        out.single("dbsync_reconnects_total", "counter", "Failures that closed the connections.", g.reconnects)
+        if g.last_apply_at is not None:
+            out.single("dbsync_last_apply_timestamp_seconds", "gauge", "When a page last committed.", g.last_apply_at)
+        out.single("dbsync_active", "gauge", "1 while this daemon holds the source's lock.", int(g.active))
+        out.family("dbsync_connected", "gauge", "1 while the daemon's connection to the database is open.")
+        out.sample("dbsync_connected", int(g.site_connected), database="site")
+        out.sample("dbsync_connected", int(g.agent_connected), database="agent")
+        return out.text()
+
+
+class _Text:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+    def sample(self, name: str, value: float, **labels: str) -> None:
+        self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+    def single(self, name: str, kind: str, help_text: str, value: float) -> None:
+        self.family(name, kind, help_text)
+        self.sample(name, value)
+
+    def histogram(self, name: str, help_text: str, h: Histogram) -> None:
+        self.family(name, "histogram", help_text)
+        total = 0
+        for bound, n in zip(h.bounds, h.buckets, strict=True):
+            total += n
+            self.sample(f"{name}_bucket", total, le=_number(bound))
+        self.sample(f"{name}_bucket", h.count, le="+Inf")
+        self.sample(f"{name}_sum", h.sum)
+        self.sample(f"{name}_count", h.count)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))

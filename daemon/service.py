@@ -1,0 +1,209 @@
+"""`dbsync run` as a service: the Replicator plus what systemd and monitoring see of it.
+
+Around the replication loop run the systemd notifications (READY, STATUS, STOPPING; WATCHDOG
+comes from the loop's own ticks), a lag probe about once a second, incident alerts, and the
+optional HTTP listener. They only read the Replicator's state, so none of them can hold
+replication up; a bug in one of them stops the daemon (non-zero exit, systemd restarts it)
+rather than leaving it running blind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import asyncpg
+
+from dbsync.config import Settings
+from dbsync.daemon.alerts import Alerter
+from dbsync.daemon.http import Response, serve
+from dbsync.daemon.lag import Lag, LagProbe
+from dbsync.daemon.metrics import CONTENT_TYPE, Gauges, Metrics
+from dbsync.daemon.runner import APPLYING, STANDBY, Replicator, holder_name
+from dbsync.daemon.sdnotify import Notifier
+from dbsync.errors import DbsyncError
+
+log = logging.getLogger("dbsync.daemon")
+
+# Seconds between lag measurements; a slow measurement (a huge backlog) spaces them out.
+LAG_INTERVAL = 1.0
+
+
+class Service:
+    def __init__(self, settings: Settings, *, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
+        settings.require("site_dsn", "agent_dsn")
+        assert settings.site_dsn
+        self.settings = settings
+        self.stop = stop
+        self.replicator = r = Replicator(settings, stop=stop)
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.probe = LagProbe(settings.site_dsn)
+        self.alerter = Alerter(settings.alert_webhook, source=settings.source, daemon=holder_name())
+        self.lag: Lag | None = None
+        self._poke = asyncio.Event()
+        self._crashed: BaseException | None = None
+        r.on_report = self.metrics.record
+        r.on_state = self._on_state
+        if self.notifier.watchdog_interval is not None:
+            r.on_tick = self.notifier.watchdog
+            r.tick_interval = self.notifier.watchdog_interval / 4
+
+    async def run(self, *, once: bool = False) -> None:
+        if once:
+            await self.replicator.run(once=True)
+            return
+        server = None
+        if self.settings.http:
+            routes = {"/metrics": self.metrics_page, "/healthz": self.liveness, "/readyz": self.readiness}
+            server = await serve(self.settings.http, routes)
+        helpers = [self._helper(self._monitor(), "lag monitor"), self._helper(self.alerter.run(), "alert sender")]
+        try:
+            await self.replicator.run()
+        finally:
+            self.notifier.stopping()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+            await self.probe.close()
+            self.notifier.close()
+            if self.alerter.queue.qsize():
+                log.warning("%d alert message(s) were not delivered before the stop", self.alerter.queue.qsize())
+        if self._crashed is not None:
+            raise DbsyncError(f"internal error: {self._crashed}") from self._crashed
+
+    def _helper(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        def done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the %s failed; stopping", name, exc_info=task.exception())
+                self._crashed = task.exception()
+                self.stop.set()
+
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(done)
+        return task
+
+    # -- the periodic look at the daemon --------------------------------------------------------
+    async def _monitor(self) -> None:
+        r = self.replicator
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self._poke.clear()
+            measure_lag = r.progress_known and r.state != STANDBY
+            lag = await self.probe.measure(r.progress if measure_lag else None)
+            self.lag = lag if measure_lag else None
+            self._evaluate()
+            took = time.monotonic() - started
+            waiters = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self._poke.wait())}
+            try:
+                await asyncio.wait(
+                    waiters, timeout=max(LAG_INTERVAL - took, 4 * took), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    def _on_state(self, state: str) -> None:
+        if state in (APPLYING, STANDBY):
+            self.notifier.ready(self.status_line())
+        else:
+            self.notifier.status(self.status_line())
+        self._poke.set()  # measure now rather than within the second
+
+    def _evaluate(self) -> None:
+        self.notifier.status(self.status_line())
+        r, lag, threshold = self.replicator, self.lag, self.settings.lag_threshold
+        details: dict[str, Any] = {
+            "lag_seconds": round(lag.seconds, 3) if lag else None,
+            "events_behind": lag.events if lag else None,
+            "lag_threshold": threshold,
+            "state": r.state,
+            "active": r.active,
+            "last_error": r.problem,
+        }
+        if lag is not None:
+            over = lag.seconds > threshold
+            verb = "is over" if over else "is back under"
+            summary = f"lag {lag.seconds:.1f} s {verb} the threshold of {threshold:g} s ({lag.events} events behind)"
+            self.alerter.update("lag", over, summary, details)
+        elif r.state == STANDBY:
+            self.alerter.update("lag", False, "this daemon is a standby now; the active one reports lag", details)
+        stall = self._stall()
+        self.alerter.update("stalled", stall is not None, stall or "replicating again", details)
+
+    def _stall(self) -> str | None:
+        """Why replication is not moving, if it has not moved for longer than the lag threshold."""
+        r, lag, now = self.replicator, self.lag, time.monotonic()
+        if r.failing_since is not None:
+            if now - r.failing_since > self.settings.lag_threshold:
+                return f"failing for {now - r.failing_since:.0f} s: {r.problem}"
+            return None
+        # Not failing, yet not moving either: a step that does not return (a lock, a stalled link).
+        quiet = max(self.settings.lag_threshold, 2 * self.settings.poll_interval)
+        if r.state == APPLYING and lag and lag.events and r.last_step_at and now - r.last_step_at > quiet:
+            return f"no page applied for {now - r.last_step_at:.0f} s while {lag.events} events wait"
+        return None
+
+    # -- what systemd and the HTTP endpoints say -------------------------------------------------
+    def status_line(self) -> str:
+        r = self.replicator
+        if self.stop.is_set():
+            return "stopping"
+        if r.problem is not None:
+            return f"reconnecting: {r.problem}"
+        if r.state == STANDBY:
+            return "standby"
+        if r.state != APPLYING:
+            return r.state
+        if self.lag is None:
+            return "applying"
+        return f"applying; lag {self.lag.seconds:.2f} s, {self.lag.events} events behind"
+
+    def liveness(self) -> Response:
+        return 200, "text/plain", f"alive; {self.status_line()}\n"
+
+    def readiness(self) -> Response:
+        r, lag = self.replicator, self.lag
+        reason = None
+        if self.stop.is_set() or r.problem is not None:
+            reason = self.status_line()
+        elif r.state == STANDBY:
+            if not _is_open(r.agent):
+                reason = "standby without an Agent DB connection"
+            elif not self.probe.site_reachable:
+                reason = f"standby, but the Site DB does not answer: {self.probe.error or 'not checked yet'}"
+        elif r.state != APPLYING:
+            reason = r.state
+        elif not (_is_open(r.site) and _is_open(r.agent)):
+            reason = "not connected to both databases"
+        elif lag is None:
+            reason = f"lag unknown: {self.probe.error or 'not measured yet'}"
+        elif lag.seconds > self.settings.lag_threshold:
+            reason = f"lag {lag.seconds:.1f} s is over the threshold of {self.settings.lag_threshold:g} s"
+        if reason is not None:
+            return 503, "text/plain", f"not ready: {reason}\n"
+        return 200, "text/plain", f"ready; {self.status_line()}\n"
+
+    def metrics_page(self) -> Response:
+        r, lag = self.replicator, self.lag
+        gauges = Gauges(
+            active=r.active,
+            site_connected=_is_open(r.site),
+            agent_connected=_is_open(r.agent),
+            lag_seconds=lag.seconds if lag else None,
+            lag_events=lag.events if lag else None,
+            parked_events=r.applier.parked,
+            reconnects=r.stats.reconnects,
+            last_apply_at=r.stats.last_apply_at,
+        )
+        return 200, CONTENT_TYPE, self.metrics.render(gauges)
+
+
+def _is_open(conn: asyncpg.Connection | None) -> bool:
+    return conn is not None and not conn.is_closed()

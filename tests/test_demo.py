@@ -1,0 +1,134 @@
+"""`dbsync demo` end to end, as a user runs it: real clusters, real traffic, nothing left behind.
+
+Each run gets its own TMPDIR, so the clusters it creates (tempfile.mkdtemp(prefix="dbsync-...")) can
+be told apart from any other run's, and checked for after it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import dbsync_cmd
+
+TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")
+
+
+@pytest.fixture
+def tmpdir_env() -> Iterator[tuple[Path, dict[str, str]]]:
+    # Short on purpose: the cluster's Unix socket path must stay under ~107 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="dd-"))
+    env = dict(os.environ, TMPDIR=str(tmp))
+    env.pop("DBSYNC_LOG_LEVEL", None)
+    yield tmp, env
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_demo(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dbsync", "demo", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_until_progress(proc: subprocess.Popen[str]) -> list[str]:
+    """stderr lines up to the first per-second progress line (the daemon and traffic are running)."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not (lines and "ev/s" in lines[-1]):
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError("the demo ended before showing progress:\n" + "".join(lines))
+        lines.append(line)
+    return lines
+
+
+def clusters_in(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("dbsync-"))
+
+
+def postgres_processes_in(tmp: Path) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "postgres" in cmdline and str(tmp) in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_demo_replicates_and_cleans_up(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+    tmp, env = tmpdir_env
+    proc = start_demo(env, "--duration", "3", "--rate", "50")
+    try:
+        early = read_until_progress(proc)
+        # While it runs, its two clusters live in our TMPDIR: the checks below are not vacuous.
+        running = clusters_in(tmp)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(early) + err
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    assert [name.rsplit("-", 1)[0] for name in running] == ["dbsync-agent", "dbsync-site"]
+    for table in TABLES:
+        assert re.search(rf"{re.escape(table)}\s+\d+ rows\s+Site and Agent are identical: yes", out), out
+    applied = re.search(r"Events applied\s+(\d+)", out)
+    assert applied is not None and int(applied.group(1)) > 0, out
+    assert "Traceback" not in err
+    assert clusters_in(tmp) == []
+    assert postgres_processes_in(tmp) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_interrupted_cleans_up(tmpdir_env: tuple[Path, dict[str, str]], signum: signal.Signals) -> None:
+    tmp, env = tmpdir_env
+    proc = start_demo(env, "--duration", "60", "--rate", "50")
+    try:
+        read_until_progress(proc)
+        assert len(clusters_in(tmp)) == 2
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    assert "dbsync: aborted" in err
+    assert "Traceback" not in err
+    assert clusters_in(tmp) == []
+    assert postgres_processes_in(tmp) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--duration", "0"], "--duration must be a positive number"),
+        (["--rate", "-5"], "--rate must be a positive number"),
+        (["--writers", "0"], "--writers must be at least 1"),
+    ],
+)
+def test_demo_rejects_bad_options(tmpdir_env: tuple[Path, dict[str, str]], args: list[str], message: str) -> None:
+    tmp, env = tmpdir_env
+    result = dbsync_cmd("demo", *args, env=env, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dbsync: error: {message}"), result.stderr
+    assert clusters_in(tmp) == []
