@@ -97,8 +97,9 @@ class Page:
     more: bool
 
 
-async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Progress, int]:
-    """Take a new snapshot; returns the progress with the batch opened, and its event count.
+async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Progress, int, str]:
+    """Take a new snapshot; returns the progress with the batch opened, its event count, and
+    the snapshot itself.
 
     When nothing new is visible the progress comes back unchanged (with no batch): there is
     nothing to record, and `prev` still describes exactly what has been applied.
@@ -106,11 +107,11 @@ async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Prog
     row = await site.fetchrow(OPEN_BATCH, progress.prev_snapshot)
     assert row is not None
     if row["lo"] is None:
-        return progress, 0
+        return progress, 0, row["snap"]
     opened = replace(
         progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1
     )
-    return opened, int(row["events"])
+    return opened, int(row["events"]), row["snap"]
 
 
 async def read_page(site: asyncpg.Connection, progress: Progress, limit: int, max_bytes: int) -> Page:

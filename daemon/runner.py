@@ -34,6 +34,7 @@ import asyncpg
 from dbsync.config import Settings
 from dbsync.daemon import pg
 from dbsync.daemon.apply import LOAD_PROGRESS, READ_PROGRESS, RECORD_ERROR, Applier, Catalog
+from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
 from dbsync.daemon.consume import INITIAL_SNAPSHOT, Progress, advance, open_batch, progress_from_row, read_page
 from dbsync.errors import ApplyError, DbsyncError, SchemaError
@@ -119,6 +120,8 @@ class Replicator:
         self.wake = asyncio.Event()
         self.catalog = Catalog()
         self.retention = Retention()
+        self.doorbell = Doorbell()
+        self._last_snapshot: str | None = None
         self.applier = Applier(settings.source, self.catalog, park=settings.poison_policy == "park")
         self.stats = Stats()
         self.site: asyncpg.Connection | None = None
@@ -172,6 +175,9 @@ class Replicator:
         await self.applier.count_parked(agent)
         # LISTEN before the first read: a commit after this point rings the bell.
         await site.add_listener(CHANNEL, self._on_notify)
+        # The daemon's own Site writes (doorbell, retention) need no synchronous flush.
+        await site.execute("SET synchronous_commit = off")
+        await self.doorbell.reset(site)
 
     async def _become_active(self, agent: asyncpg.Connection) -> None:
         """Take the source's advisory lock, waiting as a standby while another daemon holds it."""
@@ -255,7 +261,7 @@ class Replicator:
         assert self.site and self.agent
         progress = self.progress
         if not progress.in_batch:
-            progress, count = await open_batch(self.site, progress)
+            progress, count, self._last_snapshot = await open_batch(self.site, progress)
             if not progress.in_batch:
                 self._stepped()
                 return False
@@ -356,6 +362,7 @@ class Replicator:
                     self.stats.reconnects += 1
                     await self._sleep(backoff.next_delay())
         finally:
+            await self.doorbell.disarm_quietly(self.site)
             await self._disconnect()
 
     async def _loop(self) -> None:
@@ -366,9 +373,13 @@ class Replicator:
                 assert self.site is not None
                 await self.retention.maybe_prune(self.site, self.progress.prev_snapshot)
             if busy:
+                await self.doorbell.busy(self.site)
                 continue
             await self._retry_parked()
-            await self._wait(self.wake, self.settings.poll_interval)
+            delay = await self.doorbell.idle(self.site, self._last_snapshot)
+            if delay == 0:
+                continue
+            await self._wait(self.wake, self.settings.poll_interval if delay is None else delay)
 
     async def _record_error(self, exc: BaseException) -> None:
         """Leave a stuck apply where `dbsync status` shows it."""

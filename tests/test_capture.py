@@ -278,6 +278,7 @@ def notifications_until_marker(listener: psycopg.Connection, timeout: float = 10
 
 
 def test_notify_is_one_empty_doorbell_per_transaction(pair: DbPair, items: int) -> None:
+    pair.site().execute("UPDATE dbsync.doorbell SET armed = true")  # as an idle daemon does
     listener = pair.site()
     listener.execute("LISTEN dbsync")
     listener.execute("LISTEN marker")
@@ -310,6 +311,7 @@ def test_notify_is_one_empty_doorbell_per_transaction(pair: DbPair, items: int) 
 
 
 def test_no_doorbell_without_an_event(pair: DbPair, items: int) -> None:
+    pair.site().execute("UPDATE dbsync.doorbell SET armed = true")  # as an idle daemon does
     listener = pair.site()
     listener.execute("LISTEN dbsync")
     listener.execute("LISTEN marker")
@@ -326,6 +328,22 @@ def test_no_doorbell_without_an_event(pair: DbPair, items: int) -> None:
     writer.execute("INSERT INTO notifications (user_id, kind) VALUES ('u', 'k')")
     writer.execute("NOTIFY marker")
     assert notifications_until_marker(listener) == []
+
+
+def test_no_doorbell_while_disarmed(pair: DbPair, items: int) -> None:
+    """A busy (or absent) daemon leaves the doorbell disarmed: writers skip NOTIFY and its
+    commit-time lock, though their changes are still logged."""
+    site = pair.site()
+    site.execute("UPDATE dbsync.doorbell SET armed = false")
+    listener = pair.site()
+    listener.execute("LISTEN dbsync")
+    listener.execute("LISTEN marker")
+    start = last_seq(site)
+    site.execute("INSERT INTO public.items VALUES (1, 'x', 1)")
+    site.execute("TRUNCATE public.items")
+    site.execute("NOTIFY marker")
+    assert notifications_until_marker(listener) == []
+    assert [e.op for e in events(site, start)] == ["I", "T"]
 
 
 # -- privileges ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ GRANT USAGE ON SCHEMA dbsync TO {role};
 GRANT SELECT, DELETE ON dbsync.sync_log TO {role};
 GRANT SELECT ON dbsync.replicated_tables TO {role};
 GRANT SELECT ON SEQUENCE dbsync.sync_log_seq TO {role};
+GRANT SELECT, UPDATE ON dbsync.doorbell TO {role};
 """
 
 AGENT_GRANTS = """

@@ -72,6 +72,17 @@ ALTER TABLE dbsync.sync_log SET (
 );
 REVOKE ALL ON dbsync.sync_log, dbsync.replicated_tables FROM PUBLIC;
 
+-- The doorbell. NOTIFY makes every notifying transaction take a database-wide lock at commit,
+-- which serialises commits (no group commit), so writers only ring when the daemon has said it
+-- is idle and waiting (armed); while it is busy it reads the log anyway. The daemon's protocol
+-- for arming without losing a wake-up is in dbsync.daemon.doorbell.
+CREATE TABLE dbsync.doorbell (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    armed     boolean NOT NULL DEFAULT false
+);
+INSERT INTO dbsync.doorbell DEFAULT VALUES;
+REVOKE ALL ON dbsync.doorbell FROM PUBLIC;
+
 -- The capture trigger. SECURITY DEFINER so writers need no rights on the log; a fixed
 -- search_path so a writer cannot hijack it; fixed output settings so row images are exact and
 -- keys canonical whatever the writer's session has set.
@@ -94,7 +105,9 @@ DECLARE
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO dbsync.sync_log (table_id, op) VALUES (v_table, 'T');
-        PERFORM pg_catalog.pg_notify('dbsync', '');
+        IF (SELECT d.armed FROM dbsync.doorbell d) THEN
+            PERFORM pg_catalog.pg_notify('dbsync', '');
+        END IF;
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' AND OLD OPERATOR(pg_catalog.*=) NEW THEN
@@ -120,7 +133,9 @@ BEGIN
         INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_img);
     END IF;
     -- A doorbell, not data: a constant payload is folded into one notification per transaction.
-    PERFORM pg_catalog.pg_notify('dbsync', '');
+    IF (SELECT d.armed FROM dbsync.doorbell d) THEN
+        PERFORM pg_catalog.pg_notify('dbsync', '');
+    END IF;
     RETURN NULL;
 END
 $fn$;

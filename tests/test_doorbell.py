@@ -1,0 +1,69 @@
+"""Writers ring only when the daemon is idle, and no wake-up is lost when it arms."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from tests.helpers import Daemon, DbPair, assert_same, same, wait_until
+
+
+def armed(conn: psycopg.Connection) -> bool:
+    return bool(conn.execute("SELECT armed FROM dbsync.doorbell").fetchone()[0])  # type: ignore[index]
+
+
+def test_idle_daemon_is_woken_by_notify_not_by_polling(pair: DbPair) -> None:
+    site = pair.site()
+    with Daemon(pair, "--poll-interval", "30"):
+        wait_until(lambda: armed(site), 20, 0.02, "the idle daemon to arm the doorbell")
+        for i in range(3):
+            site.execute("INSERT INTO conversations (phone_number) VALUES (%s)", (f"+49151{i}",))
+            started = time.monotonic()
+            # Polling every 30 s cannot explain this: the notification woke it.
+            wait_until(lambda: same(pair), 10, 0.01, "the insert to be applied")
+            assert time.monotonic() - started < 5
+    assert_same(pair)
+
+
+def test_busy_daemon_disarms_so_writers_skip_notify(pair: DbPair) -> None:
+    site = pair.site()
+    stop = threading.Event()
+
+    def writer() -> None:
+        with psycopg.connect(pair.site_dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO conversations (phone_number) VALUES ('+4915100')")
+
+    with Daemon(pair):
+        wait_until(lambda: armed(site), 20, 0.02, "the idle daemon to arm the doorbell")
+        threads = [threading.Thread(target=writer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: not armed(site), 20, 0.01, "the busy daemon to disarm")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        wait_until(lambda: same(pair), 30, 0.05, "the daemon to catch up")
+        wait_until(lambda: armed(site), 20, 0.02, "the daemon, idle again, to re-arm")
+    assert_same(pair)
+
+
+def test_writer_that_missed_the_arming_is_still_picked_up_quickly(pair: DbPair) -> None:
+    """A transaction whose trigger saw the doorbell disarmed, committing after the daemon armed
+    it, never notifies: the arming fence must still find it, long before the 30 s poll."""
+    site = pair.site()
+    writer = psycopg.connect(pair.site_dsn)  # a transaction, left open
+    writer.execute("INSERT INTO conversations (phone_number) VALUES ('+4915177')")
+    assert not armed(site)
+    with Daemon(pair, "--poll-interval", "30"):
+        wait_until(lambda: armed(site), 20, 0.02, "the daemon to arm the doorbell")
+        writer.commit()  # read "disarmed": no NOTIFY
+        started = time.monotonic()
+        wait_until(lambda: same(pair), 10, 0.01, "the unnotified commit to be applied")
+        assert time.monotonic() - started < 5
+    writer.close()
+    assert_same(pair)
