@@ -38,6 +38,7 @@ LOCK_HELD = """
 SELECT EXISTS (
     SELECT 1 FROM pg_locks
     WHERE locktype = 'advisory' AND granted AND objsubid = 2
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND classid = %(cls)s::int4::oid AND objid = hashtext(%(source)s)::oid)
 """
 

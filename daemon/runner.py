@@ -175,6 +175,8 @@ class Replicator:
         await self.applier.count_parked(agent)
         # LISTEN before the first read: a commit after this point rings the bell.
         await site.add_listener(CHANNEL, self._on_notify)
+        # A Site link that dies while the daemon waits wakes it at once, to reconnect.
+        site.add_termination_listener(self._on_notify)
         # The daemon's own Site writes (doorbell, retention) need no synchronous flush.
         await site.execute("SET synchronous_commit = off")
         await self.doorbell.reset(site)
