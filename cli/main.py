@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from dbsync.cli import migrate, retry, run, status, tables
+from dbsync.cli import backfill, demo, logs, migrate, reconcile, retry, run, status, tables
 from dbsync.errors import DbsyncError
 
 
@@ -19,16 +18,18 @@ from dbsync.errors import DbsyncError
     show_default=True,
     envvar="DBSYNC_LOG_LEVEL",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    envvar="DBSYNC_LOG_FORMAT",
+    help="json: one JSON object per line, for log collectors.",
+)
 @click.version_option(package_name="dbsync")
-def cli(log_level: str) -> None:
+def cli(log_level: str, log_format: str) -> None:
     """Replicate a Site PostgreSQL database to an Agent PostgreSQL database."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # asyncpg logs a full traceback when a listener connection dies; we report it ourselves.
-    logging.getLogger("asyncpg").setLevel(logging.CRITICAL)
+    logs.setup(log_level, log_format)
 
 
 cli.add_command(migrate.migrate)
@@ -36,13 +37,16 @@ cli.add_command(tables.tables)
 cli.add_command(run.run)
 cli.add_command(status.status)
 cli.add_command(retry.retry)
+cli.add_command(reconcile.reconcile)
+cli.add_command(backfill.backfill_cmd)
+cli.add_command(demo.demo)
 
 
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except DbsyncError as exc:
-        click.echo(f"dbsync: error: {exc}", err=True)
+        logs.fatal(str(exc))
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("dbsync: aborted", err=True)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import click
+from psycopg import sql
 
 from dbsync import tables as registry
+from dbsync.cli.backfill import chunk_options, run_backfill
 from dbsync.cli.options import connection_options, json_option
 from dbsync.config import load_settings
 from dbsync.db import connect
@@ -19,15 +21,27 @@ def tables() -> None:
 
 @tables.command("add")
 @connection_options
+@click.option("--backfill", "do_backfill", is_flag=True,
+              help="Also copy the rows the tables already hold (see `dbsync backfill`).")
+@chunk_options
 @click.argument("names", nargs=-1, required=True)
-def add(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
+def add(
+    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, do_backfill: bool, chunk_size: int,
+    restart: bool, max_chunks: int | None, names: tuple[str, ...],
+) -> None:
     """Replicate the tables NAMES (each must have a primary key and exist on the Agent DB)."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+        added = []
         for name in names:
             info = registry.add(site, agent, name)
+            added.append(sql.Identifier(info.schema, info.name).as_string(site))
             click.echo(f"replicating {info.label} (key: {', '.join(info.keys)})")
+        if do_backfill:
+            # Capture is on for every table before any copy starts: no change falls in between.
+            for qualified in added:
+                run_backfill(site, qualified, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks)
 
 
 @tables.command("remove")

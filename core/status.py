@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from dbsync.daemon.runner import LOCK_CLASS
+from dbsync.db import display_name
 from dbsync.errors import SchemaError
 
 # Committed events not yet applied: not visible in prev_snapshot, and not already applied as
@@ -94,7 +95,7 @@ def read_status(
     pending = site.execute(PENDING, {"prev": prev, "batch": batch, "cursor": cursor}).fetchone()
     assert pending is not None
     tables = [
-        f"{r[0]}.{r[1]}"
+        display_name(r[0], r[1])
         for r in site.execute(
             "SELECT schema_name, table_name FROM dbsync.replicated_tables WHERE removed_at IS NULL ORDER BY 1, 2"
         ).fetchall()

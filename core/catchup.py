@@ -1,0 +1,136 @@
+"""Has the Agent DB applied everything a given Site snapshot saw? Wait until it has.
+
+Reconcile compares two databases that replication keeps changing. It pins a point in the Site's
+history (a snapshot), waits until the daemon has applied every event committed by then, and
+only then trusts a comparison. The rule mirrors the consumer's (dbsync.daemon.consume): an event
+is applied when its transaction is visible in the stored `prev_snapshot`, or visible in the open
+batch's snapshot with seq <= the batch cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+
+from dbsync.config import Settings
+from dbsync.daemon.runner import Replicator
+from dbsync.errors import DbsyncError
+from dbsync.status import PROGRESS, read_status
+
+log = logging.getLogger("dbsync.reconcile")
+
+NO_PROGRESS = ("3:3:", None, None)
+
+# Committed events not yet applied, per table, among those visible in %(snap)s (the current
+# snapshot when null). Same rule as status.PENDING, restricted to a snapshot and split by table.
+PENDING_BY_TABLE = """
+SELECT l.table_id, count(*), extract(epoch FROM clock_timestamp() - min(l.captured_at))::float8
+FROM dbsync.sync_log l
+WHERE l.txid >= pg_snapshot_xmin(%(prev)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(l.txid, %(prev)s::pg_snapshot)
+  AND NOT (%(batch)s::pg_snapshot IS NOT NULL
+           AND pg_visible_in_snapshot(l.txid, %(batch)s::pg_snapshot)
+           AND l.seq <= %(cursor)s::bigint)
+  AND (%(snap)s::pg_snapshot IS NULL OR pg_visible_in_snapshot(l.txid, %(snap)s::pg_snapshot))
+  AND (%(tables)s::int[] IS NULL OR l.table_id = ANY (%(tables)s::int[]))
+GROUP BY l.table_id
+"""
+
+SNAPSHOT = "SELECT pg_current_snapshot()::text"
+
+
+class CatchUpError(DbsyncError):
+    """The daemon did not apply the events a comparison depends on."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    events: int
+    oldest_seconds: float | None
+
+
+def pending_by_table(
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    source: str,
+    snap: str | None = None,
+    tables: Sequence[int] | None = None,
+) -> dict[int, Pending]:
+    row = agent.execute(PROGRESS, (source,)).fetchone()
+    prev, batch, cursor = row[:3] if row is not None else NO_PROGRESS
+    params = {
+        "prev": prev,
+        "batch": batch,
+        "cursor": cursor,
+        "snap": snap,
+        "tables": list(tables) if tables is not None else None,
+    }
+    return {r[0]: Pending(r[1], r[2]) for r in site.execute(PENDING_BY_TABLE, params).fetchall()}
+
+
+def site_snapshot(site: psycopg.Connection) -> str:
+    row = site.execute(SNAPSHOT).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+class CatchUp:
+    """Waits for the daemon; with `apply` set, drains in-process when no daemon is running."""
+
+    def __init__(
+        self,
+        site: psycopg.Connection,
+        agent: psycopg.Connection,
+        settings: Settings,
+        *,
+        timeout: float,
+        apply: bool = False,
+    ) -> None:
+        self.site = site
+        self.agent = agent
+        self.settings = settings
+        self.timeout = timeout
+        self.apply = apply
+
+    def behind(self, snap: str, tables: Sequence[int]) -> int:
+        found = pending_by_table(self.site, self.agent, self.settings.source, snap, tables)
+        return sum(p.events for p in found.values())
+
+    def wait(self, snap: str, tables: Sequence[int]) -> None:
+        """Return once every event of `tables` visible in `snap` is applied on the Agent DB."""
+        left = self.behind(snap, tables)
+        if not left:
+            return
+        status = read_status(self.site, self.agent, self.settings.source)
+        if status.active_daemon is None:
+            if not self.apply:
+                raise CatchUpError(
+                    f"{left} committed event(s) are not applied yet and no daemon is running: "
+                    "start the daemon or run `dbsync run --once`, or pass --apply to apply them here"
+                )
+            log.info("no active daemon: applying %d pending event(s) in-process", left)
+            self._drain()
+        else:
+            log.info("waiting for the daemon (%s) to apply %d event(s)", status.active_daemon, left)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.02
+        while (left := self.behind(snap, tables)) > 0:
+            if time.monotonic() > deadline:
+                raise CatchUpError(
+                    f"the daemon has not applied {left} event(s) within {self.timeout:g} s; "
+                    "`dbsync status` shows why (or raise --wait)"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _drain(self) -> None:
+        replicator = Replicator(self.settings)
+        try:
+            asyncio.run(asyncio.wait_for(replicator.run(once=True), timeout=self.timeout))
+        except TimeoutError:
+            raise CatchUpError(f"applying in-process did not finish within {self.timeout:g} s") from None

@@ -1,0 +1,313 @@
+"""The deep check: which rows differ between the Site DB and the Agent DB, proven while both move.
+
+1. First pass, one scan per side (both sides at once): rows are put in B buckets by a hash of
+   their key; each side returns (bucket, rows, sum of row hashes). Buckets that disagree are
+   listed row by row as (key, row hash), and the lists are compared. Only hashes and the keys of
+   differing buckets cross the network.
+2. A first-pass difference may be a change in flight. Each round of the recheck pins a Site
+   snapshot S and reads the candidates' Site hashes in it, waits until the Agent DB has applied
+   everything visible in S, then reads the candidates' Agent hashes. A key that still differs is
+   drift when the log holds no later event for it (from a transaction S does not see) and both
+   its hashes are the ones seen in the previous observation; otherwise it goes to the next
+   round. Keys still unsure after the last round are reported as unsettled, never as equal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from dbsync import tables as registry
+from dbsync.catchup import CatchUp
+from dbsync.db import display_name
+from dbsync.errors import DbsyncError, SchemaError
+from dbsync.rowhash import (
+    BUCKET_PLANNING,
+    HashQueries,
+    TableShape,
+    choose_hash,
+    ident,
+    key_defs,
+    prepare,
+    raw,
+)
+
+log = logging.getLogger("dbsync.reconcile")
+
+# Rows per bucket the first pass aims at: small enough that listing a differing bucket is cheap,
+# large enough that the bucket lists stay small (1M rows: 2,048 buckets).
+ROWS_PER_BUCKET = 512
+MAX_BUCKETS = 1 << 16
+RECHECK_ROUNDS = 5
+
+REPLICATED = """
+SELECT table_id, schema_name, table_name, key_columns FROM dbsync.replicated_tables
+WHERE removed_at IS NULL AND (%(schema)s::text IS NULL OR (schema_name = %(schema)s AND table_name = %(name)s))
+ORDER BY schema_name, table_name
+"""
+
+ESTIMATE = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %(rel)s::regclass"
+
+# Events logged for %(table_id)s by transactions not visible in %(snap)s: changes still in flight.
+# (dbsync.image_json turns the logged key image into a JSON object of text values.)
+RECENT = """
+l.table_id = %(table_id)s
+  AND l.txid >= pg_snapshot_xmin(%(snap)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(l.txid, %(snap)s::pg_snapshot)
+"""
+MOVING_KEYS = """
+SELECT DISTINCT c.key
+FROM unnest(%(keys)s::text[]) AS c(key)
+CROSS JOIN LATERAL json_to_record(c.key::json) AS k({defs})
+JOIN (SELECT r.* FROM dbsync.sync_log l CROSS JOIN LATERAL json_to_record(dbsync.image_json(l.pk)) AS r({defs})
+      WHERE {recent} AND l.pk IS NOT NULL) AS r ON {match}
+"""
+RECENT_TRUNCATE = "SELECT EXISTS (SELECT 1 FROM dbsync.sync_log l WHERE {recent} AND l.op = 'T')"
+
+
+class ReconcileError(DbsyncError):
+    """A comparison could not be completed (it never reports "in sync" then)."""
+
+
+class UnknownTable(SchemaError):
+    """A table named on the command line is not replicated."""
+
+
+@dataclass(frozen=True)
+class Target:
+    table_id: int
+    site: TableShape
+    agent: TableShape
+
+    @property
+    def label(self) -> str:
+        return self.site.label
+
+
+@dataclass
+class TableDiff:
+    """The proven differences of one table; keys are JSON objects of the key columns (text)."""
+
+    table: str
+    table_id: int
+    site_rows: int = 0
+    agent_rows: int = 0
+    missing: list[str] = field(default_factory=list)  # on the Site, not on the Agent
+    extra: list[str] = field(default_factory=list)  # on the Agent, not on the Site
+    changed: list[str] = field(default_factory=list)
+    unsettled: list[str] = field(default_factory=list)  # kept changing; could not be verified
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.missing or self.extra or self.changed or self.unsettled)
+
+    def keys(self) -> list[str]:
+        return [*self.missing, *self.extra, *self.changed, *self.unsettled]
+
+
+def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[Target]:
+    """The replicated tables to compare (all when `names` is empty), checked on both sides."""
+    for conn, role, rel in ((site, "Site", "dbsync.replicated_tables"), (agent, "Agent", "dbsync.apply_progress")):
+        if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
+            raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
+    rows: list[tuple[Any, ...]] = []
+    if names:
+        for name in names:
+            schema, table = registry.resolve(site, name, "Site")
+            found = site.execute(REPLICATED, {"schema": schema, "name": table}).fetchall()
+            if not found:
+                raise UnknownTable(f"table {display_name(schema, table)} is not replicated (see `dbsync tables list`)")
+            rows.extend(r for r in found if r not in rows)
+    else:
+        rows = site.execute(REPLICATED, {"schema": None, "name": None}).fetchall()
+    return [_target(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+
+
+def _target(
+    site: psycopg.Connection, agent: psycopg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
+) -> Target:
+    label = display_name(schema, name)
+    columns = tuple(registry.columns(site, schema, name))
+    try:
+        agent_columns = registry.columns(agent, schema, name)
+    except psycopg.errors.UndefinedTable:
+        raise SchemaError(f"table {label} does not exist on the Agent DB") from None
+    lacking = [c for c in columns if c not in agent_columns]
+    if lacking:
+        raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(lacking)}")
+    return Target(
+        table_id,
+        TableShape(schema, name, keys, columns, key_defs(site, schema, name, keys)),
+        TableShape(schema, name, keys, columns, key_defs(agent, schema, name, keys)),
+    )
+
+
+class Comparer:
+    """Runs the comparison's statements on both sides at once (one thread per side)."""
+
+    def __init__(self, site: psycopg.Connection, agent: psycopg.Connection) -> None:
+        prepare(site)
+        prepare(agent)
+        self.site = site
+        self.agent = agent
+        self.hash_template = choose_hash(site, agent)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbsync-compare")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def both(
+        self, site_query: sql.Composed, agent_query: sql.Composed, params: dict[str, Any], *, setup: Sequence[str] = ()
+    ) -> tuple[list[Any], list[Any]]:
+        on_site = self._pool.submit(_fetch, self.site, site_query, params, setup)
+        on_agent = self._pool.submit(_fetch, self.agent, agent_query, params, setup)
+        return on_site.result(), on_agent.result()
+
+    def queries(self, target: Target) -> tuple[HashQueries, HashQueries]:
+        return HashQueries(target.site, self.hash_template), HashQueries(target.agent, self.hash_template)
+
+
+def _fetch(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any], setup: Sequence[str]) -> list[Any]:
+    with conn.transaction():
+        for statement in setup:
+            conn.execute(statement)
+        return list(conn.execute(query, params).fetchall())
+
+
+def bucket_count(site: psycopg.Connection, agent: psycopg.Connection, target: Target) -> int:
+    rel = sql.Identifier(target.site.schema, target.site.name).as_string(site)
+    rows = max(int(conn.execute(ESTIMATE, {"rel": rel}).fetchone()[0]) for conn in (site, agent))  # type: ignore[index]
+    wanted = max(1, rows // ROWS_PER_BUCKET)
+    return min(MAX_BUCKETS, 1 << math.ceil(math.log2(wanted))) if wanted > 1 else 16
+
+
+def first_pass(comparer: Comparer, target: Target) -> tuple[TableDiff, dict[str, tuple[int | None, int | None]]]:
+    """Candidate differences: key -> (site hash, agent hash), None where the row is absent."""
+    site_q, agent_q = comparer.queries(target)
+    buckets = bucket_count(comparer.site, comparer.agent, target)
+    params: dict[str, Any] = {"mask": buckets - 1}
+    on_site, on_agent = comparer.both(site_q.buckets(), agent_q.buckets(), params, setup=BUCKET_PLANNING)
+    site_b = {b: (n, h) for b, n, h in on_site}
+    agent_b = {b: (n, h) for b, n, h in on_agent}
+    diff = TableDiff(
+        target.label, target.table_id, sum(n for n, _ in site_b.values()), sum(n for n, _ in agent_b.values())
+    )
+    differing = sorted(b for b in site_b.keys() | agent_b.keys() if site_b.get(b) != agent_b.get(b))
+    log.info("%s: %d of %d bucket(s) differ", target.label, len(differing), buckets)
+    if not differing:
+        return diff, {}
+    params["buckets"] = differing
+    on_site, on_agent = comparer.both(site_q.rows_in_buckets(), agent_q.rows_in_buckets(), params)
+    return diff, _differing_keys(on_site, on_agent)
+
+
+def _differing_keys(on_site: Iterable[Any], on_agent: Iterable[Any]) -> dict[str, tuple[int | None, int | None]]:
+    site_rows = dict(on_site)
+    agent_rows = dict(on_agent)
+    return {
+        key: (site_rows.get(key), agent_rows.get(key))
+        for key in site_rows.keys() | agent_rows.keys()
+        if site_rows.get(key) != agent_rows.get(key)
+    }
+
+
+Seen = dict[str, tuple[int | None, int | None]]
+
+
+def recheck(comparer: Comparer, catchup: CatchUp, target: Target, seen: Seen, diff: TableDiff) -> TableDiff:
+    """Keep the keys that still differ once the Agent DB has caught up; fill `diff` with them.
+
+    `seen` holds each key's last observed (Site hash, Agent hash). A key is drift when it differs
+    in a round, the log holds no later change to it, and both hashes are the ones seen before:
+    the last condition still holds when the daemon has already deleted an applied event from
+    the log (retention), which would otherwise hide that the Agent DB was ahead of the snapshot.
+    """
+    site_q, agent_q = comparer.queries(target)
+    seen = dict(seen)
+    pending = sorted(seen)
+    for round_no in range(1, RECHECK_ROUNDS + 1):
+        if not pending:
+            break
+        params: dict[str, Any] = {"keys": "[" + ",".join(pending) + "]"}
+        with comparer.site.transaction():
+            comparer.site.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            snap = comparer.site.execute("SELECT pg_current_snapshot()::text").fetchone()[0]  # type: ignore[index]
+            site_rows = comparer.site.execute(site_q.rows_by_key(), params).fetchall()
+        catchup.wait(snap, [target.table_id])
+        agent_rows = comparer.agent.execute(agent_q.rows_by_key(), params).fetchall()
+        differing = _differing_keys(site_rows, agent_rows)
+        moving = moving_keys(comparer.site, target, snap, sorted(differing)) if differing else set()
+        log.info(
+            "%s: recheck round %d: %d of %d key(s) still differ, %d of them changing",
+            target.label,
+            round_no,
+            len(differing),
+            len(pending),
+            len(moving),
+        )
+        unsure = set(moving)
+        for key, (site_hash, agent_hash) in sorted(differing.items()):
+            if key in moving or seen.get(key) != (site_hash, agent_hash):
+                seen[key] = (site_hash, agent_hash)
+                unsure.add(key)
+            elif agent_hash is None:
+                diff.missing.append(key)
+            elif site_hash is None:
+                diff.extra.append(key)
+            else:
+                diff.changed.append(key)
+        pending = sorted(unsure)
+    diff.unsettled.extend(pending)
+    for keys_of_kind in (diff.missing, diff.extra, diff.changed, diff.unsettled):
+        keys_of_kind.sort(key=_key_order)
+    return diff
+
+
+def _key_order(key: str) -> tuple[Any, ...]:
+    """Keys in the order of their values (10 after 9), not of their JSON text."""
+    out: list[tuple[int, Any]] = []
+    for value in json.loads(key, parse_float=Decimal).values():
+        if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+            out.append((0, Decimal(value)))
+        elif isinstance(value, str):
+            out.append((1, value))
+        else:
+            out.append((2, json.dumps(value, default=str)))
+    return tuple(out)
+
+
+def moving_keys(site: psycopg.Connection, target: Target, snap: str, keys: list[str]) -> set[str]:
+    """The keys among `keys` with a logged change that `snap` does not see (all, after a truncate)."""
+    params = {"table_id": target.table_id, "snap": snap, "keys": keys}
+    recent = sql.SQL(RECENT)
+    if site.execute(sql.SQL(RECENT_TRUNCATE).format(recent=recent), params).fetchone() == (True,):
+        return set(keys)
+    match = sql.SQL(" AND ").join(sql.SQL("r.{0} = k.{0}").format(ident(k)) for k in target.site.keys)
+    query = sql.SQL(MOVING_KEYS).format(defs=raw(target.site.key_defs), recent=recent, match=match)
+    return {r[0] for r in site.execute(query, params).fetchall()}
+
+
+def deep_check(
+    comparer: Comparer,
+    catchup: CatchUp,
+    target: Target,
+) -> TableDiff:
+    diff, candidates = first_pass(comparer, target)
+    if not candidates:
+        return diff
+    log.info("%s: %d candidate difference(s); rechecking once the daemon has caught up", target.label, len(candidates))
+    return recheck(comparer, catchup, target, candidates, diff)
+
+
+def render_keys(keys: Sequence[str], limit: int) -> list[Any]:
+    """Keys for the JSON report, as objects; a non-integer number becomes a string (exact digits)."""
+    return [json.loads(k, parse_float=str) for k in keys[:limit]]

@@ -1,0 +1,135 @@
+"""Row hashes computed inside each database, so that only hashes cross the network.
+
+A row's hash is taken over `ROW(c1, ..., cn)::text` of the Site table's columns, by name. The
+record text tells NULL (nothing), the empty string (`""`) and the string 'NULL' (`NULL`) apart,
+and quotes separators, so no two different rows share a text. The text of a value depends on
+session settings; SESSION fixes them on both connections, so identical rows hash identically.
+
+The hash is `hashtextextended` (64 bits, fast) when both servers compute the same value for a
+probe string, and the first 64 bits of md5 otherwise (the former depends on the CPU's byte order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from dbsync.db import display_name
+
+# Text output of every type is fixed by these; both sides must agree.
+SESSION = (
+    "SET extra_float_digits = 3",
+    "SET TimeZone = 'UTC'",
+    "SET DateStyle = 'ISO, YMD'",
+    "SET IntervalStyle = 'postgres'",
+    "SET bytea_output = 'hex'",
+    "SET lc_monetary = 'C'",
+    "SET search_path = pg_catalog, pg_temp",
+)
+
+# For the bucket scan only (SET LOCAL): let parallel workers hash and stream (bucket, hash) pairs.
+BUCKET_PLANNING = ("SET LOCAL parallel_setup_cost = 0", "SET LOCAL parallel_tuple_cost = 0")
+
+FAST = "hashtextextended({}, 0)"
+PORTABLE = "('x' || left(md5({}), 16))::bit(64)::int8"
+PROBE = "SELECT hashtextextended('dbsync row hash probe', 0)"
+
+
+def prepare(conn: psycopg.Connection) -> None:
+    for statement in SESSION:
+        conn.execute(statement)
+
+
+def choose_hash(site: psycopg.Connection, agent: psycopg.Connection) -> str:
+    """The hash expression template both servers compute identically."""
+    probes = [conn.execute(PROBE).fetchone() for conn in (site, agent)]
+    return FAST if probes[0] == probes[1] else PORTABLE
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """A replicated table as the comparison sees it on one side."""
+
+    schema: str
+    name: str
+    keys: tuple[str, ...]
+    columns: tuple[str, ...]  # the Site table's columns, in the Site's order
+    key_defs: str  # "k1 type1, k2 type2": a json_to_recordset column list, this side's types
+
+    @property
+    def label(self) -> str:
+        return display_name(self.schema, self.name)
+
+
+def ident(*names: str) -> sql.SQL:
+    """A quoted identifier that survives psycopg's placeholder parsing (a name may hold '%').
+
+    Statements built with it must always be executed with a parameter dict (possibly empty).
+    """
+    return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
+
+
+def raw(text: str) -> sql.SQL:
+    """SQL text produced by the server (format('%I ...')), made safe for placeholder parsing."""
+    return sql.SQL(text.replace("%", "%%"))
+
+
+class HashQueries:
+    """The statements of the comparison for one table on one side (run them with a dict)."""
+
+    def __init__(self, shape: TableShape, hash_template: str) -> None:
+        self.shape = shape
+        self.table = ident(shape.schema, shape.name)
+        hashed = sql.SQL(hash_template)
+        row_text = sql.SQL("ROW({})::text").format(_cols(shape.columns))
+        key_text = sql.SQL("ROW({})::text").format(_cols(shape.keys))
+        self.row_hash = hashed.format(row_text)
+        self.bucket = sql.SQL("({} & %(mask)s::int8)").format(hashed.format(key_text))
+        pairs = [sql.SQL("{}, t.{}").format(sql.Literal(k.replace("%", "%%")), ident(k)) for k in shape.keys]
+        self.key_json = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
+        self.key_match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(ident(k)) for k in shape.keys)
+
+    def buckets(self) -> sql.Composed:
+        """(bucket, rows, sum of row hashes) per bucket of key hashes.
+
+        OFFSET 0 keeps the subquery apart, so the planner does not take the key's distinct count
+        for the number of groups (and sort a million rows for a few thousand groups); run with
+        BUCKET_PLANNING, parallel workers compute the hashes and the leader sums them up.
+        """
+        return sql.SQL(
+            "SELECT b, count(*), sum(h) FROM (SELECT {} AS b, {} AS h FROM {} t OFFSET 0) s GROUP BY b"
+        ).format(self.bucket, self.row_hash, self.table)
+
+    def rows_in_buckets(self) -> sql.Composed:
+        """(key, row hash) of every row in the buckets %(buckets)s."""
+        return sql.SQL("SELECT {}, {} FROM {} t WHERE {} = ANY (%(buckets)s::int8[])").format(
+            self.key_json, self.row_hash, self.table, self.bucket
+        )
+
+    def rows_by_key(self) -> sql.Composed:
+        """(key, row hash) of the rows with the keys %(keys)s (a JSON array of key objects)."""
+        return sql.SQL("SELECT {}, {} FROM {} t JOIN json_to_recordset(%(keys)s::json) AS k({}) ON {}").format(
+            self.key_json, self.row_hash, self.table, raw(self.shape.key_defs), self.key_match
+        )
+
+
+def _cols(names: tuple[str, ...]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.SQL("t.{}").format(ident(n)) for n in names)
+
+
+# A json_to_recordset column list for the key columns of a table, in key order, with this
+# server's type names (schema-qualified where the search path would not find them).
+KEY_DEFS = """
+SELECT string_agg(format('%%I %%s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY k.ord)
+FROM unnest(%(keys)s::text[]) WITH ORDINALITY AS k(name, ord)
+JOIN pg_attribute a ON a.attrelid = %(rel)s::regclass AND a.attname = k.name AND NOT a.attisdropped
+"""
+
+
+def key_defs(conn: psycopg.Connection, schema: str, name: str, keys: tuple[str, ...]) -> str:
+    rel = sql.Identifier(schema, name).as_string(conn)
+    row = conn.execute(KEY_DEFS, {"keys": list(keys), "rel": rel}).fetchone()
+    assert row is not None and row[0] is not None
+    return str(row[0])
