@@ -22,6 +22,7 @@ class Case:
     values: tuple[str, ...]  # SQL expressions
     setup: str = ""  # types the column needs, created on both sides
     nullable: bool = True
+    min_version: int = 0  # server_version_num that knows these values
 
 
 ENUM = "CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'happy', 'a b', 'quo\"te', 'comma,', 'ünï', 'NULL', '')"
@@ -76,8 +77,9 @@ CASES: dict[str, Case] = {
         "interval",
         ("'1 year 2 mons 3 days 04:05:06.789'", "'-1 year +2 mons -3 days +04:05:06.789'", "'-3 days -04:05:06'",
          "'1 day -1 microsecond'", "'0'", "'178000000 years'", "'-178000000 years'", "'1 mon -30 days'",
-         "'-0.000001 seconds'", "'P1Y2M3DT4H5M6S'", "'infinity'", "'-infinity'"),
+         "'-0.000001 seconds'", "'P1Y2M3DT4H5M6S'"),
     ),
+    "interval-infinity": Case("interval", ("'infinity'", "'-infinity'"), min_version=170000),
     "jsonb": Case(
         "jsonb",
         ("""'{"a": {"b": [1, 2.50, null, true, "ü ✓ \\"q\\"", {"": ""}]}, "z": -0.0}'""",
@@ -182,6 +184,8 @@ def make_table(pair: DbPair, columns: str, setup: str = "") -> None:
 
 @pytest.mark.parametrize("case", params())
 def test_type_round_trips(pair: DbPair, case: Case) -> None:
+    if pair.site().info.server_version < case.min_version:
+        pytest.skip(f"these values need PostgreSQL {case.min_version // 10000}")
     make_table(pair, f"v {case.type}", case.setup)
     site = pair.site()
     values = [*case.values, *(["NULL"] if case.nullable else [])]
