@@ -18,7 +18,11 @@ from dbsync.db import connect, first_line
 
 def chunk_options(func: Callable[..., None]) -> Callable[..., None]:
     func = click.option(
-        "--chunk-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Backfill: rows per transaction."
+        "--chunk-size",
+        type=click.IntRange(min=1),
+        default=5000,
+        show_default=True,
+        help="Backfill: rows per transaction.",
     )(func)
     func = click.option("--restart", is_flag=True, help="Backfill: start over instead of resuming.")(func)
     func = click.option(

@@ -29,6 +29,8 @@ class Settings:
     # Reconnect backoff (seconds): first delay, cap.
     retry_initial: float = 0.2
     retry_max: float = 10.0
+    # Seconds before a query on a stalled link is abandoned and the connection remade.
+    io_timeout: float = 30.0
     # What to do with an event the Agent DB rejects: "stop" (retry until fixed, skip nothing)
     # or "park" (move it and later events for its key to dbsync.parked_events, carry on).
     poison_policy: str = "stop"
@@ -157,7 +159,7 @@ def describe_dsn(dsn: str) -> str:
     port = parts.get("port") or "5432"
     db = parts.get("dbname") or parts.get("user") or "?"
     user = parts.get("user")
-    return f"{user + '@' if user else ''}{host}:{port}/{db}"
+    return f"{str(user) + '@' if user else ''}{host}:{port}/{db}"
 
 
 def with_overrides(settings: Settings, **values: Any) -> Settings:

@@ -83,13 +83,11 @@ class LocalCluster:
 
     # -- lifecycle -------------------------------------------------------------------------
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
-        if self._user is not None:
-            kwargs["user"] = self._user.pw_uid
-            kwargs["group"] = self._user.pw_gid
+        user = self._user.pw_uid if self._user is not None else None
+        group = self._user.pw_gid if self._user is not None else None
         try:
             return subprocess.run(
-                list(args), check=True, capture_output=True, text=True, timeout=timeout, **kwargs  # type: ignore[call-overload]
+                list(args), check=True, capture_output=True, text=True, timeout=timeout, user=user, group=group
             )
         except subprocess.CalledProcessError as exc:
             tail = (exc.stderr or exc.stdout or "").strip().splitlines()[-3:]

@@ -38,7 +38,7 @@ def migration_dirs(side: str, pack_names: list[str]) -> list[Path]:
 def _backend(dsn: str) -> PostgresqlPsycopgBackend:
     """A yoyo backend on our own connection, so any libpq DSN works (yoyo wants URLs)."""
 
-    class Backend(PostgresqlPsycopgBackend):
+    class Backend(PostgresqlPsycopgBackend):  # type: ignore[misc]  # yoyo has no type hints
         def connect(self, dburi: object) -> psycopg.Connection:
             return connect(dsn, "target")
 

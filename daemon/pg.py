@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import asyncpg
@@ -56,17 +55,16 @@ def connect_kwargs(dsn: str, what: str) -> dict[str, Any]:
     return kwargs
 
 
-# A query that has not answered after this long is on a dead or stalled link: give up on the
-# connection and reconnect (DBSYNC_IO_TIMEOUT overrides it).
-IO_TIMEOUT = float(os.environ.get("DBSYNC_IO_TIMEOUT") or 30.0)
-
-
-async def connect(dsn: str, role: str, server_settings: dict[str, str] | None = None) -> asyncpg.Connection:
+async def connect(
+    dsn: str, role: str, server_settings: dict[str, str] | None = None, io_timeout: float = 30.0
+) -> asyncpg.Connection:
+    """`io_timeout`: a query that has not answered after this long is on a dead or stalled
+    link; it fails, and the caller reconnects (Settings.io_timeout)."""
     kwargs = connect_kwargs(dsn, f"{role.lower()}_dsn")
     kwargs["server_settings"].update(server_settings or {})
-    kwargs["command_timeout"] = IO_TIMEOUT
+    kwargs["command_timeout"] = io_timeout
     try:
         return await asyncpg.connect(**kwargs)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = redact_dsn(first_line(exc)) if str(exc) else type(exc).__name__
         raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None

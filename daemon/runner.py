@@ -34,9 +34,9 @@ import asyncpg
 from dbsync.config import Settings
 from dbsync.daemon import pg
 from dbsync.daemon.apply import LOAD_PROGRESS, READ_PROGRESS, RECORD_ERROR, Applier, Catalog
+from dbsync.daemon.consume import INITIAL_SNAPSHOT, Progress, advance, open_batch, progress_from_row, read_page
 from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
-from dbsync.daemon.consume import INITIAL_SNAPSHOT, Progress, advance, open_batch, progress_from_row, read_page
 from dbsync.errors import ApplyError, DbsyncError, SchemaError
 
 log = logging.getLogger("dbsync.daemon")
@@ -147,7 +147,9 @@ class Replicator:
     # -- connections -----------------------------------------------------------------------
     async def _connect(self) -> None:
         assert self.settings.site_dsn and self.settings.agent_dsn
-        agent = await pg.connect(self.settings.agent_dsn, "Agent", server_settings=AGENT_KEEPALIVES)
+        agent = await pg.connect(
+            self.settings.agent_dsn, "Agent", server_settings=AGENT_KEEPALIVES, io_timeout=self.settings.io_timeout
+        )
         self.agent = agent
         await agent.execute("SET search_path = pg_catalog, pg_temp")
         if not await agent.fetchval("SELECT to_regclass('dbsync.apply_progress') IS NOT NULL"):
@@ -155,7 +157,7 @@ class Replicator:
         await self._become_active(agent)
         if self.stop.is_set():
             return
-        site = await pg.connect(self.settings.site_dsn, "Site")
+        site = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
         self.site = site
         await site.execute("SET search_path = pg_catalog, pg_temp")
         if not await site.fetchval("SELECT to_regclass('dbsync.sync_log') IS NOT NULL"):

@@ -145,7 +145,10 @@ def test_swapping_unique_values_between_rows_replicates(pair: DbPair) -> None:
     sync_once(pair)
     site.execute("DELETE FROM whatsapp_messages WHERE id = 1")
     site.execute("UPDATE whatsapp_messages SET message_id = 'wamid.1' WHERE id = 2")
-    site.execute("INSERT INTO whatsapp_messages (id, message_id, phone_number, direction) VALUES (3, 'wamid.2', '+1', 'outbound')")
+    site.execute(
+        "INSERT INTO whatsapp_messages (id, message_id, phone_number, direction) "
+        "VALUES (3, 'wamid.2', '+1', 'outbound')"
+    )
     sync_once(pair)
     assert_same(pair)
 
