@@ -51,7 +51,8 @@ def setup(level: str, fmt: str) -> None:
     # asyncpg logs a full traceback when a listener connection dies; we report it ourselves.
     logging.getLogger("asyncpg").setLevel(logging.CRITICAL)
     # httpx logs every request with its full URL, and a webhook URL's path is often its token.
-    for name in ("httpx", "httpcore"):
+    # yoyo narrates every migration step at INFO; `dbsync migrate` prints what it applied.
+    for name in ("httpx", "httpcore", "yoyo"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

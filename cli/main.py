@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 
+import asyncpg
 import click
+import psycopg
 
 from dbsync.cli import backfill, demo, logs, migrate, reconcile, retry, run, status, tables
+from dbsync.db import first_line
 from dbsync.errors import DbsyncError
 
 
@@ -42,6 +45,17 @@ cli.add_command(backfill.backfill_cmd)
 cli.add_command(demo.demo)
 
 
+def database_error(exc: BaseException) -> str:
+    """One line for a database error that reached the top: what it means, then its own words."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    message = first_line(exc)
+    if sqlstate == "42501":
+        return f"permission denied: {message} (docs/dba.md lists the grants dbsync needs)"
+    if sqlstate in ("42P01", "42883", "3F000") and "dbsync" in message:
+        return f"{message}: is the database migrated? run `dbsync migrate`"
+    return f"database error: {message}"
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -52,8 +66,14 @@ def main() -> None:
         click.echo("dbsync: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see {exc.ctx.command_path} --help)"
+        logs.fatal(exc.format_message() + hint)
         sys.exit(exc.exit_code)
+    except (psycopg.Error, asyncpg.PostgresError) as exc:
+        logs.fatal(database_error(exc))
+        sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 

@@ -20,6 +20,9 @@ def migrate(config_file: str | None, site_dsn: str | None, agent_dsn: str | None
     targets = [(side, dsn) for side, dsn in targets if dsn]
     if not targets:
         raise ConfigError("no database to migrate: pass --site-dsn and/or --agent-dsn (or set them in the config)")
+    # Every database must be reachable (and new enough) before any is changed.
+    for side, dsn in targets:
+        migrations.check(dsn, side)
     for side, dsn in targets:
         done = migrations.apply(dsn, side, list(packs))
         what = ", ".join(done) if done else "nothing pending"

@@ -118,8 +118,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    # Accept both a flat file and a [dbsync] table.
+    # Accept either a flat file or a [dbsync] table, not both (a key beside the table would
+    # be silently ignored).
     table = raw.get("dbsync", raw)
+    if "dbsync" in raw and len(raw) > 1:
+        others = ", ".join(sorted(k for k in raw if k != "dbsync"))
+        raise ConfigError(f"config file {path}: put every setting under [dbsync] or none; found also {others}")
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [dbsync] must be a table")
     out: dict[str, Any] = {}
@@ -135,7 +139,8 @@ def check_dsn(dsn: str, what: str = "dsn") -> dict[str, str]:
     try:
         return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
     except Exception:  # noqa: BLE001 - psycopg's message may quote the password
-        raise ConfigError(f"{what} is not a valid PostgreSQL connection string: {redact_dsn(dsn)}") from None
+        # Not echoed: a malformed string may hold a password where no pattern can find it.
+        raise ConfigError(f"{what} is not a valid PostgreSQL connection string (not shown, it may hold a password)") from None
 
 
 _URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@]*:)[^@]*(?P<at>@)")

@@ -47,15 +47,21 @@ def _backend(dsn: str) -> PostgresqlPsycopgBackend:
     return backend
 
 
-def apply(dsn: str, side: str, pack_names: list[str]) -> list[str]:
-    """Apply what is pending on one side; returns the ids applied."""
+def check(dsn: str, side: str) -> None:
+    """The database answers and runs a PostgreSQL dbsync supports."""
     role = side.capitalize()
     with connect(dsn, role) as conn:
         version = server_version(conn)
-        if version < MIN_SERVER_VERSION:
-            raise MigrationError(
-                f"the {role} DB ({describe_dsn(dsn)}) runs PostgreSQL {version // 10000}; dbsync needs 13 or newer"
-            )
+    if version < MIN_SERVER_VERSION:
+        raise MigrationError(
+            f"the {role} DB ({describe_dsn(dsn)}) runs PostgreSQL {version // 10000}; dbsync needs 13 or newer"
+        )
+
+
+def apply(dsn: str, side: str, pack_names: list[str]) -> list[str]:
+    """Apply what is pending on one side; returns the ids applied."""
+    role = side.capitalize()
+    check(dsn, side)
     migrations = read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))
     try:
         with _backend(dsn) as backend, backend.lock():

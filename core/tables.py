@@ -97,8 +97,8 @@ def remove(site: psycopg.Connection, name: str) -> str:
             "SELECT dbsync.remove_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
         ).fetchone()[0]  # type: ignore[index]
     if not removed:
-        raise SchemaError(f"table {schema}.{table} is not replicated")
-    return f"{schema}.{table}"
+        raise SchemaError(f"table {display_name(schema, table)} is not replicated")
+    return display_name(schema, table)
 
 
 def listing(site: psycopg.Connection) -> list[TableInfo]:

@@ -34,17 +34,21 @@ def connect_kwargs(dsn: str, what: str) -> dict[str, Any]:
         if key in parts:
             kwargs[target] = parts.pop(key)
     if "port" in parts:
-        try:
-            kwargs["port"] = int(parts.pop("port"))
-        except ValueError:
-            raise ConfigError(f"{what}: port must be a number") from None
+        port = parts.pop("port")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{what}: port must be a number from 1 to 65535, got {port!r}")
+        kwargs["port"] = int(port)
     if "sslmode" in parts:
         mode = parts.pop("sslmode")
         if mode not in _SSLMODES:
             raise ConfigError(f"{what}: unknown sslmode {mode!r}")
         kwargs["ssl"] = mode
     if "connect_timeout" in parts:
-        kwargs["timeout"] = float(parts.pop("connect_timeout"))
+        timeout = parts.pop("connect_timeout")
+        try:
+            kwargs["timeout"] = float(timeout)
+        except ValueError:
+            raise ConfigError(f"{what}: connect_timeout must be a number of seconds, got {timeout!r}") from None
     if "passfile" in parts:
         kwargs["passfile"] = parts.pop("passfile")
     settings = {"application_name": parts.pop("application_name", "dbsync")}

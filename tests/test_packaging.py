@@ -1,0 +1,139 @@
+"""What pip installs (one `dbsync` package carrying its SQL, installable into an empty venv), and
+what the README promises that CI and docs/dba.md must keep.
+
+The repository's folders (core/, cli/, daemon/, sql/) are mapped onto subpackages of `dbsync` by
+pyproject.toml; a mistake there ships a wheel that imports in the source tree and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import DbPair
+
+ROOT = Path(__file__).resolve().parent.parent
+# Folder in the repository -> package in the wheel.
+PACKAGE_DIRS = {"core": "dbsync", "cli": "dbsync/cli", "daemon": "dbsync/daemon", "sql": "dbsync/sql"}
+
+
+def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    proc = subprocess.run(
+        [str(a) for a in args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _source_copy(dest: Path) -> Path:
+    """What the build reads, copied, so building writes nothing into the checkout."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md", *PACKAGE_DIRS):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(path, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _source_copy(tmp_path_factory.mktemp("wheel") / "src")
+
+
+@pytest.fixture(scope="module")
+def wheel(source: Path) -> Path:
+    dist = source.parent / "dist"
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", dist, source, cwd=source.parent)
+    (built,) = dist.glob("dbsync-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_holds_one_package_with_its_sql(wheel: Path, source: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names}
+    dist_info = {t for t in top if t.endswith(".dist-info")}
+    assert top - dist_info == {"dbsync"}, f"unexpected top-level entries: {sorted(top - dist_info)}"
+    for stray in ("cli", "core", "daemon", "sql", "tests", "bench"):
+        assert stray not in top
+
+    expected = set()
+    for folder, package in PACKAGE_DIRS.items():
+        for path in (source / folder).rglob("*"):
+            if path.suffix in (".py", ".sql") and "__pycache__" not in path.parts:
+                expected.add(f"{package}/{path.relative_to(source / folder).as_posix()}")
+    missing = sorted(expected - set(names))
+    assert not missing, f"files of the source tree missing from the wheel: {missing}"
+
+    sql = {n for n in names if n.endswith(".sql")}
+    for needed in (
+        "dbsync/sql/site/0001_site_core.sql",
+        "dbsync/sql/site/0001_site_core.rollback.sql",
+        "dbsync/sql/agent/0001_agent_core.sql",
+        "dbsync/sql/agent/0001_agent_core.rollback.sql",
+        "dbsync/sql/packs/whatsapp/site/whatsapp_0001_site_tables.sql",
+        "dbsync/sql/packs/whatsapp/agent/whatsapp_0001_agent_tables.sql",
+    ):
+        assert needed in sql
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_an_empty_venv_and_runs(wheel: Path, bare_pair: DbPair, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    _run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel, cwd=tmp_path)
+
+    # Run from elsewhere so nothing can come from the checkout.
+    helptext = _run(venv / "bin" / "dbsync", "--help", cwd=tmp_path).stdout
+    for command in ("migrate", "run", "status", "tables"):
+        assert command in helptext
+    where = _run(venv / "bin" / "python", "-c", "import dbsync; print(dbsync.__file__)", cwd=tmp_path).stdout
+    assert Path(where.strip()).is_relative_to(venv), where
+
+    # The migrations are read from the installed package.
+    out = _run(
+        venv / "bin" / "dbsync",
+        "migrate",
+        "--pack",
+        "whatsapp",
+        "--site-dsn",
+        bare_pair.site_dsn,
+        "--agent-dsn",
+        bare_pair.agent_dsn,
+        cwd=tmp_path,
+    ).stdout
+    assert "0001_site_core" in out and "whatsapp_0001_agent_tables" in out
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """README promises one line that installs and runs the suite; .ci/run must run that line."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next((line.strip() for line in readme.splitlines() if "pip install" in line and "pytest" in line), None)
+    assert command, "README.md has no one-line test command"
+    assert command in ci, f".ci/run does not run the README's test command: {command}"
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def _grants(markdown: str) -> set[str]:
+    return {" ".join(g.split()) for g in re.findall(r"^GRANT [^;]*;", markdown, flags=re.MULTILINE)}
+
+
+def test_readme_grants_are_the_documented_and_tested_ones() -> None:
+    """The README's privileges section must not drift from docs/dba.md (which test_privileges runs)."""
+    readme = _grants((ROOT / "README.md").read_text())
+    assert readme, "README.md lists no GRANT statements"
+    assert readme == _grants((ROOT / "docs" / "dba.md").read_text())
