@@ -1,4 +1,4 @@
-"""What `dbsync demo` found: both sides compared inside PostgreSQL, and the summary it prints."""
+"""What `dbsync demo` found: reconcile's deep check of both sides, and the summary it prints."""
 
 from __future__ import annotations
 
@@ -9,25 +9,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
-from psycopg import sql
 
+from dbsync.catchup import CatchUp
+from dbsync.config import Settings
 from dbsync.db import connect, first_line
 from dbsync.embedded import SERVICE_USER, LocalCluster
 from dbsync.errors import DbsyncError
-from dbsync.tables import columns, primary_key
+from dbsync.reconcile import Comparer, TableDiff, deep_check, targets
 
 if TYPE_CHECKING:
     from dbsync.demo import DemoOptions
 
 TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")
-# A row's text must not depend on session settings the two connections could disagree on.
-SESSION = (
-    "SET extra_float_digits = 3",
-    "SET TimeZone = 'UTC'",
-    "SET DateStyle = 'ISO, YMD'",
-    "SET IntervalStyle = 'postgres'",
-)
-DIGEST = "SELECT count(*), md5(coalesce(string_agg(ROW({cols})::text, E'\\n' ORDER BY {keys}), '')) FROM {table}"
 
 
 class CompareError(DbsyncError):
@@ -36,45 +29,40 @@ class CompareError(DbsyncError):
 
 @dataclass(frozen=True)
 class TableCheck:
+    """The deep reconcile check of one table (what `dbsync reconcile --deep` reports)."""
+
     table: str
     site_rows: int
     agent_rows: int
-    site_md5: str
-    agent_md5: str
+    missing: int = 0
+    extra: int = 0
+    changed: int = 0
 
     @property
     def identical(self) -> bool:
-        return (self.site_rows, self.site_md5) == (self.agent_rows, self.agent_md5)
+        return not (self.missing or self.extra or self.changed)
 
-
-def _digest(conn: psycopg.Connection, schema: str, name: str, cols: list[str], keys: list[str]) -> tuple[int, str]:
-    query = sql.SQL(DIGEST).format(
-        cols=sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-        keys=sql.SQL(", ").join(sql.Identifier(k) for k in keys),
-        table=sql.Identifier(schema, name),
-    )
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    return int(row[0]), str(row[1])
+    @classmethod
+    def of(cls, diff: TableDiff) -> TableCheck:
+        return cls(
+            diff.table, diff.site_rows, diff.agent_rows,
+            len(diff.missing), len(diff.extra), len(diff.changed) + len(diff.unsettled),
+        )
 
 
 def compare(site_dsn: str, agent_dsn: str, tables: Sequence[str] = TABLES) -> list[TableCheck]:
-    """Count and md5 of every table on both sides, the Site's columns in the Site's order on both."""
+    """Run reconcile's deep check on the demo's tables (hashes compared inside each database)."""
+    settings = Settings(site_dsn=site_dsn, agent_dsn=agent_dsn)
     with connect(site_dsn, "Site") as site, connect(agent_dsn, "Agent") as agent:
         try:
-            for conn in (site, agent):
-                for statement in SESSION:
-                    conn.execute(statement)
-            checks = []
-            for label in tables:
-                schema, name = label.split(".", 1)
-                cols, keys = columns(site, schema, name), primary_key(site, schema, name)
-                site_rows, site_md5 = _digest(site, schema, name, cols, keys)
-                agent_rows, agent_md5 = _digest(agent, schema, name, cols, keys)
-                checks.append(TableCheck(label, site_rows, agent_rows, site_md5, agent_md5))
+            comparer = Comparer(site, agent)
+            try:
+                catchup = CatchUp(site, agent, settings, timeout=30, apply=True)
+                return [TableCheck.of(deep_check(comparer, catchup, t)) for t in targets(site, agent, list(tables))]
+            finally:
+                comparer.close()
         except psycopg.Error as exc:
             raise CompareError(f"cannot compare the Site and Agent tables: {first_line(exc)}") from exc
-    return checks
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -134,10 +122,7 @@ def format_summary(r: DemoResult) -> str:
         verdict = (
             "yes"
             if check.identical
-            else (
-                f"no (Site {check.site_rows} rows md5 {check.site_md5[:12]}, "
-                f"Agent {check.agent_rows} rows md5 {check.agent_md5[:12]})"
-            )
+            else f"no ({check.missing} missing, {check.extra} extra, {check.changed} changed on the Agent)"
         )
         lines.append(f"  {check.table:<{width}}  {check.site_rows:>7} rows  Site and Agent are identical: {verdict}")
     lines.extend(_kept(r.kept))
