@@ -56,11 +56,15 @@ def _ensure_service_user() -> pwd.struct_passwd:
 
 
 def _open_path_for(path: Path) -> None:
-    """Let the service user traverse to `path` (only used when running as root)."""
-    for parent in [path, *path.parents]:
+    """Let the service user reach `path` (only used when running as root): search permission on
+    the parents, nothing more; `path` itself readable."""
+    mode = path.stat().st_mode
+    if mode & 0o005 != 0o005:
+        path.chmod(mode | 0o005)
+    for parent in path.parents:
         mode = parent.stat().st_mode
-        if mode & 0o005 != 0o005:
-            parent.chmod(mode | 0o005)
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
 
 
 class LocalCluster:
