@@ -49,7 +49,7 @@ def log(message: str) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="100k-event backlog and short runs (~20 min)")
+    p.add_argument("--quick", action="store_true", help="100k-event backlog and short runs (~15 min)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every comparison (default 3)")
     p.add_argument("--events", type=int, help="catch-up backlog size (default 1M, --quick 100k)")
     p.add_argument("--seconds", type=int, help="pgbench seconds per run (default 15, --quick 5)")
