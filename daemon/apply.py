@@ -182,6 +182,7 @@ class TablePlan:
     target: Target
     truncate: bool = False
     last: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # pk text -> (op, image)
+    columns: list[str] = field(default_factory=list)  # what the upsert writes, from the last image
 
     def add(self, op: str, pk: str | None, image: str | None) -> None:
         if op == "T":
@@ -203,15 +204,18 @@ def json_array(items: Iterable[str]) -> str:
     return "[" + ",".join(items) + "]"
 
 
-def check_columns(target: Target, image: str) -> None:
-    """Every column in a Site row image must exist on the Agent table."""
-    extra = sorted(set(json.loads(image)) - target.columns)
+def image_columns(target: Target, image: str) -> list[str]:
+    """The Agent columns an upsert of `image` writes; every column in a Site row image must
+    exist on the Agent table (schema drift otherwise)."""
+    present = json.loads(image).keys()
+    extra = sorted(set(present) - target.columns)
     if extra:
         cols = ", ".join(extra)
         raise DriftError(
             f"column(s) {cols} of {target.label} exist on the Site DB but not on the Agent DB; "
             f"add them to the Agent table and replication resumes"
         )
+    return [c for c in target.insertable if c in present]
 
 
 class Applier:
@@ -246,12 +250,12 @@ class Applier:
             upserts = plan.upserts()
             if upserts:
                 try:
-                    check_columns(plan.target, upserts[-1])
+                    plan.columns = image_columns(plan.target, upserts[-1])
                 except DriftError:
                     # The Agent table may have been altered since we looked: look again first.
                     self.catalog.forget()
                     plan.target = await self.catalog.target(site, agent, plan.target.table_id)
-                    check_columns(plan.target, upserts[-1])
+                    plan.columns = image_columns(plan.target, upserts[-1])
         return list(plans.values())
 
     async def _write_coalesced(self, agent: asyncpg.Connection, plans: Sequence[TablePlan]) -> None:
@@ -265,8 +269,7 @@ class Applier:
         for plan in plans:
             upserts = plan.upserts()
             if upserts:
-                cols = _columns_of(plan.target, upserts[-1])
-                await agent.execute(plan.target.upsert_sql(cols), json_array(upserts))
+                await agent.execute(plan.target.upsert_sql(plan.columns), json_array(upserts))
 
     async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record) -> None:
         target = await self.catalog.target(site, agent, ev["table_id"])
@@ -277,8 +280,7 @@ class Applier:
         elif ev["op"] == "D":
             await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
         else:
-            check_columns(target, ev["row_image"])
-            cols = _columns_of(target, ev["row_image"])
+            cols = image_columns(target, ev["row_image"])
             await agent.execute(target.upsert_sql(cols), json_array([ev["row_image"]]))
 
     async def _write_one_by_one(
@@ -486,11 +488,6 @@ SELECT prev_snapshot::text AS prev_snapshot, batch_snapshot::text AS batch_snaps
        batch_hi, batch_cursor, applied_seq, events_applied
 FROM dbsync.apply_progress WHERE source = $1
 """
-
-
-def _columns_of(target: Target, image: str) -> list[str]:
-    present = json.loads(image).keys()
-    return [c for c in target.insertable if c in present]
 
 
 def _opname(op: str) -> str:
