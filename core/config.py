@@ -140,7 +140,9 @@ def check_dsn(dsn: str, what: str = "dsn") -> dict[str, str]:
         return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
     except Exception:  # noqa: BLE001 - psycopg's message may quote the password
         # Not echoed: a malformed string may hold a password where no pattern can find it.
-        raise ConfigError(f"{what} is not a valid PostgreSQL connection string (not shown, it may hold a password)") from None
+        raise ConfigError(
+            f"{what} is not a valid PostgreSQL connection string (not shown, it may hold a password)"
+        ) from None
 
 
 _URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@]*:)[^@]*(?P<at>@)")

@@ -14,7 +14,7 @@ pins the failure on one event (table, key, seq) for the report.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -44,6 +44,8 @@ class Target:
     types: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     # GENERATED ALWAYS identity columns: inserted with OVERRIDING SYSTEM VALUE, never updated.
     always_identity: frozenset[str] = frozenset()
+    # Variable-length columns whose values PostgreSQL may move out of line (TOAST).
+    toastable: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -63,18 +65,33 @@ class Target:
     def _cast(self, alias: str, column: str) -> str:
         return f"{alias}.{ident(column)}::{self.types[column]}"
 
+    def _assign(self, column: str) -> str:
+        """The SET clause of an upsert for one column.
+
+        A row image carries every column, so an update that changed only a status also carries
+        the message's 100 kB body. Assigning that value anew makes PostgreSQL compress and
+        write it out of line again; assigning the stored value (the same TOAST pointer) keeps
+        it. So a large stored value that is byte for byte the incoming one is kept. The size
+        test reads only the stored length, so small values cost nothing extra.
+        """
+        c = ident(column)
+        if column not in self.toastable:
+            return f"{c} = EXCLUDED.{c}"
+        return (
+            f"{c} = CASE WHEN pg_catalog.pg_column_size(t.{c}) > {KEEP_STORED_BYTES} "
+            f"AND pg_catalog.record_image_eq(ROW(t.{c}), ROW(EXCLUDED.{c})) THEN t.{c} ELSE EXCLUDED.{c} END"
+        )
+
     def upsert_sql(self, columns: Sequence[str]) -> str:
         cols = ", ".join(ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
         keys = ", ".join(ident(k) for k in self.keys)
         sets = ", ".join(
-            f"{ident(c)} = EXCLUDED.{ident(c)}"
-            for c in columns
-            if c not in self.keys and c not in self.always_identity
+            self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity
         )
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         return (
-            f"INSERT INTO {self.qualified} ({cols}) OVERRIDING SYSTEM VALUE "
+            f"INSERT INTO {self.qualified} AS t ({cols}) OVERRIDING SYSTEM VALUE "
             f"SELECT {values} FROM {self._source(columns, 'r')} "
             f"ON CONFLICT ({keys}) {action}"
         )
@@ -87,6 +104,10 @@ class Target:
         return f"DELETE FROM {self.qualified}"
 
 
+# Stored values larger than this (bytes, after compression) are compared before an upsert
+# overwrites them; below it a value lives in the row itself and rewriting it is cheap.
+KEEP_STORED_BYTES = 1000
+
 SITE_REGISTRY = """
 SELECT table_id, schema_name, table_name, key_columns
 FROM dbsync.replicated_tables
@@ -94,6 +115,7 @@ FROM dbsync.replicated_tables
 
 AGENT_COLUMNS = """
 SELECT a.attname::text AS name, a.attgenerated <> '' AS generated, a.attidentity = 'a' AS always_identity,
+       a.attlen = -1 AND a.attstorage <> 'p' AS toastable,
        CASE a.atttypid  -- without a length, these names mean length 1
            WHEN 'pg_catalog.bpchar'::pg_catalog.regtype THEN 'pg_catalog.bpchar'
            WHEN 'pg_catalog._bpchar'::pg_catalog.regtype THEN 'pg_catalog.bpchar[]'
@@ -172,6 +194,7 @@ async def load_target(
         insertable=tuple(c["name"] for c in cols if not c["generated"]),
         types={c["name"]: c["type"] for c in cols},
         always_identity=frozenset(c["name"] for c in cols if c["always_identity"]),
+        toastable=frozenset(c["name"] for c in cols if c["toastable"]),
     )
 
 
@@ -342,14 +365,21 @@ class Applier:
         events: Sequence[asyncpg.Record],
         before: Progress,
         after: Progress,
+        *,
+        planned: Callable[[], None] | None = None,
+        site_free: Callable[[], Awaitable[None]] | None = None,
     ) -> int:
         """Apply `events` and move the stored progress from `before` to `after`, atomically.
 
-        Returns the number of events parked.
+        Returns the number of events parked. `planned` is called once the coalesced write no
+        longer needs the Site connection (the caller may then read ahead on it); should the
+        write fall back to event by event, `site_free` is awaited before the Site is used again.
         """
         held = await self._held_keys(agent, events)
         if not held:
             plans = await self._plans(site, agent, events)
+            if planned is not None:
+                planned()
             try:
                 async with agent.transaction():
                     await self._write_coalesced(agent, plans)
@@ -358,6 +388,8 @@ class Applier:
             except asyncpg.PostgresError as exc:
                 if _is_connection_error(exc):
                     raise
+            if site_free is not None:
+                await site_free()
         async with agent.transaction():
             parked = await self._write_one_by_one(site, agent, events, held)
             await self._save(agent, before, after, events)

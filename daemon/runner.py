@@ -34,7 +34,15 @@ import asyncpg
 from dbsync.config import Settings
 from dbsync.daemon import pg
 from dbsync.daemon.apply import LOAD_PROGRESS, READ_PROGRESS, RECORD_ERROR, Applier, Catalog
-from dbsync.daemon.consume import INITIAL_SNAPSHOT, Progress, advance, open_batch, progress_from_row, read_page
+from dbsync.daemon.consume import (
+    INITIAL_SNAPSHOT,
+    Page,
+    Progress,
+    advance,
+    open_batch,
+    progress_from_row,
+    read_page,
+)
 from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
 from dbsync.errors import ApplyError, DbsyncError, SchemaError
@@ -68,6 +76,7 @@ class Stats:
     events: int = 0
     parked: int = 0
     reconnects: int = 0
+    read_ahead: int = 0  # pages read while the previous one was written
     last_apply_at: float | None = None
 
 
@@ -122,6 +131,8 @@ class Replicator:
         self.retention = Retention()
         self.doorbell = Doorbell()
         self._last_snapshot: str | None = None
+        # A page read ahead: (batch snapshot, cursor it starts after, page).
+        self._ahead: tuple[str | None, int | None, Page] | None = None
         self.applier = Applier(settings.source, self.catalog, park=settings.poison_policy == "park")
         self.stats = Stats()
         self.site: asyncpg.Connection | None = None
@@ -206,6 +217,7 @@ class Replicator:
 
     async def _disconnect(self) -> None:
         self.active = False
+        self._ahead = None
         for conn in (self.site, self.agent):
             if conn is not None and not conn.is_closed():
                 try:
@@ -271,17 +283,41 @@ class Replicator:
                 return False
             log.debug("batch opened: %d events", count)
         started = time.monotonic()
-        page = await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES)
+        page = await self._page(progress)
         after = advance(progress, page)
         parked = 0
-        if page.events:
-            parked = await self.applier.apply(self.site, self.agent, page.events, self._persisted, after)
-            if parked:
-                self.stats.parked += parked
-                log.warning("parked %d event(s) the Agent DB rejected; see `dbsync status`", parked)
-        else:
-            await self.applier.save(self.agent, self._persisted, after)
-        self.progress = self._persisted = after
+        # Read ahead: while the Agent DB writes this page, the Site reads the next one.
+        ahead: asyncio.Future[Page] | None = None
+
+        def read_ahead() -> None:
+            nonlocal ahead
+            if page.more:
+                assert self.site is not None
+                ahead = asyncio.ensure_future(read_page(self.site, after, self.settings.batch_size, PAGE_BYTES))
+
+        async def site_free() -> None:
+            if ahead is not None:
+                await asyncio.wait([ahead])
+
+        try:
+            if page.events:
+                parked = await self.applier.apply(
+                    self.site, self.agent, page.events, self._persisted, after, planned=read_ahead, site_free=site_free
+                )
+                if parked:
+                    self.stats.parked += parked
+                    log.warning("parked %d event(s) the Agent DB rejected; see `dbsync status`", parked)
+            else:
+                await self.applier.save(self.agent, self._persisted, after)
+            self.progress = self._persisted = after
+            if ahead is not None:
+                self._ahead = (after.batch_snapshot, after.batch_cursor, await ahead)
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                await asyncio.wait([ahead])
+            if ahead is not None and not ahead.cancelled():
+                ahead.exception()  # retrieved: a failed read-ahead was raised above or is moot
         self.stats.events += len(page.events)
         self.stats.batches += 1
         self.stats.last_apply_at = time.time()
@@ -292,6 +328,15 @@ class Replicator:
             applied = await self._applied_by_table(page.events, parked)
             self.on_report(PageReport(applied, parked, time.monotonic() - started))
         return True
+
+    async def _page(self, progress: Progress) -> Page:
+        """The page at the progress's cursor: read ahead by the previous step, or read now."""
+        assert self.site is not None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (progress.batch_snapshot, progress.batch_cursor):
+            self.stats.read_ahead += 1
+            return ahead[2]
+        return await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES)
 
     async def _applied_by_table(self, events: Sequence[asyncpg.Record], parked: int) -> Counter[tuple[str, str]]:
         """Events of a committed page by (table, op), less those that were parked."""
