@@ -19,7 +19,8 @@ import time
 
 import asyncpg
 
-SET_ARMED = "UPDATE dbsync.doorbell SET armed = $1 WHERE armed IS DISTINCT FROM $1"
+# Unconditional: the row's trigger mirrors it into the sequence writers read (sql/site/0003).
+SET_ARMED = "UPDATE dbsync.doorbell SET armed = $1"
 # Autocommit: assigns an xid after the arm committed, and commits.
 FRESH_XID = "SELECT pg_catalog.pg_current_xact_id()::text"
 SNAPSHOT = "SELECT pg_catalog.pg_current_snapshot()::text"

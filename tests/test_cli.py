@@ -665,3 +665,54 @@ def test_role_without_privileges(pair: DbPair, command: str) -> None:
             conn.execute("CREATE ROLE dbsync_nobody LOGIN")
     site = make_conninfo(pair.site_dsn, user="dbsync_nobody", password=SECRET)
     assert_one_line_error(dbsync(*command_lines(site, pair.agent_dsn)[command]), "permission denied")
+
+
+
+# Everything a migration creates, as text: relations, dbsync's functions (with their bodies),
+# constraints and triggers.
+CATALOG_SHAPE = """
+SELECT coalesce(string_agg(x, E'\\n' ORDER BY x), '') FROM (
+    SELECT 'rel ' || oid::regclass::text || ' ' || relkind::text AS x FROM pg_class
+     WHERE relnamespace IN (SELECT oid FROM pg_namespace WHERE nspname IN ('dbsync', 'public'))
+    UNION ALL
+    SELECT 'fn ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid)) FROM pg_proc p
+     WHERE pronamespace IN (SELECT oid FROM pg_namespace WHERE nspname = 'dbsync') AND prokind <> 'a'
+    UNION ALL
+    SELECT 'con ' || conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+      FROM pg_constraint WHERE connamespace IN (SELECT oid FROM pg_namespace WHERE nspname IN ('dbsync', 'public'))
+    UNION ALL
+    SELECT 'trg ' || tgrelid::regclass::text || ' ' || tgname FROM pg_trigger WHERE NOT tgisinternal
+) s
+"""
+
+
+@pytest.mark.parametrize("side", migrations.SIDES)
+def test_every_migration_rolls_back_exactly(bare_pair: DbPair, side: str) -> None:
+    """Applied one at a time (core and the WhatsApp pack), then rolled back one at a time: each
+    rollback returns the catalog to exactly what it was before its migration."""
+    from yoyo import read_migrations
+
+    dsn = bare_pair.site_dsn if side == "site" else bare_pair.agent_dsn
+    shipped_ms = read_migrations(*(str(d) for d in migrations.migration_dirs(side, ["whatsapp"])))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+
+        def shape() -> str:
+            return str(conn.execute(CATALOG_SHAPE).fetchone()[0])  # type: ignore[index]
+
+        with migrations._backend(dsn) as backend, backend.lock():
+            todo = list(backend.to_apply(shipped_ms))  # in dependency order
+            assert len(todo) >= 2
+
+            def just(mid: str) -> Any:
+                return shipped_ms.filter(lambda m: m.id == mid)
+
+            before = []
+            for migration in todo:
+                before.append(shape())
+                backend.apply_migrations(just(migration.id))
+            applied = shape()
+            for migration, expected in zip(reversed(todo), reversed(before), strict=True):
+                backend.rollback_migrations(just(migration.id))
+                assert shape() == expected, f"rolling back {migration.id} did not restore the catalog"
+        assert migrations.apply(dsn, side, ["whatsapp"]) == [m.id for m in todo]
+        assert shape() == applied

@@ -11,7 +11,44 @@ from tests.helpers import Daemon, DbPair, assert_same, same, wait_until
 
 
 def armed(conn: psycopg.Connection) -> bool:
-    return bool(conn.execute("SELECT armed FROM dbsync.doorbell").fetchone()[0])  # type: ignore[index]
+    """The daemon's switch, which must agree with what writers' triggers read."""
+    row = conn.execute("SELECT armed, dbsync.doorbell_armed() FROM dbsync.doorbell").fetchone()
+    assert row is not None and row[0] == row[1], f"doorbell table says {row[0]}, writers read {row[1]}"
+    return bool(row[0])
+
+
+def test_writers_ring_exactly_while_armed(pair: DbPair) -> None:
+    listener = psycopg.connect(pair.site_dsn, autocommit=True)
+    listener.execute("LISTEN dbsync")
+    site = pair.site()
+    def rings_until_marker() -> int:
+        """Notifications before a marker sent now: all earlier commits are delivered first."""
+        site.execute("SELECT pg_notify('dbsync', 'marker')")
+        for count, note in enumerate(listener.notifies(timeout=10)):
+            if note.payload == "marker":
+                return count
+        raise AssertionError("the marker notification did not arrive")
+
+    assert not armed(site)
+    site.execute("INSERT INTO conversations (phone_number) VALUES ('+1')")
+    assert rings_until_marker() == 0  # disarmed: silent
+    # The writers' view changes as soon as the switch does, before the daemon's update commits.
+    with psycopg.connect(pair.site_dsn) as daemon_side:
+        daemon_side.execute("UPDATE dbsync.doorbell SET armed = true")
+        assert site.execute("SELECT dbsync.doorbell_armed()").fetchone() == (True,)
+    assert armed(site)
+    with site.transaction():  # one notification per transaction, however many rows
+        site.execute("INSERT INTO conversations (phone_number) VALUES ('+2'), ('+3')")
+        site.execute("UPDATE conversations SET unread_count = 1")
+    assert rings_until_marker() == 1
+    site.execute("UPDATE dbsync.doorbell SET armed = false")
+    assert not armed(site)
+    site.execute("DELETE FROM conversations")
+    assert rings_until_marker() == 0
+    site.execute("UPDATE dbsync.doorbell SET armed = true")
+    site.execute("TRUNCATE conversations CASCADE")
+    assert rings_until_marker() == 1
+    listener.close()
 
 
 def test_idle_daemon_is_woken_by_notify_not_by_polling(pair: DbPair) -> None:
