@@ -52,6 +52,11 @@ log = logging.getLogger("dbsync.daemon")
 CHANNEL = "dbsync"
 # Row-image bytes per page (past its first event); with batch_size it bounds memory.
 PAGE_BYTES = 8 * 1024 * 1024
+# Under a steady stream of writes every batch is small, and each costs a Site snapshot, a read
+# and an Agent commit whatever its size. After a batch smaller than one page the daemon waits
+# this long before the next, so events gather: at most ~100 batches a second, which bounds its
+# cost to both databases. An idle daemon is woken at once; a backlog is drained without pause.
+LINGER = 0.01
 # Advisory lock space: (LOCK_CLASS, hashtext(source)).
 LOCK_CLASS = 0x64627379  # "dbsy"
 
@@ -131,6 +136,7 @@ class Replicator:
         self.retention = Retention()
         self.doorbell = Doorbell()
         self._last_snapshot: str | None = None
+        self._batch_events = 0  # in the batch opened last
         # A page read ahead: (batch snapshot, cursor it starts after, page).
         self._ahead: tuple[str | None, int | None, Page] | None = None
         self.applier = Applier(settings.source, self.catalog, park=settings.poison_policy == "park")
@@ -282,6 +288,7 @@ class Replicator:
                 self._stepped()
                 return False
             log.debug("batch opened: %d events", count)
+            self._batch_events = count
         started = time.monotonic()
         page = await self._page(progress)
         after = advance(progress, page)
@@ -423,6 +430,8 @@ class Replicator:
                 await self.retention.maybe_prune(self.site, self.progress.prev_snapshot)
             if busy:
                 await self.doorbell.busy(self.site)
+                if not self.progress.in_batch and self._batch_events < self.settings.batch_size:
+                    await self._sleep(LINGER)
                 continue
             await self._retry_parked()
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
