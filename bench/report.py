@@ -52,6 +52,9 @@ What is measured:
   without it (same tables, triggers removed), and with a naive trigger (to_jsonb(NEW) into a
   log table + `pg_notify` per row); each run on a fresh clone. The **trigger profile** runs
   variants of dbsync's trigger at 8 clients, made by patching the installed function.
+* **Capture cost per transaction** (`triggercpu`): the same transaction in a server-side loop in
+  one session, with and without capture and for a few trigger variants: the trigger's own CPU,
+  with little of the machine's noise.
 * **Catch-up**: the same deterministic WhatsApp backlog (`bench.backlog` in
   `bench/sql/site.sql`: message inserts with a conversation bump, sent -> delivered -> read,
   every 10th message deleted, lead updates; 1 in 1,000 messages and a burst of 50 every 20,000
@@ -182,6 +185,29 @@ def _profile(profiles: dict[str, Any], labels: dict[str, str]) -> list[str]:
     return lines + [""]
 
 
+def _triggercpu(tc: dict[str, Any]) -> list[str]:
+    lines = [
+        f"#### Capture cost per transaction (one session, {_f(tc['transactions'])} transactions per loop, "
+        f"{tc['reps']} reps)",
+        "",
+        "A procedure on the Site runs the pgbench transaction (insert a message, update its status, COMMIT) in a "
+        "loop, synchronous_commit off: no client round trips and no WAL flush, so what is timed is the "
+        "server's CPU for the transaction, trigger included, and the neighbours' load hardly enters a "
+        "single session's ratio. Median per transaction; `ratio` = no capture / variant, the one-session "
+        "throughput relative to no capture.",
+        "",
+        "| Variant | us per transaction | capture's share (us) | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name, label in tc["labels"].items():
+        lines.append(
+            f"| {label} | {tc['median_us'][name]:.1f} | {tc['overhead_us'][name]:+.1f} | {_ratio(tc['ratio'][name])} |"
+        )
+    for name, why in tc.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped: {why} | | |")
+    return lines + [""]
+
+
 def _catchup(cu: dict[str, Any]) -> list[str]:
     rows = ("native", "native logical replication"), ("dbsync", "dbsync `run --once`")
     lines = [
@@ -284,10 +310,10 @@ def render(res: dict[str, Any]) -> str:
     out = [BEGIN, "", HOW_TO_RUN, f"### Latest run: {meta['started_utc']} ({meta['profile']} mode)", ""]
     out += [
         (
-            "> **Provisional.** Measured on a shared 2-core VM while other people ran test suites on the same "
-            "cores (see the load average below): absolute numbers are noisy and low; the ratios, measured "
-            "side by side in the same run, are the meaningful part, and even they should be re-measured on a "
-            "quiet machine before anyone quotes them."
+            "> **Provisional.** Measured on a shared 2-core VM that other work may use at the same time (see "
+            "the load average below; the benchmark itself keeps about 2 busy): absolute numbers are noisy; the "
+            "ratios, measured side by side in the same run, are the meaningful part, and should be re-measured "
+            "on the production hardware before anyone quotes them."
         ),
         "",
     ]
@@ -299,6 +325,8 @@ def render(res: dict[str, Any]) -> str:
     out += _targets(res)
     if "writecost" in res:
         out += _writecost(res["writecost"], labels)
+    if "triggercpu" in res:
+        out += _triggercpu(res["triggercpu"])
     if res.get("profile"):
         out += _profile(res["profile"], labels)
     if "catchup" in res:

@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import catchup, code, latency, report, writecost
+from bench import catchup, code, latency, report, triggercpu, writecost
 from bench.env import BENCH_DIR, DURABLE, FAST, World, machine_facts, world
 
-SECTIONS = ("writecost", "profile", "latency", "catchup")
+SECTIONS = ("writecost", "triggercpu", "profile", "latency", "catchup")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=1000.0, help="latency: row changes/s (default 1000)")
     p.add_argument("--writers", type=int, default=8, help="latency: writer connections (default 8)")
     p.add_argument("--big-every", type=int, default=1000, help="catch-up: every Nth message has a 100 kB body")
+    p.add_argument(
+        "--loop-transactions", type=int, default=3000, help="triggercpu: transactions per timed loop (default 3000)"
+    )
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument(
         "--mode",
@@ -191,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             res["meta"]["postgres_version"] = w.site.version().split(" on ")[0]
             if {"writecost", "profile"} & set(args.only):
                 section("writecost", lambda: _writecost(w, args, seconds, workdir, res))
+            if "triggercpu" in args.only:
+                section(
+                    "triggercpu",
+                    lambda: res.__setitem__(
+                        "triggercpu", triggercpu.run(w, args.loop_transactions, 2 * args.reps + 1, log)
+                    ),
+                )
             if "latency" in args.only:
                 section(
                     "latency",
