@@ -230,8 +230,9 @@ def _catchup(cu: dict[str, Any]) -> list[str]:
         "",
         f"dbsync / native: **{_ratio(cu['ratio_median'])}** (median; per rep {per_rep}). Target: >= 1.2x.",
         "",
-        "Rows written on the Agent: dbsync coalesces each page (up to 5,000 events) to the last image per key; "
-        "native logical replication applies every change. Both end in the same state (checked row for row). "
+        "Rows written on the Agent: dbsync coalesces each page (up to batch_size events, default 10,000) to "
+        "the last image per key; native logical replication applies every change. Both end in the same "
+        "state (checked row for row). "
         "The backlog write time shows the capture cost on the Site for the same workload (one session, "
         "synchronous_commit off).",
         "",

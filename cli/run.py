@@ -24,7 +24,7 @@ STOP_GRACE = 4.0
 @click.command()
 @connection_options
 @click.option("--once", is_flag=True, help="Apply everything committed so far, then exit.")
-@click.option("--batch-size", type=int, default=None, help="Events per Agent DB transaction (default 5000).")
+@click.option("--batch-size", type=int, default=None, help="Events per Agent DB transaction (default 10000).")
 @click.option("--poll-interval", type=float, default=None, help="Seconds between polls without a notification.")
 @click.option(
     "--poison-policy",

@@ -23,7 +23,7 @@ class Settings:
     agent_dsn: str | None = None
     # Consumer identity on the Agent DB; one row of dbsync.apply_progress per source.
     source: str = "site"
-    batch_size: int = 5000
+    batch_size: int = 10000
     # Poll even without a notification, in case one is lost (seconds).
     poll_interval: float = 1.0
     # Reconnect backoff (seconds): first delay, cap.

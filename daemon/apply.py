@@ -368,12 +368,15 @@ class Applier:
         *,
         planned: Callable[[], None] | None = None,
         site_free: Callable[[], Awaitable[None]] | None = None,
+        every_image: Callable[[], Awaitable[Sequence[asyncpg.Record]]] | None = None,
     ) -> int:
         """Apply `events` and move the stored progress from `before` to `after`, atomically.
 
         Returns the number of events parked. `planned` is called once the coalesced write no
         longer needs the Site connection (the caller may then read ahead on it); should the
         write fall back to event by event, `site_free` is awaited before the Site is used again.
+        `events` may carry row images on the last event of each key only; `every_image` then
+        returns the same events with all of them, which applying event by event needs.
         """
         held = await self._held_keys(agent, events)
         if not held:
@@ -390,6 +393,8 @@ class Applier:
                     raise
             if site_free is not None:
                 await site_free()
+        if every_image is not None:
+            events = await every_image()
         async with agent.transaction():
             parked = await self._write_one_by_one(site, agent, events, held)
             await self._save(agent, before, after, events)

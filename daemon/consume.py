@@ -49,18 +49,22 @@ FROM s CROSS JOIN LATERAL (
 """
 
 # The next page of the open batch, in seq order, at most $5 events and, past the first event,
-# at most $6 bytes of row images. next_seq on the last row says whether more follow.
+# at most $6 bytes of stored row images. next_seq on the last row says whether more follow.
+# Only the last event of each key in the page carries its row image (unless $7): the apply
+# writes the last image per key, so the others are neither converted, sent nor held.
 READ_PAGE = """
-SELECT seq, table_id, op, pk, row_image, captured_at, next_seq
+SELECT seq, table_id, op, pk,
+       CASE WHEN $7 OR lead(seq) OVER (PARTITION BY table_id, pk ORDER BY seq) IS NULL
+            THEN dbsync.image_json(row_image)::text END AS row_image,
+       captured_at, next_seq
 FROM (
     SELECT l.*,
            row_number() OVER w AS rn,
            lead(l.seq) OVER w AS next_seq,
-           sum(coalesce(octet_length(l.row_image), 0)) OVER w - coalesce(octet_length(l.row_image), 0)
-             AS bytes_before
+           sum(coalesce(pg_catalog.pg_column_size(l.row_image), 0)) OVER w
+             - coalesce(pg_catalog.pg_column_size(l.row_image), 0) AS bytes_before
     FROM (
-        SELECT seq, table_id, op::text AS op, dbsync.image_json(pk)::text AS pk,
-               dbsync.image_json(row_image)::text AS row_image, captured_at
+        SELECT seq, table_id, op::text AS op, dbsync.image_json(pk)::text AS pk, row_image, captured_at
         FROM dbsync.sync_log
         WHERE seq > $3 AND seq <= $4
           AND pg_catalog.pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
@@ -114,7 +118,11 @@ async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Prog
     return opened, int(row["events"]), row["snap"]
 
 
-async def read_page(site: asyncpg.Connection, progress: Progress, limit: int, max_bytes: int) -> Page:
+async def read_page(
+    site: asyncpg.Connection, progress: Progress, limit: int, max_bytes: int, *, every_image: bool = False
+) -> Page:
+    """The page at the progress's cursor. Row images come only with the last event of each key,
+    or with every event when `every_image` (event-by-event apply); the page is the same."""
     assert progress.in_batch
     rows = await site.fetch(
         READ_PAGE,
@@ -124,6 +132,7 @@ async def read_page(site: asyncpg.Connection, progress: Progress, limit: int, ma
         progress.batch_hi,
         limit,
         max_bytes,
+        every_image,
     )
     more = bool(rows) and rows[-1]["next_seq"] is not None
     return Page(events=list(rows), more=more)

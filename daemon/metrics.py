@@ -16,8 +16,8 @@ from dbsync.daemon.runner import PageReport
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
-# Events per Agent DB transaction (batch_size defaults to 5000), and seconds per page.
-SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000)
+# Events per Agent DB transaction (batch_size defaults to 10000), and seconds per page.
+SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 

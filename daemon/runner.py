@@ -306,10 +306,24 @@ class Replicator:
             if ahead is not None:
                 await asyncio.wait([ahead])
 
+        async def every_image() -> Sequence[asyncpg.Record]:
+            assert self.site is not None
+            full = await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES, every_image=True)
+            if [e["seq"] for e in full.events] != [e["seq"] for e in page.events]:
+                raise ApplyError("the sync log changed under an open batch: the page read again differs")
+            return full.events
+
         try:
             if page.events:
                 parked = await self.applier.apply(
-                    self.site, self.agent, page.events, self._persisted, after, planned=read_ahead, site_free=site_free
+                    self.site,
+                    self.agent,
+                    page.events,
+                    self._persisted,
+                    after,
+                    planned=read_ahead,
+                    site_free=site_free,
+                    every_image=every_image,
                 )
                 if parked:
                     self.stats.parked += parked

@@ -111,3 +111,22 @@ def test_rejected_page_while_the_next_is_read_ahead(pair: DbPair, policy: str) -
         site.execute("DELETE FROM public.items WHERE id = 5")  # the Site gives up the bad row too
         sync_once(pair, batch_size=20, poison_policy="park")
         assert_same(pair, [ITEMS])
+
+
+def test_parked_events_keep_their_own_images_when_only_the_last_was_read(pair: DbPair) -> None:
+    """A page is read with the last image per key only; when it is applied event by event (here
+    to park a rejected key), every event's own image must be read again and parked with it."""
+    replicate(pair, ITEMS_DDL, ITEMS, agent_ddl=ITEMS_AGENT_DDL)
+    site = pair.site()
+    with site.transaction():
+        site.execute("INSERT INTO public.items SELECT g, g FROM generate_series(1, 10) g")
+        site.execute("UPDATE public.items SET qty = -1 WHERE id = 5")
+        site.execute("UPDATE public.items SET qty = -2 WHERE id = 5")
+        site.execute("UPDATE public.items SET qty = 70 WHERE id = 7")
+    replicator = sync_once(pair, poison_policy="park")
+    assert replicator.stats.parked == 2  # the rejected update and the one after it
+    parked = pair.agent().execute(
+        "SELECT op, row_image->>'qty' FROM dbsync.parked_events ORDER BY seq"
+    ).fetchall()
+    assert parked == [("U", "-1"), ("U", "-2")]
+    assert rows_of(pair.agent_dsn, ITEMS)[4:7] == ["(5,5)", "(6,6)", "(7,70)"]
