@@ -33,6 +33,12 @@ def tmpdir_env() -> Iterator[tuple[Path, dict[str, str]]]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that: the demo then
+    # (rightly) ignores Ctrl-C too. The demo is started as from an interactive terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_demo(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "dbsync", "demo", *args],
@@ -40,6 +46,7 @@ def start_demo(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,  # noqa: PLW1509 - only signal.signal, before exec
     )
 
 
