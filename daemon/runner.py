@@ -50,7 +50,8 @@ from dbsync.errors import ApplyError, DbsyncError, SchemaError
 log = logging.getLogger("dbsync.daemon")
 
 CHANNEL = "dbsync"
-# Row-image bytes per page (past its first event); with batch_size it bounds memory.
+# Stored (possibly compressed) row-image bytes per page past its first event; with batch_size
+# it bounds memory.
 PAGE_BYTES = 8 * 1024 * 1024
 # Under a steady stream of writes every batch is small, and each costs a Site snapshot, a read
 # and an Agent commit whatever its size. After a batch smaller than one page the daemon waits
@@ -300,15 +301,14 @@ class Replicator:
             nonlocal ahead
             if page.more:
                 assert self.site is not None
-                ahead = asyncio.ensure_future(read_page(self.site, after, self.settings.batch_size, PAGE_BYTES))
+                ahead = asyncio.ensure_future(self._read(after))
 
         async def site_free() -> None:
             if ahead is not None:
                 await asyncio.wait([ahead])
 
         async def every_image() -> Sequence[asyncpg.Record]:
-            assert self.site is not None
-            full = await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES, every_image=True)
+            full = await self._read(progress, every_image=True)
             if [e["seq"] for e in full.events] != [e["seq"] for e in page.events]:
                 raise ApplyError("the sync log changed under an open batch: the page read again differs")
             return full.events
@@ -352,12 +352,15 @@ class Replicator:
 
     async def _page(self, progress: Progress) -> Page:
         """The page at the progress's cursor: read ahead by the previous step, or read now."""
-        assert self.site is not None
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (progress.batch_snapshot, progress.batch_cursor):
             self.stats.read_ahead += 1
             return ahead[2]
-        return await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES)
+        return await self._read(progress)
+
+    async def _read(self, progress: Progress, *, every_image: bool = False) -> Page:
+        assert self.site is not None
+        return await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES, every_image=every_image)
 
     async def _applied_by_table(self, events: Sequence[asyncpg.Record], parked: int) -> Counter[tuple[str, str]]:
         """Events of a committed page by (table, op), less those that were parked."""
