@@ -40,7 +40,7 @@ def _backend(dsn: str) -> PostgresqlPsycopgBackend:
 
     class Backend(PostgresqlPsycopgBackend):  # type: ignore[misc]  # yoyo has no type hints
         def connect(self, dburi: object) -> psycopg.Connection:
-            return connect(dsn, "target")
+            return connect(dsn, "target", safe=False)
 
     backend = Backend(parse_uri("postgresql+psycopg://"), "_yoyo_migration")
     backend.init_database()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from dbsync.db import display_name, first_line
+from dbsync.db import display_name, first_line, resolve_table_oid
 from dbsync.errors import SchemaError
 
 
@@ -27,13 +27,16 @@ class TableInfo:
 def resolve(conn: psycopg.Connection, name: str, where: str) -> tuple[str, str]:
     """(schema, table) of a table name as a user typed it ("t", "s.t", '"Odd Name"')."""
     try:
-        row = conn.execute(
-            "SELECT n.nspname, c.relname, c.relkind FROM pg_class c "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
-            (name,),
-        ).fetchone()
+        oid = resolve_table_oid(conn, name)
     except psycopg.Error as exc:
         raise SchemaError(f"{name!r} is not a valid table name: {first_line(exc)}") from None
+    row = None
+    if oid is not None:
+        row = conn.execute(
+            "SELECT n.nspname, c.relname, c.relkind FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s::oid",
+            (oid,),
+        ).fetchone()
     if row is None:
         raise SchemaError(f"table {name!r} does not exist on the {where} DB")
     if row[2] not in ("r", "p"):

@@ -78,7 +78,6 @@ class LagProbe:
         if self.conn is None or self.conn.is_closed():
             conn = await pg.connect(self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"})
             try:
-                await conn.execute("SET search_path = pg_catalog, pg_temp")
                 # PENDING passes snapshots as text; asyncpg's own codec wants a tuple.
                 await conn.set_type_codec("pg_snapshot", schema="pg_catalog", encoder=str, decoder=str, format="text")
             except BaseException:

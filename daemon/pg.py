@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from dbsync.config import check_dsn, describe_dsn, redact_dsn
-from dbsync.db import first_line
+from dbsync.db import SAFE_SESSION, first_line
 from dbsync.errors import ConfigError, ConnectError
 
 # Errors that mean "the connection is gone or unusable": reconnect, nothing is wrong with the data.
@@ -68,7 +68,13 @@ async def connect(
     kwargs["server_settings"].update(server_settings or {})
     kwargs["command_timeout"] = io_timeout
     try:
-        return await asyncpg.connect(**kwargs)
+        conn = await asyncpg.connect(**kwargs)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = redact_dsn(first_line(exc)) if str(exc) else type(exc).__name__
         raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
+    try:
+        await conn.execute(SAFE_SESSION)  # before any other query (dbsync.db.SAFE_SESSION)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn

@@ -169,7 +169,6 @@ class Replicator:
             self.settings.agent_dsn, "Agent", server_settings=AGENT_KEEPALIVES, io_timeout=self.settings.io_timeout
         )
         self.agent = agent
-        await agent.execute("SET search_path = pg_catalog, pg_temp")
         if not await agent.fetchval("SELECT to_regclass('dbsync.apply_progress') IS NOT NULL"):
             raise SchemaError("the Agent DB has no dbsync schema: run `dbsync migrate` first")
         await self._become_active(agent)
@@ -177,7 +176,6 @@ class Replicator:
             return
         site = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
         self.site = site
-        await site.execute("SET search_path = pg_catalog, pg_temp")
         if not await site.fetchval("SELECT to_regclass('dbsync.sync_log') IS NOT NULL"):
             raise SchemaError("the Site DB has no dbsync schema: run `dbsync migrate` first")
         # Replicated rows must not fire the Agent DB's own triggers and foreign keys.
