@@ -24,19 +24,91 @@ _n = itertools.count()
 
 # Every function name the SECURITY DEFINER bodies, the daemon's and the CLI's SQL call, and a few
 # more that such code commonly calls.
-NAMES = """
-hstore slice hstore_to_json hstore_to_jsonb populate_record jsonb_populate_record json_populate_record
-json_populate_recordset jsonb_populate_recordset to_json to_jsonb row_to_json json_to_record
-json_to_recordset jsonb_to_recordset json_build_object jsonb_build_object json_typeof json_agg jsonb_agg
-json_array_elements jsonb_array_elements format quote_ident quote_literal string_agg array_agg unnest
-count current_setting set_config pg_notify setval nextval pg_sequence_last_value format_type cardinality
-array_to_string pg_current_xact_id clock_timestamp now textin record_out akeys avals each exist defined
-key_image row_image with_key image_json doorbell_armed key_operator key_compare to_regclass
-pg_backend_pid pg_advisory_lock pg_try_advisory_lock pg_advisory_xact_lock pg_advisory_unlock
-pg_snapshot_xmin pg_snapshot_xmax pg_current_snapshot pg_visible_in_snapshot pg_snapshot_xip
-hashtextextended md5 left lower length octet_length pg_column_size greatest least generate_series
-int8 text array_length array_position pg_get_indexdef pg_relation_size lag
-""".split()
+NAMES = [
+    "hstore",
+    "slice",
+    "hstore_to_json",
+    "hstore_to_jsonb",
+    "populate_record",
+    "jsonb_populate_record",
+    "json_populate_record",
+    "json_populate_recordset",
+    "jsonb_populate_recordset",
+    "to_json",
+    "to_jsonb",
+    "row_to_json",
+    "json_to_record",
+    "json_to_recordset",
+    "jsonb_to_recordset",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_typeof",
+    "json_agg",
+    "jsonb_agg",
+    "json_array_elements",
+    "jsonb_array_elements",
+    "format",
+    "quote_ident",
+    "quote_literal",
+    "string_agg",
+    "array_agg",
+    "unnest",
+    "count",
+    "current_setting",
+    "set_config",
+    "pg_notify",
+    "setval",
+    "nextval",
+    "pg_sequence_last_value",
+    "format_type",
+    "cardinality",
+    "array_to_string",
+    "pg_current_xact_id",
+    "clock_timestamp",
+    "now",
+    "textin",
+    "record_out",
+    "akeys",
+    "avals",
+    "each",
+    "exist",
+    "defined",
+    "key_image",
+    "row_image",
+    "with_key",
+    "image_json",
+    "doorbell_armed",
+    "key_operator",
+    "key_compare",
+    "to_regclass",
+    "pg_backend_pid",
+    "pg_advisory_lock",
+    "pg_try_advisory_lock",
+    "pg_advisory_xact_lock",
+    "pg_advisory_unlock",
+    "pg_snapshot_xmin",
+    "pg_snapshot_xmax",
+    "pg_current_snapshot",
+    "pg_visible_in_snapshot",
+    "pg_snapshot_xip",
+    "hashtextextended",
+    "md5",
+    "left",
+    "lower",
+    "length",
+    "octet_length",
+    "pg_column_size",
+    "greatest",
+    "least",
+    "generate_series",
+    "int8",
+    "text",
+    "array_length",
+    "array_position",
+    "pg_get_indexdef",
+    "pg_relation_size",
+    "lag",
+]
 
 # Argument lists an overload can take to be more specific than the one dbsync means.
 SIGNATURES = [
@@ -178,7 +250,8 @@ def plant(conn: psycopg.Connection, attacker: str) -> int:
         fn = f"public.hj_op_{j}"
         if _try(
             conn,
-            f"CREATE FUNCTION {fn}({left}, {right}) RETURNS boolean LANGUAGE sql AS $b${_evidence(attacker, what, 'boolean')}$b$",
+            f"CREATE FUNCTION {fn}({left}, {right}) RETURNS boolean LANGUAGE sql "
+            f"AS $b${_evidence(attacker, what, 'boolean')}$b$",
         ):
             planted += _try(
                 conn, f"CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {fn})"
@@ -187,7 +260,8 @@ def plant(conn: psycopg.Connection, attacker: str) -> int:
         fn = f"public.hj_cast_{k}"
         if _try(
             conn,
-            f"CREATE FUNCTION {fn}({source}) RETURNS {target} LANGUAGE sql AS $b${_evidence(attacker, f'cast {source} as {target}', target)}$b$",
+            f"CREATE FUNCTION {fn}({source}) RETURNS {target} LANGUAGE sql "
+            f"AS $b${_evidence(attacker, f'cast {source} as {target}', target)}$b$",
         ):
             planted += _try(conn, f"CREATE CAST ({source} AS {target}) WITH FUNCTION {fn}({source})")
     return planted
