@@ -21,13 +21,23 @@ def tables() -> None:
 
 @tables.command("add")
 @connection_options
-@click.option("--backfill", "do_backfill", is_flag=True,
-              help="Also copy the rows the tables already hold (see `dbsync backfill`).")
+@click.option(
+    "--backfill",
+    "do_backfill",
+    is_flag=True,
+    help="Also copy the rows the tables already hold (see `dbsync backfill`).",
+)
 @chunk_options
 @click.argument("names", nargs=-1, required=True)
 def add(
-    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, do_backfill: bool, chunk_size: int,
-    restart: bool, max_chunks: int | None, names: tuple[str, ...],
+    config_file: str | None,
+    site_dsn: str | None,
+    agent_dsn: str | None,
+    do_backfill: bool,
+    chunk_size: int,
+    restart: bool,
+    max_chunks: int | None,
+    names: tuple[str, ...],
 ) -> None:
     """Replicate the tables NAMES (each must have a primary key and exist on the Agent DB)."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
@@ -70,3 +80,32 @@ def list_(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, 
         return
     for info in infos:
         click.echo(f"{info.label}\tkey: {', '.join(info.keys)}")
+
+
+@tables.command("refresh")
+@connection_options
+@click.argument("names", nargs=-1, required=True)
+def refresh(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
+    """After ATTACH or DETACH PARTITION on the replicated partitioned tables NAMES: install
+    capture on new partitions and resync the rows that came or went.
+
+    Exit status: 0 done, 1 a detached partition was dropped before this ran (its rows may still
+    be on the Agent DB: the message says which reconcile finds them), 2 error."""
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
+    assert settings.site_dsn
+    follow_up = []
+    with connect(settings.site_dsn, "Site") as site:
+        for name in names:
+            changes = registry.refresh(site, name)
+            if not changes:
+                click.echo(f"{name}: capture matches the partition tree")
+            for change in changes:
+                if change.change == "dropped":
+                    follow_up.append(name)
+                    click.echo(f"{name}: {change.member} was detached and dropped; its rows cannot be read any more")
+                else:
+                    click.echo(f"{name}: {change.member} {change.change}, {change.resynced} row(s) resynced")
+    if follow_up:
+        tables_args = " ".join(f"--table {n}" for n in dict.fromkeys(follow_up))
+        click.echo(f"the Agent DB may still hold their rows: run `dbsync reconcile --repair {tables_args}`", err=True)
+        raise SystemExit(1)

@@ -11,6 +11,7 @@ import psycopg
 from dbsync.daemon.runner import LOCK_CLASS
 from dbsync.db import display_name
 from dbsync.errors import SchemaError
+from dbsync.tables import partition_drift
 
 # Committed events not yet applied: not visible in prev_snapshot, and not already applied as
 # part of the open batch (visible in batch_snapshot with seq <= batch_cursor).
@@ -79,9 +80,7 @@ class Status:
         return out
 
 
-def read_status(
-    site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float = 5.0
-) -> Status:
+def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float = 5.0) -> Status:
     for conn, role, rel in ((site, "Site", "dbsync.sync_log"), (agent, "Agent", "dbsync.apply_progress")):
         if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
             raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
@@ -110,6 +109,7 @@ def read_status(
         problems.append(f"{parked} parked event(s)")
     if last_error:
         problems.append(f"apply is failing: {last_error}")
+    problems.extend(partition_drift(site))
     return Status(
         source=source,
         high_water_mark=hwm,

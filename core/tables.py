@@ -9,6 +9,7 @@ from psycopg import sql
 
 from dbsync.db import display_name, first_line, resolve_table_oid
 from dbsync.errors import SchemaError
+from dbsync.resync import resync_keys
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,76 @@ def _exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
         (schema, name),
     ).fetchone()
     return row is not None
+
+
+@dataclass(frozen=True)
+class PartitionChange:
+    member: str
+    change: str  # attached, detached or dropped
+    resynced: int  # rows written to the sync log for it (updated + deleted)
+
+
+def refresh(site: psycopg.Connection, name: str) -> list[PartitionChange]:
+    """Bring capture of a partitioned table in line with its tree after ATTACH / DETACH
+    PARTITION (which fire no trigger): the Site DB installs or drops the TRUNCATE triggers, then
+    the rows of every attached or detached member are resynced by key, so the Agent DB gains
+    the rows that came with a partition and loses those that left with one. A member dropped
+    after its detach cannot be read any more: the caller reports it (reconcile finds its rows)."""
+    schema, table = resolve(site, name, "Site")
+    rel = sql.Identifier(schema, table).as_string(site)
+    try:
+        with site.transaction():
+            changes = site.execute(
+                "SELECT member, relid, change FROM dbsync.refresh_partitions(%s::regclass)", (rel,)
+            ).fetchall()
+            keys = site.execute(
+                "SELECT key_columns FROM dbsync.replicated_tables WHERE relid = %s::regclass AND removed_at IS NULL",
+                (rel,),
+            ).fetchone()
+    except psycopg.errors.UndefinedFunction:
+        raise SchemaError("the Site DB lacks dbsync.refresh_partitions: run `dbsync migrate`") from None
+    except psycopg.Error as exc:
+        raise SchemaError(first_line(exc).removeprefix("dbsync: ")) from None
+    assert keys is not None
+    out = []
+    for member, relid, change in changes:
+        resynced = 0
+        if change != "dropped":
+            member_keys = [
+                str(r[0])
+                for r in site.execute(
+                    "SELECT dbsync.member_keys(%s::oid::regclass, %s::text[])::text", (relid, list(keys[0]))
+                ).fetchall()
+            ]
+            updated, deleted = resync_keys(site, schema, table, member_keys)
+            resynced = updated + deleted
+        out.append(PartitionChange(member, change, resynced))
+    return out
+
+
+PARTITION_CHANGES = """
+SELECT r.schema_name, r.table_name, c.member, c.change
+FROM dbsync.replicated_tables r
+CROSS JOIN LATERAL dbsync.partition_changes(r.table_id) AS c
+WHERE r.removed_at IS NULL
+ORDER BY 1, 2, 3
+"""
+
+
+def partition_drift(site: psycopg.Connection) -> list[str]:
+    """One line per replicated table whose partition tree changed since capture was installed
+    on it (empty where the Site DB predates partition support or the role may not look)."""
+    usable = site.execute(
+        "SELECT to_regprocedure('dbsync.partition_changes(integer)') IS NOT NULL "
+        "AND has_function_privilege('dbsync.partition_changes(integer)', 'EXECUTE')"
+    ).fetchone()
+    if not usable or not usable[0]:
+        return []
+    by_table: dict[str, list[str]] = {}
+    for schema, table, member, change in site.execute(PARTITION_CHANGES).fetchall():
+        by_table.setdefault(display_name(schema, table), []).append(f"{change} {member}")
+    return [
+        f"{label}: partitions changed since capture was installed ({'; '.join(changes)}): "
+        f"run `dbsync tables refresh {label}`"
+        for label, changes in by_table.items()
+    ]
