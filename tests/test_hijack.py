@@ -194,8 +194,15 @@ CREATE TABLE public.attacked (
     note public.wtext,
     body text,
     tags text[]
-)
+);
+CREATE TABLE public.attacked_parts (id integer, mood public.wmood, PRIMARY KEY (id, mood)) PARTITION BY LIST (mood);
+CREATE TABLE public.attacked_calm PARTITION OF public.attacked_parts FOR VALUES IN ('calm');
+CREATE TABLE public.attacked_angry PARTITION OF public.attacked_parts FOR VALUES IN ('angry');
 """
+# On the Agent the partitioned table is a plain one.
+AGENT_TABLE = TABLE.split("CREATE TABLE public.attacked_parts")[0] + (
+    "CREATE TABLE public.attacked_parts (id integer, mood public.wmood, PRIMARY KEY (id, mood));"
+)
 
 CASTS = [
     ("public.wmood", "text"),
@@ -290,8 +297,13 @@ def attacked(pair: DbPair) -> Iterator[tuple[DbPair, str]]:
             conn.execute(f"SET ROLE {attacker}")
             conn.execute(ATTACKER_TYPES)
             conn.execute("RESET ROLE")
-            conn.execute(TABLE)
-            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.attacked TO {attacker}")
+            conn.execute(TABLE if side == "site" else AGENT_TABLE)
+            conn.execute(
+                "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.attacked, public.attacked_parts "
+                f"TO {attacker}"
+            )
+            if side == "site":
+                conn.execute(f"GRANT TRUNCATE ON public.attacked_calm TO {attacker}")
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON public.conversations TO {attacker}")
             conn.execute(f"SET ROLE {attacker}")
             assert plant(conn, attacker) > 500, f"planting failed on the {side} DB"
@@ -321,6 +333,7 @@ def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) 
         "SELECT g, 'calm', 'n' || g, repeat('b', g), ARRAY['x', 'y'] FROM pg_catalog.generate_series(1, 30) g"
     )
     _cli(pair, "tables", "add", "public.attacked", "--backfill")
+    _cli(pair, "tables", "add", "public.attacked_parts")
     assert "public.attacked" in _cli(pair, "tables", "list")
 
     writer = psycopg.connect(pair.site_dsn, autocommit=True)
@@ -333,10 +346,13 @@ def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) 
         writer.execute("DELETE FROM public.attacked WHERE id = 1")
         writer.execute("UPDATE public.attacked SET tags = ARRAY['z'] WHERE id < 5")
         writer.execute("INSERT INTO public.conversations (phone_number) VALUES ('+4915100000099')")
+        writer.execute("INSERT INTO public.attacked_parts VALUES (1, 'calm'), (2, 'angry'), (3, 'calm')")
+        writer.execute("UPDATE public.attacked_parts SET mood = 'angry' WHERE id = 3")  # moves partition
+        writer.execute("TRUNCATE public.attacked_calm")
     finally:
         writer.close()
     sync_once(pair)
-    assert_same(pair, ["public.attacked", "public.conversations"])
+    assert_same(pair, ["public.attacked", "public.conversations", "public.attacked_parts"])
 
     # Drift behind dbsync's back on the Agent, found and repaired through the sync log.
     agent.execute("UPDATE public.attacked SET note = 'tampered' WHERE id = 7")
