@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 
 from dbsync.config import redact_dsn
 
-FORMATS = ("text", "json")
 _format = "text"
 
 

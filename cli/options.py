@@ -7,16 +7,19 @@ from typing import Any, TypeVar
 
 import click
 
+# --log-format: plain lines, or one JSON object per line (dbsync.cli.logs).
+LOG_FORMATS = ("text", "json")
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def connection_options(func: F) -> F:
-    func = click.option(
-        "--agent-dsn", envvar="DBSYNC_AGENT_DSN", show_envvar=True, help="Agent DB connection string."
-    )(func)
-    func = click.option(
-        "--site-dsn", envvar="DBSYNC_SITE_DSN", show_envvar=True, help="Site DB connection string."
-    )(func)
+    func = click.option("--agent-dsn", envvar="DBSYNC_AGENT_DSN", show_envvar=True, help="Agent DB connection string.")(
+        func
+    )
+    func = click.option("--site-dsn", envvar="DBSYNC_SITE_DSN", show_envvar=True, help="Site DB connection string.")(
+        func
+    )
     func = click.option(
         "--config",
         "config_file",
