@@ -14,6 +14,7 @@ import trustme
 from psycopg import pq
 
 from dbsync.daemon import pg
+from dbsync.daemon.dsn import DEFAULT_SOCKET_DIR, LIBPQ_PARAMETERS
 from dbsync.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -121,8 +122,9 @@ def test_unknown_sslmode_is_refused() -> None:
 
 def test_client_certificate_is_loaded_and_passed_in_prefer_mode(ca: trustme.CA, tmp_path: Path) -> None:
     cert, key = write_client(ca, tmp_path)
-    kwargs = pg.connect_kwargs(f"{BASE} sslmode=verify-ca sslrootcert={write_ca(ca, tmp_path)} "
-                               f"sslcert={cert} sslkey={key}", "agent_dsn")
+    kwargs = pg.connect_kwargs(
+        f"{BASE} sslmode=verify-ca sslrootcert={write_ca(ca, tmp_path)} sslcert={cert} sslkey={key}", "agent_dsn"
+    )
     assert isinstance(kwargs["ssl"], ssl.SSLContext)
     kwargs = pg.connect_kwargs(f"{BASE} sslcert={cert} sslkey={key}", "agent_dsn")
     assert f"sslcert={cert.replace('/', '%2F')}" in kwargs["dsn"]
@@ -190,14 +192,17 @@ def test_a_refused_parameter_from_the_environment_names_the_variable(monkeypatch
 
 
 def test_defaults_that_cost_nothing_are_accepted() -> None:
-    pg.connect_kwargs(f"{BASE} channel_binding=disable gssencmode=disable sslsni=1 sslcertmode=allow "
-                      "load_balance_hosts=disable client_encoding=UTF8 require_auth=", "agent_dsn")
+    pg.connect_kwargs(
+        f"{BASE} channel_binding=disable gssencmode=disable sslsni=1 sslcertmode=allow "
+        "load_balance_hosts=disable client_encoding=UTF8 require_auth=",
+        "agent_dsn",
+    )
 
 
 def test_every_libpq_parameter_is_honoured_or_refused() -> None:
     """A parameter a future libpq adds must not be dropped silently either."""
     keywords = {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
-    assert keywords <= pg.LIBPQ_PARAMETERS
+    assert keywords <= LIBPQ_PARAMETERS
 
 
 def test_target_session_attrs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +226,11 @@ def test_several_hosts_and_ports() -> None:
 def test_url_form_is_read_by_libpqs_parser() -> None:
     kwargs = pg.connect_kwargs(f"postgresql://sync:{SECRET}@db.example.com:6543/app?sslmode=disable", "site_dsn")
     assert (kwargs["host"], kwargs["port"], kwargs["user"], kwargs["database"]) == (
-        ["db.example.com"], [6543], "sync", "app")
+        ["db.example.com"],
+        [6543],
+        "sync",
+        "app",
+    )
     assert kwargs["password"] == SECRET and kwargs["ssl"] is False
 
 
@@ -229,8 +238,8 @@ def test_default_host_is_libpqs_socket_directory() -> None:
     """The constant is what the bundled libpq uses: its own error names the socket it tried."""
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect("port=1 connect_timeout=2")
-    assert f'"{pg.DEFAULT_SOCKET_DIR}/.s.PGSQL.1"' in str(info.value)
-    assert pg.connect_kwargs("port=1", "site_dsn")["host"] == [pg.DEFAULT_SOCKET_DIR]
+    assert f'"{DEFAULT_SOCKET_DIR}/.s.PGSQL.1"' in str(info.value)
+    assert pg.connect_kwargs("port=1", "site_dsn")["host"] == [DEFAULT_SOCKET_DIR]
 
 
 def test_user_and_database_defaults_are_libpqs(monkeypatch: pytest.MonkeyPatch) -> None:
