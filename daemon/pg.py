@@ -37,6 +37,9 @@ async def connect(
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = redact_dsn(first_line(exc)) if str(exc) else type(exc).__name__
         raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
+    except asyncpg.TargetServerAttributeNotMatched:
+        reason = f"no server in the DSN is {kwargs['target_session_attrs']} (target_session_attrs)"
+        raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
     try:
         await conn.execute(SAFE_SESSION)  # before any other query (dbsync.db.SAFE_SESSION)
     except BaseException:
