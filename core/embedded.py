@@ -107,10 +107,8 @@ class LocalCluster:
                 os.chown(p, self._user.pw_uid, self._user.pw_gid)
         self._run(
             str(self.bindir / "initdb"),
-            "-D",
-            str(self.datadir),
-            "-U",
-            "postgres",
+            "-D", str(self.datadir),
+            "-U", "postgres",
             "--auth=trust",
             "--encoding=UTF8",
             "--locale=C",
@@ -155,15 +153,8 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.datadir),
-            "-l",
-            str(self.logfile),
-            "-w",
-            "-t",
-            "60",
-            "start",
+            str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
+            "-w", "-t", "60", "start",
         )
         return self
 

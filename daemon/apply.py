@@ -86,7 +86,9 @@ class Target:
         cols = ", ".join(ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
         keys = ", ".join(ident(k) for k in self.keys)
-        sets = ", ".join(self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity)
+        sets = ", ".join(
+            self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity
+        )
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         return (
             f"INSERT INTO {self.qualified} AS t ({cols}) OVERRIDING SYSTEM VALUE "
@@ -180,7 +182,9 @@ async def load_target(
     if missing:
         raise SchemaError(f"table {label} on the Agent DB lacks key column(s) {', '.join(missing)}")
     if not await agent.fetchval(AGENT_KEY_INDEX, schema, name, sorted(keys)):
-        raise SchemaError(f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})")
+        raise SchemaError(
+            f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
+        )
     return Target(
         table_id=table_id,
         schema=schema,
@@ -341,23 +345,17 @@ class Applier:
     async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
         target = await self.catalog.target(site, agent, ev["table_id"])
         await agent.execute(
-            PARK,
-            self.source,
-            ev["seq"],
-            ev["table_id"],
-            target.label,
-            ev["op"],
-            ev["pk"],
-            ev["row_image"],
-            ev["captured_at"],
-            error,
+            PARK, self.source, ev["seq"], ev["table_id"], target.label, ev["op"], ev["pk"], ev["row_image"],
+            ev["captured_at"], error,
         )
 
     async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]) -> set[tuple[int, str]]:
         if not self.parked:
             return set()
         keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
-        rows = await agent.fetch(PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
+        rows = await agent.fetch(
+            PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed]
+        )
         return {(r["table_id"], r["pk"]) for r in rows}
 
     async def apply(

@@ -477,3 +477,4 @@ class Replicator:
         # fails again right after every reconnect, and that is one incident, not one per attempt.
         if self._problem is None:
             log.info("connected to the Site and Agent DBs; replicating")
+
