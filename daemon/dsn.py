@@ -3,8 +3,8 @@
 The CLI connects with libpq (psycopg); the daemon with asyncpg. A component that connects
 differently for the same string is a security bug (a DSN that says verify-full must not be
 connected unverified), so the string is read by libpq itself: its parser, then its defaults
-(PG* variables, PGSERVICE's service file, compiled defaults, via PQconndefaults). Each libpq
-parameter is then either translated with the same meaning or refused by name; none is dropped.
+(PG* variables and compiled defaults, via PQconndefaults). Each libpq parameter is then either
+translated with the same meaning or refused by name; none is dropped.
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ _ONLY = {
     "oauth_client_id": ({""}, "asyncpg has no OAuth"),
     "oauth_client_secret": ({""}, "asyncpg has no OAuth"),
     "oauth_scope": ({""}, "asyncpg has no OAuth"),
+    # PQconndefaults expands PGSERVICE but says nothing when the service does not exist, where
+    # libpq's connect fails: refused rather than risk connecting to what libpq would not.
     "service": ({""}, "name the parameters in the DSN itself"),
 }
 
@@ -131,12 +133,10 @@ def connect_kwargs(dsn: str, what: str) -> dict[str, Any]:
 def _libpq_params(dsn: str, what: str) -> tuple[dict[str, str], set[str]]:
     """What libpq would use: the DSN's own parameters over libpq's defaults."""
     given = check_dsn(dsn, what)
-    if given.get("service"):
-        raise ConfigError(_refusal(what, "service", set(given), "name the parameters in the DSN itself"))
     try:
         defaults = pq.Conninfo.get_defaults()
     except psycopg.Error:
-        raise ConfigError(f"{what}: libpq cannot read its defaults (is PGSERVICE a service that exists?)") from None
+        raise ConfigError(f"{what}: libpq cannot read its defaults") from None
     params = {o.keyword.decode(): o.val.decode() for o in defaults if o.val is not None}
     params.update(given)
     return params, set(given)
@@ -147,7 +147,7 @@ def _refusal(what: str, name: str, given: set[str], why: str) -> str:
         origin = ""
     else:
         env = next((o.envvar for o in pq.Conninfo.get_defaults() if o.keyword.decode() == name), None)
-        origin = f" (set by {env.decode()})" if env and os.environ.get(env.decode()) else " (set by PGSERVICE)"
+        origin = f" (set by {env.decode()})" if env and os.environ.get(env.decode()) else " (a libpq default)"
     return f"{what}: the daemon does not support the libpq parameter '{name}'{origin}: {why}"
 
 

@@ -181,8 +181,10 @@ def test_parameters_asyncpg_cannot_honour_are_refused_by_name(param: str) -> Non
     assert f"libpq parameter '{name}'" in message
 
 
-def test_service_is_refused() -> None:
+def test_service_is_refused_from_the_dsn_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "'service'" in refused(f"{BASE} service=prod")
+    monkeypatch.setenv("PGSERVICE", "prod")
+    assert "'service' (set by PGSERVICE)" in refused(BASE)
 
 
 def test_a_refused_parameter_from_the_environment_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
