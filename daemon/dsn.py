@@ -280,11 +280,11 @@ def _tls(p: dict[str, str], given: set[str], what: str) -> dict[str, Any]:
         )
     if mode == "disable":
         return {"ssl": False, "direct_tls": False}
-    ctx = _context(p, mode, what)
+    cert = _client_cert(p, what)
+    ctx = _context(p, mode, cert, what)  # for allow and prefer too: the files are checked at start
     if mode in ("require", "verify-ca", "verify-full"):
         return {"ssl": ctx, "direct_tls": direct}
     query = {"sslmode": mode}
-    cert = _client_cert(p, what)
     if cert:
         query["sslcert"], query["sslkey"] = cert
         if p.get("sslpassword"):
@@ -299,7 +299,7 @@ def _pg_home() -> Path:
     return Path.home() / ".postgresql"
 
 
-def _context(p: dict[str, str], mode: str, what: str) -> ssl.SSLContext:
+def _context(p: dict[str, str], mode: str, cert: tuple[str, str] | None, what: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -313,7 +313,6 @@ def _context(p: dict[str, str], mode: str, what: str) -> ssl.SSLContext:
         ctx.maximum_version = high
     if mode in ("require", "verify-ca", "verify-full"):
         _verification(ctx, p, mode, what)
-    cert = _client_cert(p, what)
     if cert:
         password = p.get("sslpassword", "")
         try:

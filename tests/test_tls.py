@@ -261,3 +261,15 @@ def test_require_auth_the_daemon_sends_no_password_the_dsn_forbids(tls: Tls) -> 
         libpq_tries = proxy.accepted
         assert "'require_auth'" in daemon_refuses(forbidding)
         assert proxy.accepted == libpq_tries  # the daemon did not even connect
+
+
+def test_dbsync_run_refuses_a_dsn_it_cannot_honour_at_once(tmp_path: Path) -> None:
+    """Before connecting anywhere, whichever DSN is at fault, in one line naming the parameter."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DBSYNC_", "PG"))}
+    env["DBSYNC_SITE_DSN"] = f"host=127.0.0.1 port=1 dbname=x password={PASSWORD} require_auth=scram-sha-256"
+    env["DBSYNC_AGENT_DSN"] = "host=127.0.0.1 port=1 dbname=y"
+    proc = dbsync_cmd("run", env=env, timeout=30)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "site_dsn" in lines[0] and "'require_auth'" in lines[0], proc.stderr
+    assert PASSWORD not in proc.stderr + proc.stdout
