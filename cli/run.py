@@ -12,6 +12,7 @@ import click
 from dbsync.cli.options import connection_options
 from dbsync.config import POISON_POLICIES, Settings, load_settings
 from dbsync.daemon.alerts import check_url
+from dbsync.daemon.dsn import connect_kwargs
 from dbsync.daemon.http import parse_address
 from dbsync.daemon.service import Service
 
@@ -65,6 +66,8 @@ def run(
         http=http,
         alert_webhook=alert_webhook,
     ).require("site_dsn", "agent_dsn")
+    for name in ("site_dsn", "agent_dsn"):
+        connect_kwargs(getattr(settings, name), name)  # a parameter the daemon cannot honour stops it now
     if settings.http:
         parse_address(settings.http)
     if settings.alert_webhook:

@@ -133,6 +133,24 @@ class LocalCluster:
             )
         return self
 
+    def configure(
+        self, conf: str = "", *, hba: str | None = None, files: dict[str, bytes] | None = None
+    ) -> LocalCluster:
+        """Between init() and start(): append `conf` to postgresql.conf, replace pg_hba.conf with
+        `hba`, and put `files` (certificates, keys) in the data directory, readable by the server
+        only, as PostgreSQL wants of a key file."""
+        with (self.datadir / "postgresql.conf").open("a") as fh:
+            fh.write(conf + "\n")
+        if hba is not None:
+            (self.datadir / "pg_hba.conf").write_text(hba + "\n")
+        for name, content in (files or {}).items():
+            path = self.datadir / name
+            path.write_bytes(content)
+            path.chmod(0o600)
+            if self._user is not None:
+                os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        return self
+
     def start(self) -> LocalCluster:
         self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
