@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
+from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from dbsync.config import describe_dsn, redact_dsn
 from dbsync.errors import ConnectError
 from dbsync.pooler import BACKEND_PID, check_own_session
+
+# Seconds to wait for a connection when neither the DSN nor PGCONNECT_TIMEOUT says (libpq would
+# wait forever).
+DEFAULT_CONNECT_TIMEOUT = 10
 
 # What every session dbsync opens runs before anything else but the pooler probe (dbsync.pooler),
 # the daemon's too (dbsync.daemon.pg):
@@ -31,9 +38,20 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def timeout_kwargs(dsn: str) -> dict[str, Any]:
+    """The connect_timeout to add: the DSN's own, or PGCONNECT_TIMEOUT, wins over our default."""
+    try:
+        own = "connect_timeout" in conninfo_to_dict(dsn)
+    except psycopg.Error:
+        own = False  # psycopg.connect reports the malformed DSN
+    if own or os.environ.get("PGCONNECT_TIMEOUT"):
+        return {}
+    return {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+
+
 def _open(dsn: str, role: str) -> psycopg.Connection:
     try:
-        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        return psycopg.connect(dsn, autocommit=True, **timeout_kwargs(dsn))
     except psycopg.Error as exc:
         reason = redact_dsn(first_line(exc))
         raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
