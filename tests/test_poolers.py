@@ -24,10 +24,6 @@ from dbsync.pooler import check_own_session
 from tests.helpers import WHATSAPP_TABLES, Daemon, DbPair, assert_same, count, dbsync_cmd, same, sync_once, wait_until
 from tests.pgbouncer import PgBouncer, binary
 
-pytestmark = pytest.mark.skipif(
-    binary() is None, reason="pgbouncer is not installed (Debian package `pgbouncer`; .ci/run installs it)"
-)
-
 # The refusal names the cause and the fix.
 REFUSAL = ("transaction-mode pooler", "session-mode")
 # A refusal comes at connect: well under any connect or query timeout.
@@ -39,6 +35,8 @@ Bouncer = Callable[[str], PgBouncer]
 @pytest.fixture
 def bouncer(pair: DbPair, tmp_path: Path) -> Iterator[Bouncer]:
     """Start a PgBouncer in the given pool mode serving this test's Site and Agent databases."""
+    if binary() is None:
+        pytest.skip("pgbouncer is not installed (Debian package `pgbouncer`; .ci/run installs it)")
     started: list[PgBouncer] = []
 
     def start(pool_mode: str) -> PgBouncer:
