@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
+from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from dbsync.config import describe_dsn, redact_dsn
 from dbsync.errors import ConnectError
+from dbsync.pooler import BACKEND_PID, check_own_session
 
-# What every session dbsync opens runs before anything else (the daemon's too, dbsync.daemon.pg):
+# Seconds to wait for a connection when neither the DSN nor PGCONNECT_TIMEOUT says (libpq would
+# wait forever).
+DEFAULT_CONNECT_TIMEOUT = 10
+
+# What every session dbsync opens runs before anything else but the pooler probe (dbsync.pooler),
+# the daemon's too (dbsync.daemon.pg):
 # * names resolve in pg_catalog only (pg_temp is never searched for functions or operators), so
 #   no function or operator another role created in public can shadow one dbsync calls, even a
 #   bare `=` or unnest() in a catalog query (CVE-2018-1058 is this class);
@@ -29,23 +38,57 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def timeout_kwargs(dsn: str) -> dict[str, Any]:
+    """The connect_timeout to add: the DSN's own, or PGCONNECT_TIMEOUT, wins over our default."""
+    try:
+        own = "connect_timeout" in conninfo_to_dict(dsn)
+    except psycopg.Error:
+        own = False  # psycopg.connect reports the malformed DSN
+    if own or os.environ.get("PGCONNECT_TIMEOUT"):
+        return {}
+    return {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+
+
+def _open(dsn: str, role: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(dsn, autocommit=True, **timeout_kwargs(dsn))
+    except psycopg.Error as exc:
+        reason = redact_dsn(first_line(exc))
+        raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
+
+
+def _backend_pid(conn: psycopg.Connection) -> int:
+    row = conn.execute(BACKEND_PID).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def refuse_transaction_pooler(conn: psycopg.Connection, dsn: str, role: str) -> None:
+    """dbsync.pooler's probe: `conn` must be in autocommit, so each query is a transaction."""
+    first = _backend_pid(conn)
+    with _open(dsn, role) as probe:
+        other = _backend_pid(probe)
+    check_own_session(role, dsn, first, other, _backend_pid(conn))
+
+
 def connect(dsn: str, role: str, *, autocommit: bool = True, safe: bool = True) -> psycopg.Connection:
     """Open a connection to the `role` ("Site" or "Agent") database.
 
     `safe=False` keeps the DSN's own search_path: only for migrations, whose SQL creates objects
     where the DBA's search_path says (yoyo's bookkeeping tables, a missing extension)."""
+    conn = _open(dsn, role)
     try:
-        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10)
-    except psycopg.Error as exc:
-        reason = redact_dsn(first_line(exc))
-        raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
-    conn.execute("SET application_name = 'dbsync'")
-    if safe:
-        row = conn.execute("SHOW search_path").fetchone()
-        _user_paths[conn] = str(row[0]) if row else '"$user", public'
-        conn.execute(SAFE_SESSION)
-        if not autocommit:
-            conn.commit()
+        # Before any SET: through a transaction-mode pooler it would stay on a shared server.
+        refuse_transaction_pooler(conn, dsn, role)
+        conn.execute("SET application_name = 'dbsync'")
+        if safe:
+            row = conn.execute("SHOW search_path").fetchone()
+            _user_paths[conn] = str(row[0]) if row else '"$user", public'
+            conn.execute(SAFE_SESSION)
+        conn.autocommit = autocommit
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -62,9 +105,7 @@ def resolve_table_oid(conn: psycopg.Connection, name: str) -> int | None:
     saved = conn.execute("SHOW search_path").fetchone()
     conn.execute("SELECT pg_catalog.set_config('search_path', %s, false)", (user_search_path(conn),))
     try:
-        row = conn.execute(
-            "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", (name,)
-        ).fetchone()
+        row = conn.execute("SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", (name,)).fetchone()
     finally:
         conn.execute(
             "SELECT pg_catalog.set_config('search_path', %s, false)",

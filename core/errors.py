@@ -31,3 +31,7 @@ class ApplyError(DbsyncError):
 
 class MigrationError(DbsyncError):
     """A migration could not be applied."""
+
+
+class PoolerError(ConfigError):
+    """The DSN leads to a pooler that shares server sessions between clients (transaction mode)."""

@@ -45,7 +45,7 @@ from dbsync.daemon.consume import (
 )
 from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
-from dbsync.errors import ApplyError, DbsyncError, SchemaError
+from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, SchemaError
 
 log = logging.getLogger("dbsync.daemon")
 
@@ -73,7 +73,8 @@ WHERE source = $1 AND seq = ANY ($2::bigint[]) GROUP BY table_name, op
 
 # Server-side keepalives on the Agent connection: if this host vanishes without closing the
 # socket, the server drops the session (and the lock) in about 6 s, so a standby can take over.
-AGENT_KEEPALIVES = {"tcp_keepalives_idle": "3", "tcp_keepalives_interval": "1", "tcp_keepalives_count": "3"}
+# SET after connecting, not startup parameters: PgBouncer refuses those by default.
+AGENT_KEEPALIVES = "SET tcp_keepalives_idle = 3; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3"
 
 
 @dataclass
@@ -165,10 +166,9 @@ class Replicator:
     # -- connections -----------------------------------------------------------------------
     async def _connect(self) -> None:
         assert self.settings.site_dsn and self.settings.agent_dsn
-        agent = await pg.connect(
-            self.settings.agent_dsn, "Agent", server_settings=AGENT_KEEPALIVES, io_timeout=self.settings.io_timeout
-        )
+        agent = await pg.connect(self.settings.agent_dsn, "Agent", io_timeout=self.settings.io_timeout)
         self.agent = agent
+        await agent.execute(AGENT_KEEPALIVES)
         if not await agent.fetchval("SELECT to_regclass('dbsync.apply_progress') IS NOT NULL"):
             raise SchemaError("the Agent DB has no dbsync schema: run `dbsync migrate` first")
         await self._become_active(agent)
@@ -215,10 +215,24 @@ class Replicator:
                     "SELECT active_holder FROM dbsync.apply_progress WHERE source = $1", self.settings.source
                 )
                 log.info("standby: source %r is applied by %s; waiting to take over", self.settings.source, holder)
+                await self._check_site()
                 announced = True
                 self.progress_known = False
                 self._set_state(STANDBY)
             await self._sleep(min(self.settings.poll_interval, 1.0))
+
+    async def _check_site(self) -> None:
+        """A standby tries the Site DSN once, so that a transaction-mode pooler there is refused
+        now rather than at takeover. A Site that does not answer is only retried at takeover."""
+        assert self.settings.site_dsn
+        try:
+            site = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
+        except (ConnectError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS):
+            return
+        try:
+            await asyncio.wait_for(site.close(), timeout=2)
+        except Exception:  # noqa: BLE001 - closing a broken link (TimeoutError included)
+            site.terminate()
 
     async def _disconnect(self) -> None:
         self.active = False
@@ -421,6 +435,8 @@ class Replicator:
                         await self.drain()
                         return
                     await self._loop()
+                except ConfigError:
+                    raise  # the settings are wrong (a transaction-mode pooler...): retrying cannot help
                 except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS) as exc:
                     await self._record_error(exc)
                     await self._disconnect()
@@ -477,4 +493,3 @@ class Replicator:
         # fails again right after every reconnect, and that is one incident, not one per attempt.
         if self._problem is None:
             log.info("connected to the Site and Agent DBs; replicating")
-
