@@ -49,9 +49,19 @@ def timeout_kwargs(dsn: str) -> dict[str, Any]:
     return {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
 
 
+def _name_kwargs(dsn: str) -> dict[str, Any]:
+    """"dbsync" as libpq's fallback_application_name, unless the DSN names one of its own: the
+    DSN's application_name (or PGAPPNAME) wins over it, as in libpq."""
+    try:
+        own = "fallback_application_name" in conninfo_to_dict(dsn)
+    except psycopg.Error:
+        own = False
+    return {} if own else {"fallback_application_name": "dbsync"}
+
+
 def _open(dsn: str, role: str) -> psycopg.Connection:
     try:
-        return psycopg.connect(dsn, autocommit=True, **timeout_kwargs(dsn))
+        return psycopg.connect(dsn, autocommit=True, **timeout_kwargs(dsn), **_name_kwargs(dsn))
     except psycopg.Error as exc:
         reason = redact_dsn(first_line(exc))
         raise ConnectError(f"cannot connect to the {role} DB ({describe_dsn(dsn)}): {reason}") from None
@@ -80,7 +90,6 @@ def connect(dsn: str, role: str, *, autocommit: bool = True, safe: bool = True) 
     try:
         # Before any SET: through a transaction-mode pooler it would stay on a shared server.
         refuse_transaction_pooler(conn, dsn, role)
-        conn.execute("SET application_name = 'dbsync'")
         if safe:
             row = conn.execute("SHOW search_path").fetchone()
             _user_paths[conn] = str(row[0]) if row else '"$user", public'

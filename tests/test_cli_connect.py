@@ -1,5 +1,6 @@
-"""The CLI's connect timeout: the DSN's own connect_timeout (or PGCONNECT_TIMEOUT) is honoured;
-10 s is only the default when neither says (hardening issue, item 10)."""
+"""The CLI connects as the DSN says: its own connect_timeout (or PGCONNECT_TIMEOUT) is honoured,
+10 s is only the default when neither says; its application_name is kept, "dbsync" is only the
+fallback (hardening issue, item 10)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from dbsync.db import DEFAULT_CONNECT_TIMEOUT, timeout_kwargs
+from dbsync.db import DEFAULT_CONNECT_TIMEOUT, connect, timeout_kwargs
 from tests.helpers import DbPair, count, dbsync_cmd
 from tests.proxy import Proxy
 
@@ -44,3 +45,13 @@ def test_a_stalled_server_fails_after_the_dsns_timeout(pair: DbPair) -> None:
     # The database itself is untouched and answers directly.
     assert count(pair.site_dsn, "conversations") == 0
     assert dbsync_cmd("status", env=pair.env(), timeout=60).returncode in (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [("", "dbsync"), (" application_name=crm-ops", "crm-ops"), (" fallback_application_name=cron", "cron")],
+)
+def test_the_dsns_application_name_is_kept(pair: DbPair, extra: str, expected: str) -> None:
+    with connect(pair.site_dsn + extra, "Site") as conn:
+        row = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()
+    assert row == (expected,)
