@@ -102,6 +102,7 @@ class PageReport:
 
 # What the daemon is doing; `active` alone says whether it holds the lock.
 STARTING, STANDBY, APPLYING, RECONNECTING = "starting", "standby", "applying", "reconnecting"
+STUCK = "stuck"  # a problem_state, not a state: the loop is reconnecting to retry it
 
 
 class Backoff:
@@ -152,6 +153,7 @@ class Replicator:
         self.progress = Progress()
         self._persisted = Progress()
         self._problem: str | None = None
+        self._problem_state = RECONNECTING
         self.active = False
         self.state = STARTING
         # Monotonic times: the last step that completed, the first failure since then.
@@ -284,6 +286,13 @@ class Replicator:
     def problem(self) -> str | None:
         """What the daemon is retrying on, one line; None while it replicates normally."""
         return self._problem
+
+    @property
+    def problem_state(self) -> str:
+        """While there is a problem, what kind, in one word safe to show anyone: "reconnecting"
+        (a database is unreachable) or "stuck" (retrying alone will not fix it: an event the
+        Agent DB rejects, a missing schema, a privilege)."""
+        return self._problem_state
 
     # -- one step --------------------------------------------------------------------------
     async def step(self) -> bool:
@@ -484,6 +493,7 @@ class Replicator:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, DbsyncError):
             message = f"{type(exc).__name__}: {message}"
+        self._problem_state = RECONNECTING if isinstance(exc, pg.CONNECTION_ERRORS) else STUCK
         if message != self._problem:
             log.error("%s; retrying", message)
             self._problem = message
