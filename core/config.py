@@ -280,6 +280,8 @@ def describe_dsn(dsn: str) -> str:
 
 def dsn_has_password(dsn: str) -> bool:
     """Whether the DSN itself carries a secret (a password, in the user info or as a key)."""
+    if _misread_url(dsn):
+        return True  # libpq misreads where the password ends, but there is one
     try:
         parts = conninfo_to_dict(dsn)
     except Exception:  # noqa: BLE001 - malformed: it may hold one where no key says so

@@ -169,6 +169,8 @@ def test_describe_dsn_names_the_database(dsn: str, expect: str) -> None:
         (f"postgresql://alice@h/app?password={PW}", True),
         (f"host=h password={PW}", True),
         (f"host=h sslpassword={PW}", True),
+        ("postgresql://alice:Qx7/Zk9Wv@h/app", True),  # libpq reads no password here, but one is there
+        (f"host=h user=alice {PW}", True),  # malformed: maybe one
         ("postgresql://alice@h/app", False),
         ("postgresql://alice:@h/app", False),
         ("host=h user=alice passfile=/etc/dbsync/pgpass", False),
