@@ -164,22 +164,9 @@ def test_a_notify_flood_costs_one_look_per_interval(pair: DbPair, tmp_path: Path
         wait_until(lambda: armed(site), 20, 0.02, "the idle daemon to arm the doorbell")
         looks, started = stats.looks, time.monotonic()
         # A separate process, one NOTIFY per transaction, as flooding clients would send them.
+        flood = f"{pgbench(pair)} -n -M simple -f {script} -c {clients} -j 2 -t {each}".split()
         flooder = subprocess.Popen(
-            [
-                str(pgbench(pair)),
-                "-n",
-                "-M",
-                "simple",
-                "-f",
-                str(script),
-                "-c",
-                str(clients),
-                "-j",
-                "2",
-                "-t",
-                str(each),
-                pair.site_dsn,
-            ],
+            [*flood, pair.site_dsn],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -193,9 +180,8 @@ def test_a_notify_flood_costs_one_look_per_interval(pair: DbPair, tmp_path: Path
         finally:
             _, err = flooder.communicate(timeout=120)
         assert flooder.returncode == 0, err
-        elapsed = time.monotonic() - started
         wait_until(lambda: stats.notifications >= clients * each, 30, 0.02, "every notification to arrive")
-        looked = stats.looks - looks
+        looked, elapsed = stats.looks - looks, time.monotonic() - started
     assert written >= 1
     # Per interval one wake-up; each write adds a look that finds it and one that finds the end.
     bound = elapsed / WAKE_INTERVAL + 3 * written + 10
