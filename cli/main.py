@@ -12,8 +12,10 @@ from typing import Any
 
 import click
 
-from dbsync.cli.options import LOG_FORMATS
 from dbsync.errors import DbsyncError
+
+# --log-format: plain lines, or one JSON object per line (dbsync.cli.logs).
+LOG_FORMATS = ("text", "json")
 
 # name -> (module:attribute, the first line of its help). The short help is here so that the
 # command list needs no import; tests/test_cli_startup.py checks it matches each command's own.

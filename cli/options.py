@@ -2,33 +2,70 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
+from click.core import ParameterSource
 
-# --log-format: plain lines, or one JSON object per line (dbsync.cli.logs).
-LOG_FORMATS = ("text", "json")
+from dbsync.config import dsn_has_password
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+log = logging.getLogger("dbsync")
+
+# (parameter, flag, environment variable) of each DSN.
+DSN_OPTIONS = (("site_dsn", "--site-dsn", "DBSYNC_SITE_DSN"), ("agent_dsn", "--agent-dsn", "DBSYNC_AGENT_DSN"))
+
 
 def connection_options(func: F) -> F:
-    func = click.option("--agent-dsn", envvar="DBSYNC_AGENT_DSN", show_envvar=True, help="Agent DB connection string.")(
-        func
+    @functools.wraps(func)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        warn_of_passwords_in_flags(kwargs)
+        return func(*args, **kwargs)
+
+    wrapped: Callable[..., Any] = command
+    wrapped = click.option(
+        "--agent-dsn", envvar="DBSYNC_AGENT_DSN", show_envvar=True, help="Agent DB connection string."
+    )(wrapped)
+    wrapped = click.option("--site-dsn", envvar="DBSYNC_SITE_DSN", show_envvar=True, help="Site DB connection string.")(
+        wrapped
     )
-    func = click.option("--site-dsn", envvar="DBSYNC_SITE_DSN", show_envvar=True, help="Site DB connection string.")(
-        func
-    )
-    func = click.option(
+    wrapped = click.option(
         "--config",
         "config_file",
         envvar="DBSYNC_CONFIG",
         show_envvar=True,
         type=click.Path(dir_okay=False),
         help="TOML settings file (flags and environment win over it).",
-    )(func)
-    return func
+    )(wrapped)
+    return cast(F, wrapped)
+
+
+def warn_of_passwords_in_flags(values: dict[str, Any]) -> None:
+    """Any local user can read a process's arguments (`ps`, /proc): one warning per command
+    when a DSN given by flag carries a password, naming the ways that keep it private."""
+    ctx = click.get_current_context()
+    given = [
+        (flag, env)
+        for name, flag, env in DSN_OPTIONS
+        if values.get(name)
+        and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        and dsn_has_password(values[name])
+    ]
+    if not given:
+        return
+    flags = " and ".join(flag for flag, _ in given)
+    envs = " and ".join(env for _, env in given)
+    log.warning(
+        "%s carr%s a password, which is visible to other users in `ps`: put the DSN in %s or the config "
+        "file, or the password in ~/.pgpass or a passfile= (see docs/operations.md)",
+        flags,
+        "y" if len(given) > 1 else "ies",
+        envs,
+    )
 
 
 def json_option(func: F) -> F:

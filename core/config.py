@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import Conninfo
 
 from dbsync.errors import ConfigError
 
@@ -99,9 +102,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
             values[name] = _coerce(name, value, "option --" + name.replace("_", "-"))
     settings = Settings(config_file=Path(path) if path else None, **values)
     if settings.poison_policy not in POISON_POLICIES:
-        raise ConfigError(
-            f"poison_policy must be one of {', '.join(POISON_POLICIES)}, got {settings.poison_policy!r}"
-        )
+        raise ConfigError(f"poison_policy must be one of {', '.join(POISON_POLICIES)}, got {settings.poison_policy!r}")
     for dsn_name in ("site_dsn", "agent_dsn"):
         dsn = getattr(settings, dsn_name)
         if dsn:
@@ -136,37 +137,156 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def check_dsn(dsn: str, what: str = "dsn") -> dict[str, str]:
+    misread = ConfigError(
+        f"{what} is a URL with an '@' or '/' in its user name or password: percent-encode them "
+        "(%40, %2F) or use the key=value form (not shown, it may hold a password)"
+    )
+    # libpq would take the rest of such a password for a host or database name, and quote it.
+    if _misread_url(dsn):
+        raise misread
     try:
-        return {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+        parts = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
     except Exception:  # noqa: BLE001 - psycopg's message may quote the password
         # Not echoed: a malformed string may hold a password where no pattern can find it.
         raise ConfigError(
             f"{what} is not a valid PostgreSQL connection string (not shown, it may hold a password)"
         ) from None
+    if _misread_url(parts.get("dbname", "")):  # libpq reads such a dbname as a URL
+        raise misread
+    return parts
 
 
-_URL_PASSWORD = re.compile(r"(?P<pre>://[^:/@]*:)[^@]*(?P<at>@)")
-_KV_PASSWORD = re.compile(r"(?P<pre>\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# What never appears in a message: libpq's keywords whose values are secrets.
+SECRET_KEYWORDS = frozenset({"password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key"})
+MASK = "***"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A secret keyword and its value in free text: a quoted value (to its closing quote or the end)
+# or an unquoted one (to whitespace, backslash escapes included), as libpq reads them.
+_KV_SECRET = re.compile(
+    r"(?<![\w.%-])(?P<key>" + "|".join(sorted(SECRET_KEYWORDS)) + r")(?P<eq>\s*=\s*)"
+    r"(?:'(?:[^'\\]|\\.)*(?:'|\Z)|(?:\\.|[^\s\\])*\\?)",
+    re.IGNORECASE | re.DOTALL,
+)
+# One keyword = value pair of a key=value DSN.
+_KV_PAIR = re.compile(
+    r"(?P<lead>\s*)(?P<key>\w+)(?P<eq>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|(?!')(?:\\.|[^\s\\])*\\?)", re.DOTALL
+)
+
+
+@functools.cache
+def _keywords() -> frozenset[str]:
+    """Every keyword this libpq knows (a key=value DSN's keys, a URL's query parameters)."""
+    return frozenset(d.keyword.decode() for d in Conninfo.get_defaults()) | SECRET_KEYWORDS
+
+
+def _misread_url(dsn: str) -> bool:
+    """A postgresql:// URL whose user info holds an unencoded '@' or '/': libpq ends the user
+    info at the first of them, so the rest becomes the host or the database name."""
+    text = dsn.strip()
+    match = _SCHEME.match(text)
+    if not match or text[: match.end()].lower() not in ("postgresql://", "postgres://"):
+        return False
+    rest = text[match.end() :]
+    ends = [i for i in (rest.find("@"), rest.find("/")) if i >= 0]
+    return bool(ends) and "@" in rest[min(ends) + 1 :]
+
+
+def _redact_url(url: str) -> str:
+    """A URL (scheme://...) with its user info's password and any secret query value masked.
+
+    The user info runs to the LAST '@': a password may hold '@', ':' and '/' unencoded. When the
+    user name itself would be ambiguous, it is masked too."""
+    scheme = _SCHEME.match(url)
+    assert scheme is not None
+    head, rest = url[: scheme.end()], url[scheme.end() :]
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        head += (MASK if "@" in user else user + (":" + MASK if colon else "")) + "@"
+        rest = rest[at + 1 :]
+    query = rest.find("?")
+    if query < 0:
+        return head + rest
+    kept: list[str] = []
+    hiding = False
+    for piece in rest[query + 1 :].split("&"):
+        key, eq, _ = piece.partition("=")
+        name = unquote(key).strip().lower()
+        if hiding and not (eq and name in _keywords()):
+            continue  # an unencoded '&' inside the secret: still the secret
+        hiding = bool(eq) and name in SECRET_KEYWORDS
+        kept.append(f"{key}={MASK}" if hiding else piece)
+    return head + rest[: query + 1] + "&".join(kept)
+
+
+def _redact_kv(dsn: str) -> str:
+    """A key=value DSN read as libpq reads it; from the first thing that is not a known
+    keyword's pair on, everything is masked (a password may have been typed without its key)."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(dsn):
+        pair = _KV_PAIR.match(dsn, pos)
+        if pair is None or pair["key"].lower() not in _keywords():
+            rest = dsn[pos:]
+            if rest.strip():
+                out.append(rest[: len(rest) - len(rest.lstrip())] + MASK)
+            break
+        key, value = pair["key"], pair["value"]
+        if key.lower() in SECRET_KEYWORDS:
+            value = MASK
+        elif key.lower() == "dbname" and ("=" in value or "://" in value):
+            # libpq reads a dbname that looks like a connection string as one.
+            if value.startswith("'"):
+                inner = re.sub(r"\\(.)", r"\1", value[1:-1], flags=re.DOTALL)
+                value = "'" + redact_dsn(inner).replace("\\", "\\\\").replace("'", "\\'") + "'"
+            else:
+                value = redact_dsn(value)
+        out.append(pair["lead"] + key + pair["eq"] + value)
+        pos = pair.end()
+    return "".join(out)
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced, for messages and logs."""
-    out = _URL_PASSWORD.sub(r"\g<pre>***\g<at>", dsn)
-    out = re.sub(r"([?&]password=)[^&]*", r"\1***", out, flags=re.IGNORECASE)
-    return _KV_PASSWORD.sub(r"\g<pre>***", out)
+    """The DSN with any password masked, for messages and logs.
+
+    Also the last guard on every log line: in other text, secret key=value pairs and the user
+    info of any URL (up to whitespace) are masked."""
+    text = dsn.strip()
+    if _SCHEME.match(text):
+        return _redact_url(text)
+    first = _KV_PAIR.match(text)
+    if first is not None and first["key"].lower() in _keywords():
+        return _redact_kv(text)
+    out = _KV_SECRET.sub(lambda m: m["key"] + m["eq"] + MASK, dsn)
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S*", lambda m: _redact_url(m[0]), out)
 
 
 def describe_dsn(dsn: str) -> str:
     """A short, password-free name for a database: user@host:port/dbname."""
     try:
-        parts = conninfo_to_dict(dsn)
+        # Parsed after masking: a password libpq would misread cannot become a host name here.
+        parts = conninfo_to_dict(redact_dsn(dsn))
     except Exception:  # noqa: BLE001
-        return redact_dsn(dsn)
+        return "a malformed connection string"
+    db = parts.get("dbname")
+    if db and ("=" in str(db) or _SCHEME.match(str(db))):
+        return describe_dsn(str(db))
     host = parts.get("host") or "localhost"
     port = parts.get("port") or "5432"
-    db = parts.get("dbname") or parts.get("user") or "?"
-    user = parts.get("user")
+    user = parts.get("user") if parts.get("user") != MASK else None
+    db = db or user or "?"
     return f"{str(user) + '@' if user else ''}{host}:{port}/{db}"
+
+
+def dsn_has_password(dsn: str) -> bool:
+    """Whether the DSN itself carries a secret (a password, in the user info or as a key)."""
+    if _misread_url(dsn):
+        return True  # libpq misreads where the password ends, but there is one
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - malformed: it may hold one where no key says so
+        return redact_dsn(dsn) != dsn.strip()
+    return any(parts.get(key) for key in SECRET_KEYWORDS)
 
 
 def with_overrides(settings: Settings, **values: Any) -> Settings:

@@ -7,6 +7,7 @@ Site connection: lag is worth most exactly when the replication connections are 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from dbsync.daemon.consume import Progress
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError
 from dbsync.status import PENDING
+
+log = logging.getLogger("dbsync.daemon")
 
 # An answer slower than this is as good as none.
 QUERY_TIMEOUT = 5.0
@@ -67,6 +70,8 @@ class LagProbe:
                 timeout=QUERY_TIMEOUT,
             )
         except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS) as exc:
+            if first_line(exc) != self.error:  # once per change: /readyz says only "lag unknown"
+                log.warning("cannot measure the lag: %s", first_line(exc))
             self.error = first_line(exc)
             await self.close()
             return None

@@ -58,6 +58,9 @@ PAGE_BYTES = 8 * 1024 * 1024
 # this long before the next, so events gather: at most ~100 batches a second, which bounds its
 # cost to both databases. An idle daemon is woken at once; a backlog is drained without pause.
 LINGER = 0.01
+# Any role may NOTIFY the channel, as often as it likes: the notifications that arrive within
+# this long of the previous look are one wake-up, so a flood costs at most one look per interval.
+WAKE_INTERVAL = 0.02
 # Advisory lock space: (LOCK_CLASS, hashtext(source)).
 LOCK_CLASS = 0x64627379  # "dbsy"
 
@@ -84,6 +87,8 @@ class Stats:
     parked: int = 0
     reconnects: int = 0
     read_ahead: int = 0  # pages read while the previous one was written
+    looks: int = 0  # snapshots taken to look for a new batch (found or not)
+    notifications: int = 0  # doorbell rings received (anyone may ring it)
     last_apply_at: float | None = None
 
 
@@ -98,6 +103,7 @@ class PageReport:
 
 # What the daemon is doing; `active` alone says whether it holds the lock.
 STARTING, STANDBY, APPLYING, RECONNECTING = "starting", "standby", "applying", "reconnecting"
+STUCK = "stuck"  # a problem_state, not a state: the loop is reconnecting to retry it
 
 
 class Backoff:
@@ -148,6 +154,7 @@ class Replicator:
         self.progress = Progress()
         self._persisted = Progress()
         self._problem: str | None = None
+        self._problem_state = RECONNECTING
         self.active = False
         self.state = STARTING
         # Monotonic times: the last step that completed, the first failure since then.
@@ -194,7 +201,7 @@ class Replicator:
         # LISTEN before the first read: a commit after this point rings the bell.
         await site.add_listener(CHANNEL, self._on_notify)
         # A Site link that dies while the daemon waits wakes it at once, to reconnect.
-        site.add_termination_listener(self._on_notify)
+        site.add_termination_listener(self._on_terminate)
         # The daemon's own Site writes (doorbell, retention) need no synchronous flush.
         await site.execute("SET synchronous_commit = off")
         await self.doorbell.reset(site)
@@ -246,6 +253,10 @@ class Replicator:
         self.site = self.agent = None
 
     def _on_notify(self, *_: object) -> None:
+        self.stats.notifications += 1
+        self.wake.set()
+
+    def _on_terminate(self, *_: object) -> None:
         self.wake.set()
 
     async def _sleep(self, seconds: float) -> None:
@@ -290,12 +301,20 @@ class Replicator:
         """What the daemon is retrying on, one line; None while it replicates normally."""
         return self._problem
 
+    @property
+    def problem_state(self) -> str:
+        """While there is a problem, what kind, in one word safe to show anyone: "reconnecting"
+        (a database is unreachable) or "stuck" (retrying alone will not fix it: an event the
+        Agent DB rejects, a missing schema, a privilege)."""
+        return self._problem_state
+
     # -- one step --------------------------------------------------------------------------
     async def step(self) -> bool:
         """Apply one page. Returns True when more may be waiting (do not sleep)."""
         assert self.site and self.agent
         progress = self.progress
         if not progress.in_batch:
+            self.stats.looks += 1
             progress, count, self._last_snapshot = await open_batch(self.site, progress)
             if not progress.in_batch:
                 self._stepped()
@@ -453,8 +472,10 @@ class Replicator:
             await self._disconnect()
 
     async def _loop(self) -> None:
+        clock = asyncio.get_running_loop()
         while not self.stop.is_set():
-            self.wake.clear()
+            self.wake.clear()  # a ring from now on is for a look after this one
+            looked_at = clock.time()
             busy = await self.step()
             if not self.progress.in_batch:
                 assert self.site is not None
@@ -468,7 +489,11 @@ class Replicator:
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
             if delay == 0:
                 continue
-            await self._wait(self.wake, self.settings.poll_interval if delay is None else delay)
+            rung = await self._wait(self.wake, self.settings.poll_interval if delay is None else delay)
+            # Coalesce: every ring within WAKE_INTERVAL of the last look is one wake-up.
+            pause = looked_at + WAKE_INTERVAL - clock.time()
+            if rung and pause > 0 and not self.stop.is_set():
+                await self._sleep(pause)
 
     async def _record_error(self, exc: BaseException) -> None:
         """Leave a stuck apply where `dbsync status` shows it."""
@@ -484,6 +509,7 @@ class Replicator:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, DbsyncError):
             message = f"{type(exc).__name__}: {message}"
+        self._problem_state = RECONNECTING if isinstance(exc, pg.CONNECTION_ERRORS) else STUCK
         if message != self._problem:
             log.error("%s; retrying", message)
             self._problem = message

@@ -165,30 +165,43 @@ class Service:
             return "applying"
         return f"applying; lag {self.lag.seconds:.2f} s, {self.lag.events} events behind"
 
+    def public_status(self) -> str:
+        """What /healthz and /readyz say, to anyone who reaches the port: the state and numbers,
+        never a message (an error can quote key values, row data, a host or a DSN; the log and
+        `dbsync status` have those)."""
+        r = self.replicator
+        if self.stop.is_set():
+            return "stopping"
+        if r.problem is not None:
+            return r.problem_state
+        if r.state == APPLYING and self.lag is not None:
+            return f"applying; lag {self.lag.seconds:.2f} s, {self.lag.events} events behind"
+        return r.state
+
     def liveness(self) -> Response:
-        return 200, "text/plain", f"alive; {self.status_line()}\n"
+        return 200, "text/plain", f"alive; {self.public_status()}\n"
 
     def readiness(self) -> Response:
         r, lag = self.replicator, self.lag
         reason = None
         if self.stop.is_set() or r.problem is not None:
-            reason = self.status_line()
+            reason = self.public_status()
         elif r.state == STANDBY:
             if not _is_open(r.agent):
                 reason = "standby without an Agent DB connection"
             elif not self.probe.site_reachable:
-                reason = f"standby, but the Site DB does not answer: {self.probe.error or 'not checked yet'}"
+                reason = "standby, but the Site DB does not answer"
         elif r.state != APPLYING:
             reason = r.state
         elif not (_is_open(r.site) and _is_open(r.agent)):
             reason = "not connected to both databases"
         elif lag is None:
-            reason = f"lag unknown: {self.probe.error or 'not measured yet'}"
+            reason = "lag unknown"
         elif lag.seconds > self.settings.lag_threshold:
             reason = f"lag {lag.seconds:.1f} s is over the threshold of {self.settings.lag_threshold:g} s"
         if reason is not None:
             return 503, "text/plain", f"not ready: {reason}\n"
-        return 200, "text/plain", f"ready; {self.status_line()}\n"
+        return 200, "text/plain", f"ready; {self.public_status()}\n"
 
     def metrics_page(self) -> Response:
         r, lag = self.replicator, self.lag

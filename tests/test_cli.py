@@ -46,13 +46,26 @@ def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[st
     return proc
 
 
+# What the warning about a password given by flag says (once, before anything else).
+PS_WARNING = "visible to other users in `ps`"
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the warning about a password on the command line (at most one)."""
+    lines = stderr.splitlines()
+    warnings = [line for line in lines if PS_WARNING in line]
+    assert len(warnings) <= 1, stderr
+    return [line for line in lines if PS_WARNING not in line]
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expect: str) -> str:
-    """A clean failure: non-zero exit, exactly one stderr line, no traceback, no password."""
+    """A clean failure: non-zero exit, exactly one stderr line (besides the warning about a
+    password given by flag), no traceback, no password."""
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"exit 0\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     assert "Traceback" not in out, proc.stderr
     assert SECRET not in out, out
-    lines = proc.stderr.splitlines()
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
     assert lines[0].startswith("dbsync: error: "), lines[0]
     for text in expect:
@@ -466,6 +479,8 @@ ODD_VALUES = {
     "connect-timeout-not-a-number": f"host=127.0.0.1 port=1 dbname=x password={SECRET} connect_timeout=abc",
     "sslmode-unknown": f"host=127.0.0.1 port=1 dbname=x password={SECRET} sslmode=bogus",
 }
+
+
 def _odd_value_cases() -> Iterator[Any]:
     for name, dsn in ODD_VALUES.items():
         for command in ("migrate", "tables list", "status", "run --once"):
@@ -667,7 +682,6 @@ def test_role_without_privileges(pair: DbPair, command: str) -> None:
     assert_one_line_error(dbsync(*command_lines(site, pair.agent_dsn)[command]), "permission denied")
 
 
-
 # Everything a migration creates, as text: relations, dbsync's functions (with their bodies),
 # constraints and triggers.
 CATALOG_SHAPE = """
@@ -716,3 +730,97 @@ def test_every_migration_rolls_back_exactly(bare_pair: DbPair, side: str) -> Non
                 assert shape() == expected, f"rolling back {migration.id} did not restore the catalog"
         assert migrations.apply(dsn, side, ["whatsapp"]) == [m.id for m in todo]
         assert shape() == applied
+
+
+# -- passwords on the command line ---------------------------------------------------------------
+def ran(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    """`dbsync status` ran (exit 1: unhealthy, as no daemon runs here)."""
+    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def ps_warnings(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if PS_WARNING in line]
+
+
+def test_password_in_a_dsn_flag_warns_once(pair: DbPair, tmp_path: Path) -> None:
+    """Any local user sees a process's arguments: a password given by flag earns one warning
+    naming the safer ways; the same DSNs from the environment or the config file earn none."""
+    site, agent = with_password(pair.site_dsn), with_password(pair.agent_dsn)  # trust auth ignores it
+    proc = ran(dbsync("status", "--json", "--site-dsn", site, "--agent-dsn", agent))
+    [warning] = ps_warnings(proc)
+    for way in (
+        "--site-dsn",
+        "--agent-dsn",
+        "DBSYNC_SITE_DSN",
+        "DBSYNC_AGENT_DSN",
+        "pgpass",
+        "passfile",
+        "config file",
+    ):
+        assert way in warning, warning
+    assert SECRET not in proc.stdout + proc.stderr
+    json.loads(proc.stdout)  # stdout untouched
+
+    # One side only: named alone. URL forms count too.
+    url = f"postgresql://nobody:{SECRET}@127.0.0.1:{free_port()}/x"
+    [warning] = ps_warnings(dbsync("status", "--site-dsn", pair.site_dsn, "--agent-dsn", agent))
+    assert "--agent-dsn" in warning and "--site-dsn" not in warning
+    query = f"postgresql://nobody@127.0.0.1:{free_port()}/x?password={SECRET}"
+    assert ps_warnings(dbsync("tables", "list", "--site-dsn", query))
+    assert ps_warnings(dbsync("tables", "list", "--site-dsn", url))
+    # Also in JSON logs, as one JSON record.
+    proc = dbsync("--log-format", "json", "status", "--site-dsn", site, "--agent-dsn", agent)
+    [warning] = ps_warnings(proc)
+    assert json.loads(warning)["level"] == "warning"
+
+    # No password in the flags, or the password from the environment or the file: no warning.
+    assert not ps_warnings(ran(dbsync("status", "--site-dsn", pair.site_dsn, "--agent-dsn", pair.agent_dsn)))
+    assert not ps_warnings(ran(dbsync("status", env={"DBSYNC_SITE_DSN": site, "DBSYNC_AGENT_DSN": agent})))
+    conf = tmp_path / "dbsync.toml"
+    conf.write_text(f"site_dsn = {toml_str(site)}\nagent_dsn = {toml_str(agent)}\n")
+    assert not ps_warnings(ran(dbsync("status", "--config", str(conf))))
+    assert not ps_warnings(ran(dbsync("status", env={"DBSYNC_CONFIG": str(conf)})))
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:*:{SECRET}\n")
+    passfile.chmod(0o600)
+    with_passfile = make_conninfo(pair.site_dsn, passfile=str(passfile))
+    assert not ps_warnings(ran(dbsync("status", "--site-dsn", with_passfile, "--agent-dsn", pair.agent_dsn)))
+
+
+# Passwords that libpq can mangle into a host or database name, which its errors quote:
+# (DSN, the password as typed and as decoded).
+HARD_PASSWORDS = {
+    "url-unencoded-at": ("postgresql://someone:Mj4@Leak77@127.0.0.1:{port}/nowhere?connect_timeout=5", ("Mj4@Leak77",)),
+    "url-unencoded-at-colon-slash": (
+        "postgresql://someone:Mj4@Le:ak/77@127.0.0.1:{port}/nowhere?connect_timeout=5",
+        ("Mj4@Le:ak/77",),
+    ),
+    "url-percent-encoded": (
+        "postgresql://someone:Mj4%40Leak77@127.0.0.1:{port}/nowhere?connect_timeout=5",
+        ("Mj4%40Leak77", "Mj4@Leak77"),
+    ),
+    "url-query": ("postgresql://someone@127.0.0.1:{port}/nowhere?password=Mj4Leak77&connect_timeout=5", ("Mj4Leak77",)),
+    "kv-quoted": (
+        "host=127.0.0.1 port={port} user=someone password='Mj4 @Leak77' dbname=nowhere connect_timeout=5",
+        ("Mj4 @Leak77",),
+    ),
+}
+
+
+def assert_no_fragment(text: str, secrets: tuple[str, ...]) -> None:
+    for secret in secrets:
+        leaked = sorted(secret[i : i + 3] for i in range(len(secret) - 2) if secret[i : i + 3] in text)
+        assert not leaked, f"{leaked} of {secret!r} in:\n{text}"
+
+
+@pytest.mark.parametrize("command", ["status", "run --once", "migrate"])
+@pytest.mark.parametrize("form", list(HARD_PASSWORDS))
+def test_failed_connection_shows_no_part_of_the_password(form: str, command: str) -> None:
+    template, secrets = HARD_PASSWORDS[form]
+    dsn = template.format(port=free_port())
+    env = {"DBSYNC_SITE_DSN": dsn, "DBSYNC_AGENT_DSN": dsn}
+    for args, extra in ((command_lines(dsn, dsn)[command], None), (command.split(), env)):
+        proc = dbsync(*args, env=extra)
+        assert_one_line_error(proc)
+        assert_no_fragment(proc.stdout + proc.stderr, secrets)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 
+from dbsync.config import Settings
+from dbsync.daemon.runner import WAKE_INTERVAL, Replicator
+from dbsync.embedded import default_bindir
 from tests.helpers import Daemon, DbPair, assert_same, same, wait_until
+from tests.helpers import count as rows
 
 
 def armed(conn: psycopg.Connection) -> bool:
@@ -21,6 +29,7 @@ def test_writers_ring_exactly_while_armed(pair: DbPair) -> None:
     listener = psycopg.connect(pair.site_dsn, autocommit=True)
     listener.execute("LISTEN dbsync")
     site = pair.site()
+
     def rings_until_marker() -> int:
         """Notifications before a marker sent now: all earlier commits are delivered first."""
         site.execute("SELECT pg_notify('dbsync', 'marker')")
@@ -103,4 +112,79 @@ def test_writer_that_missed_the_arming_is_still_picked_up_quickly(pair: DbPair) 
         wait_until(lambda: same(pair), 10, 0.01, "the unnotified commit to be applied")
         assert time.monotonic() - started < 5
     writer.close()
+    assert_same(pair)
+
+
+class InProcess:
+    """The Replicator in a thread of this process, so a test can read its stats."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.replicator = Replicator(settings)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.replicator.run())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            self.error = exc
+
+    def __enter__(self) -> InProcess:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.replicator.stop.set)
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the replicator did not stop"
+        self.loop.close()
+        if self.error is not None:
+            raise self.error
+
+
+def pgbench(pair: DbPair) -> Path:
+    cluster = pair.site_server.cluster
+    bindir = (
+        cluster.bindir if cluster is not None else Path(os.environ.get("DBSYNC_TEST_PG_BINDIR") or default_bindir())
+    )
+    return bindir / "pgbench"
+
+
+def test_a_notify_flood_costs_one_look_per_interval(pair: DbPair, tmp_path: Path) -> None:
+    """Any role may NOTIFY dbsync thousands of times a second. Notifications only set an event,
+    and the daemon acts on at most one per WAKE_INTERVAL: the flood costs a bounded number of
+    looks at the log, not one per notification, and writes made meanwhile are still applied."""
+    clients, each = 4, 5000
+    script = tmp_path / "notify.sql"
+    script.write_text("NOTIFY dbsync;\n")
+    site = pair.site()
+    with InProcess(pair.settings(poll_interval=30)) as daemon:
+        stats = daemon.replicator.stats
+        wait_until(lambda: armed(site), 20, 0.02, "the idle daemon to arm the doorbell")
+        looks, started = stats.looks, time.monotonic()
+        # A separate process, one NOTIFY per transaction, as flooding clients would send them.
+        flood = f"{pgbench(pair)} -n -M simple -f {script} -c {clients} -j 2 -t {each}".split()
+        flooder = subprocess.Popen(
+            [*flood, pair.site_dsn],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        written = 0
+        try:
+            while flooder.poll() is None and written < 10:
+                written += 1
+                site.execute("INSERT INTO conversations (phone_number) VALUES (%s)", (f"+4916{written}",))
+                wait_until(lambda n=written: rows(pair.agent_dsn, "conversations") == n, 10, 0.01, "a write to apply")
+        finally:
+            _, err = flooder.communicate(timeout=120)
+        assert flooder.returncode == 0, err
+        wait_until(lambda: stats.notifications >= clients * each, 30, 0.02, "every notification to arrive")
+        looked, elapsed = stats.looks - looks, time.monotonic() - started
+    assert written >= 1
+    # Per interval one wake-up; each write adds a look that finds it and one that finds the end.
+    bound = elapsed / WAKE_INTERVAL + 3 * written + 10
+    print(f"{looked} looks for {clients * each} notifications in {elapsed:.2f} s, {written} writes")
+    assert looked <= bound, f"{looked} looks for {clients * each} notifications in {elapsed:.1f} s (bound {bound:.0f})"
     assert_same(pair)
