@@ -152,18 +152,12 @@ class Service:
 
     # -- what systemd and the HTTP endpoints say -------------------------------------------------
     def status_line(self) -> str:
+        """systemd's STATUS=, which `systemctl status` shows to every local user: the same state
+        and numbers as the health endpoints, never an error's text (it can quote key values)."""
         r = self.replicator
-        if self.stop.is_set():
-            return "stopping"
-        if r.problem is not None:
-            return f"reconnecting: {r.problem}"
-        if r.state == STANDBY:
-            return "standby"
-        if r.state != APPLYING:
-            return r.state
-        if self.lag is None:
-            return "applying"
-        return f"applying; lag {self.lag.seconds:.2f} s, {self.lag.events} events behind"
+        if r.problem is not None and not self.stop.is_set():
+            return f"{r.problem_state} (the reason is in the log and in `dbsync status`)"
+        return self.public_status()
 
     def public_status(self) -> str:
         """What /healthz and /readyz say, to anyone who reaches the port: the state and numbers,
