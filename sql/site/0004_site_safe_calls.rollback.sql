@@ -227,3 +227,4 @@ $fn$;
 ALTER FUNCTION dbsync.backfill_step(regclass, integer) RESET row_security;
 DROP FUNCTION dbsync.key_compare(regclass, text[], text, text, text);
 DROP FUNCTION dbsync.key_operator(regclass, text, integer);
+DROP FUNCTION dbsync.as_record(anyelement);

@@ -7,8 +7,11 @@
 -- beats the extension's hstore(record) even when called as public.hstore(...), and
 -- public.populate_record(<row type>, hstore) beats populate_record(anyelement, hstore). Only an
 -- exact match on the argument types cannot be beaten, so:
---   * a row image is taken from an anonymous record (SELECT NEW.* INTO r, or the whole-row value
---     of a subquery): its type is exactly `record`, the extension's own signature;
+--   * a row image is taken from an expression whose type is exactly `record`, the extension's own
+--     signature: dbsync.as_record(NEW) (declared to return record; at run time the value still
+--     carries its table's current row type, so a column added or dropped since is seen), or in
+--     dynamic SQL the whole-row value of a subquery. (Not `SELECT NEW.* INTO r`: PL/pgSQL keeps
+--     that statement's plan, with the columns NEW had when it was first run in the session.)
 --   * "did the key change" sets the key columns with pg_catalog.jsonb_populate_record instead of
 --     hstore's populate_record (schema-qualified pg_catalog: nobody else can create there);
 --   * the other hstore calls (slice, hstore_to_json, hstore_to_jsonb) already take exactly hstore.
@@ -19,24 +22,18 @@
 -- that row-level security would filter fails instead of silently missing rows (a missing row
 -- would become a 'D' event).
 
+-- Any row, typed as `record` for overload resolution. Plain SQL, inlined: it costs nothing.
+CREATE FUNCTION dbsync.as_record(anyelement) RETURNS record
+LANGUAGE sql IMMUTABLE AS 'SELECT $1';
+
 DO $do$
 DECLARE
     ext text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                    JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'hstore');
 BEGIN
-    -- For callers other than the capture trigger (which inlines the same two steps).
     EXECUTE pg_catalog.format($sql$
         CREATE OR REPLACE FUNCTION dbsync.row_image(anyelement) RETURNS %1$s.hstore
-        LANGUAGE plpgsql STABLE
-        SET search_path = pg_catalog, pg_temp
-        AS $fn$
-        DECLARE
-            r record;
-        BEGIN
-            SELECT ($1).* INTO r;  -- an anonymous record: hstore(record) is an exact match
-            RETURN %1$s.hstore(r);
-        END
-        $fn$$sql$, ext);
+        LANGUAGE sql STABLE AS 'SELECT %1$s.hstore(dbsync.as_record($1))'$sql$, ext);
 
     EXECUTE pg_catalog.format($sql$
         CREATE OR REPLACE FUNCTION dbsync.with_key(anyelement, %1$s.hstore) RETURNS anyelement
@@ -57,9 +54,9 @@ BEGIN
         DECLARE
             v_table integer := TG_ARGV[0]::integer;
             v_keys  text[];
-            v_row   record;
             v_img   dbsync.sync_log.row_image%%TYPE;
             v_key   dbsync.sync_log.pk%%TYPE;
+            v_old   dbsync.sync_log.pk%%TYPE;
         BEGIN
             IF TG_OP = 'TRUNCATE' THEN
                 INSERT INTO dbsync.sync_log (table_id, op) VALUES (v_table, 'T');
@@ -73,25 +70,30 @@ BEGIN
             END IF;
             v_keys := TG_ARGV[1:TG_NARGS - 1];
             IF TG_OP <> 'DELETE' THEN
-                SELECT NEW.* INTO v_row;  -- anonymous record: see the head of 0004_site_safe_calls
-                v_img := %1$s.hstore(v_row);
+                v_img := %1$s.hstore(dbsync.as_record(NEW));  -- see the head of 0004_site_safe_calls
                 v_key := dbsync.key_image(v_img, v_keys);
             END IF;
 
             IF TG_OP = 'INSERT' THEN
                 INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_img);
             ELSIF TG_OP = 'DELETE' THEN
-                SELECT OLD.* INTO v_row;
                 INSERT INTO dbsync.sync_log (table_id, op, pk)
-                VALUES (v_table, 'D', dbsync.key_image(%1$s.hstore(v_row), v_keys));
+                VALUES (v_table, 'D', dbsync.key_image(%1$s.hstore(dbsync.as_record(OLD)), v_keys));
             ELSIF dbsync.with_key(OLD, v_key) OPERATOR(pg_catalog.*=) OLD THEN
                 INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'U', v_key, v_img);
             ELSE
-                -- The primary key changed: the old key must disappear on the Agent DB.
-                SELECT OLD.* INTO v_row;
-                INSERT INTO dbsync.sync_log (table_id, op, pk)
-                VALUES (v_table, 'D', dbsync.key_image(%1$s.hstore(v_row), v_keys));
-                INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_img);
+                -- The key looks changed. jsonb_populate_record keeps a row type's columns from its
+                -- first call in a session, so after ALTER TABLE it can say "changed" when it is
+                -- not (never the other way: keys keep their column numbers); the old key's image,
+                -- which the 'D' needs anyway, decides.
+                v_old := dbsync.key_image(%1$s.hstore(dbsync.as_record(OLD)), v_keys);
+                IF v_old OPERATOR(%1$s.=) v_key THEN
+                    INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'U', v_key, v_img);
+                ELSE
+                    -- The primary key changed: the old key must disappear on the Agent DB.
+                    INSERT INTO dbsync.sync_log (table_id, op, pk) VALUES (v_table, 'D', v_old);
+                    INSERT INTO dbsync.sync_log (table_id, op, pk, row_image) VALUES (v_table, 'I', v_key, v_img);
+                END IF;
             END IF;
             -- A doorbell, not data: a constant payload is folded into one notification per transaction.
             IF dbsync.doorbell_armed() THEN
@@ -364,5 +366,5 @@ END
 $do$;
 
 ALTER FUNCTION dbsync.backfill_step(regclass, integer) SET row_security = off;
-REVOKE ALL ON FUNCTION dbsync.key_operator(regclass, text, integer),
+REVOKE ALL ON FUNCTION dbsync.as_record(anyelement), dbsync.key_operator(regclass, text, integer),
     dbsync.key_compare(regclass, text[], text, text, text) FROM PUBLIC;
