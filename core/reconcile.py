@@ -30,13 +30,14 @@ from dbsync import tables as registry
 from dbsync.catchup import CatchUp
 from dbsync.db import display_name
 from dbsync.errors import DbsyncError, SchemaError
+from dbsync.keyops import key_equality
 from dbsync.rowhash import (
     BUCKET_PLANNING,
     HashQueries,
     TableShape,
     choose_hash,
-    ident,
     key_defs,
+    key_match,
     prepare,
     raw,
 )
@@ -146,8 +147,12 @@ def _target(
         raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(lacking)}")
     return Target(
         table_id,
-        TableShape(schema, name, keys, columns, key_defs(site, schema, name, keys)),
-        TableShape(schema, name, keys, columns, key_defs(agent, schema, name, keys)),
+        TableShape(
+            schema, name, keys, columns, key_defs(site, schema, name, keys), key_equality(site, schema, name, keys)
+        ),
+        TableShape(
+            schema, name, keys, columns, key_defs(agent, schema, name, keys), key_equality(agent, schema, name, keys)
+        ),
     )
 
 
@@ -291,7 +296,7 @@ def moving_keys(site: psycopg.Connection, target: Target, snap: str, keys: list[
     recent = sql.SQL(RECENT)
     if site.execute(sql.SQL(RECENT_TRUNCATE).format(recent=recent), params).fetchone() == (True,):
         return set(keys)
-    match = sql.SQL(" AND ").join(sql.SQL("r.{0} = k.{0}").format(ident(k)) for k in target.site.keys)
+    match = key_match(target.site, "r", "k")
     query = sql.SQL(MOVING_KEYS).format(defs=raw(target.site.key_defs), recent=recent, match=match)
     return {r[0] for r in site.execute(query, params).fetchall()}
 

@@ -52,7 +52,9 @@ def call(site: psycopg.Connection, statement: str, params: tuple[Any, ...], what
             log.debug("%s: lock not granted (attempt %d); retrying", what, attempt)
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, 2.0)
-        except psycopg.errors.UndefinedFunction:
+        except psycopg.errors.UndefinedFunction as exc:
+            if "dbsync." not in first_line(exc):  # e.g. an operator the function's own statements lack
+                raise ResyncError(f"{what}: {first_line(exc)}") from None
             raise SchemaError("the Site DB lacks the resync functions: run `dbsync migrate`") from None
         except psycopg.Error as exc:
             raise ResyncError(f"{what}: {first_line(exc).removeprefix('dbsync: ')}") from None

@@ -23,6 +23,7 @@ from psycopg import sql
 from dbsync.daemon.consume import Progress
 from dbsync.db import display_name
 from dbsync.errors import ApplyError, DriftError, SchemaError
+from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
 
 
 def ident(*names: str) -> str:
@@ -46,6 +47,8 @@ class Target:
     always_identity: frozenset[str] = frozenset()
     # Variable-length columns whose values PostgreSQL may move out of line (TOAST).
     toastable: frozenset[str] = frozenset()
+    # How each key column compares (its type's own equality operator), in key order.
+    key_equality: tuple[KeyEquality, ...] = field(default=(), hash=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -97,7 +100,7 @@ class Target:
         )
 
     def delete_sql(self) -> str:
-        match = " AND ".join(f"d.{ident(k)} = {self._cast('k', k)}" for k in self.keys)
+        match = " AND ".join(eq.match(f"d.{ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality)
         return f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k')} WHERE {match}"
 
     def truncate_sql(self) -> str:
@@ -124,11 +127,13 @@ SELECT a.attname::text AS name, a.attgenerated <> '' AS generated, a.attidentity
            ELSE pg_catalog.format_type(a.atttypid, NULL)
        END AS type
 FROM pg_catalog.pg_attribute a
-WHERE a.attrelid = (
-    SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))
-  AND a.attnum > 0 AND NOT a.attisdropped
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
+"""
+
+AGENT_TABLE = """
+SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
 """
 
 # A unique index on exactly the key columns is what ON CONFLICT needs.
@@ -174,9 +179,10 @@ async def load_target(
     agent: asyncpg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
 ) -> Target:
     label = f"{schema}.{name}"
-    cols = await agent.fetch(AGENT_COLUMNS, schema, name)
-    if not cols:
+    oid = await agent.fetchval(AGENT_TABLE, schema, name)
+    if oid is None:
         raise SchemaError(f"table {label} does not exist on the Agent DB")
+    cols = await agent.fetch(AGENT_COLUMNS, oid)
     names = {c["name"] for c in cols}
     missing = [k for k in keys if k not in names]
     if missing:
@@ -185,6 +191,9 @@ async def load_target(
         raise SchemaError(
             f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
         )
+    equality = key_equalities(
+        [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
+    )
     return Target(
         table_id=table_id,
         schema=schema,
@@ -195,6 +204,7 @@ async def load_target(
         types={c["name"]: c["type"] for c in cols},
         always_identity=frozenset(c["name"] for c in cols if c["always_identity"]),
         toastable=frozenset(c["name"] for c in cols if c["toastable"]),
+        key_equality=tuple(equality),
     )
 
 
@@ -353,9 +363,7 @@ class Applier:
         if not self.parked:
             return set()
         keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
-        rows = await agent.fetch(
-            PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed]
-        )
+        rows = await agent.fetch(PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
         return {(r["table_id"], r["pk"]) for r in rows}
 
     async def apply(
