@@ -49,6 +49,8 @@ class Target:
     toastable: frozenset[str] = frozenset()
     # How each key column compares (its type's own equality operator), in key order.
     key_equality: tuple[KeyEquality, ...] = field(default=(), hash=False, compare=False)
+    # Columns of type json or jsonb, or a domain over one (see _source).
+    json_typed: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -59,14 +61,18 @@ class Target:
         return ident(self.schema, self.name)
 
     # Row images arrive as JSON objects of text values (each column's text output on the Site);
-    # json_to_recordset reads them as text and each value goes through the Agent column type's
-    # input function: PostgreSQL's own exact round trip.
+    # json_to_recordset hands each value to the Agent column type's input function: PostgreSQL's
+    # own exact round trip. Never a cast from text: the owner of a type (an enum, a composite)
+    # may create a cast from text to it, and its function would run with the daemon's rights.
+    # json and jsonb columns are read as text and cast (json_to_recordset would keep a JSON
+    # string as a string); casts between those built-in types only a superuser can create.
     def _source(self, columns: Sequence[str], alias: str) -> str:
-        defs = ", ".join(f"{ident(c)} text" for c in columns)
+        defs = ", ".join(f"{ident(c)} {'text' if c in self.json_typed else self.types[c]}" for c in columns)
         return f"pg_catalog.json_to_recordset($1::text::json) AS {alias}({defs})"
 
     def _cast(self, alias: str, column: str) -> str:
-        return f"{alias}.{ident(column)}::{self.types[column]}"
+        value = f"{alias}.{ident(column)}"
+        return f"{value}::{self.types[column]}" if column in self.json_typed else value
 
     def _assign(self, column: str) -> str:
         """The SET clause of an upsert for one column.
@@ -125,7 +131,9 @@ SELECT a.attname::text AS name, a.attgenerated <> '' AS generated, a.attidentity
            WHEN 'pg_catalog.bit'::pg_catalog.regtype THEN 'pg_catalog.varbit'
            WHEN 'pg_catalog._bit'::pg_catalog.regtype THEN 'pg_catalog.varbit[]'
            ELSE pg_catalog.format_type(a.atttypid, NULL)
-       END AS type
+       END AS type,
+       (SELECT coalesce(nullif(ty.typbasetype, 0), ty.oid) FROM pg_catalog.pg_type ty WHERE ty.oid = a.atttypid)
+           IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype) AS json_typed
 FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
@@ -205,6 +213,7 @@ async def load_target(
         always_identity=frozenset(c["name"] for c in cols if c["always_identity"]),
         toastable=frozenset(c["name"] for c in cols if c["toastable"]),
         key_equality=tuple(equality),
+        json_typed=frozenset(c["name"] for c in cols if c["json_typed"]),
     )
 
 

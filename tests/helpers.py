@@ -90,6 +90,11 @@ def sync_once(pair: DbPair, **overrides: Any) -> Replicator:
 def rows_of(dsn: str, table: str) -> list[str]:
     """Every row as PostgreSQL's own text, in key order, with exact float output."""
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # The name resolves in the test's search_path; everything after runs in pg_catalog alone,
+        # so functions a test's hostile role planted in public never run here (tests/test_hijack.py).
+        table = str(conn.execute("SELECT %s::regclass::oid", (table,)).fetchone()[0])  # type: ignore[index]
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+        table = str(conn.execute("SELECT %s::oid::regclass::text", (table,)).fetchone()[0])  # type: ignore[index]
         conn.execute("SET extra_float_digits = 3")
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute("SET IntervalStyle = 'postgres'")

@@ -1,0 +1,381 @@
+"""A hostile role that may CREATE in public plants overloads, operators and casts for every name
+dbsync's code calls; nothing of theirs may ever run with dbsync's rights (DESIGN-NOTES §7).
+
+The planted objects bump a sequence the attacker owns (a sequence, because it is not rolled
+back when the hijacked statement fails) and note what ran in a table. Every path dbsync has is
+then exercised: capture of INSERT, UPDATE, key change, DELETE and TRUNCATE by the writer; the
+daemon applying all of it; `tables add`, `backfill`, `reconcile --deep`, `reconcile --repair`,
+`status`, `tables list`, `tables remove`. PostgreSQL 15 does not let every role create in
+public by default (13 and 14 do), so the test grants it, as those versions would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.helpers import DbPair, assert_same, dbsync_cmd, sync_once
+
+_n = itertools.count()
+
+# Every function name the SECURITY DEFINER bodies, the daemon's and the CLI's SQL call, and a few
+# more that such code commonly calls.
+NAMES = [
+    "hstore",
+    "slice",
+    "hstore_to_json",
+    "hstore_to_jsonb",
+    "populate_record",
+    "jsonb_populate_record",
+    "json_populate_record",
+    "json_populate_recordset",
+    "jsonb_populate_recordset",
+    "to_json",
+    "to_jsonb",
+    "row_to_json",
+    "json_to_record",
+    "json_to_recordset",
+    "jsonb_to_recordset",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_typeof",
+    "json_agg",
+    "jsonb_agg",
+    "json_array_elements",
+    "jsonb_array_elements",
+    "format",
+    "quote_ident",
+    "quote_literal",
+    "string_agg",
+    "array_agg",
+    "unnest",
+    "count",
+    "current_setting",
+    "set_config",
+    "pg_notify",
+    "setval",
+    "nextval",
+    "pg_sequence_last_value",
+    "format_type",
+    "cardinality",
+    "array_to_string",
+    "pg_current_xact_id",
+    "clock_timestamp",
+    "now",
+    "textin",
+    "record_out",
+    "akeys",
+    "avals",
+    "each",
+    "exist",
+    "defined",
+    "key_image",
+    "row_image",
+    "with_key",
+    "image_json",
+    "doorbell_armed",
+    "key_operator",
+    "key_compare",
+    "to_regclass",
+    "pg_backend_pid",
+    "pg_advisory_lock",
+    "pg_try_advisory_lock",
+    "pg_advisory_xact_lock",
+    "pg_advisory_unlock",
+    "pg_snapshot_xmin",
+    "pg_snapshot_xmax",
+    "pg_current_snapshot",
+    "pg_visible_in_snapshot",
+    "pg_snapshot_xip",
+    "hashtextextended",
+    "md5",
+    "left",
+    "lower",
+    "length",
+    "octet_length",
+    "pg_column_size",
+    "greatest",
+    "least",
+    "generate_series",
+    "int8",
+    "text",
+    "array_length",
+    "array_position",
+    "pg_get_indexdef",
+    "pg_relation_size",
+    "lag",
+]
+
+# Argument lists an overload can take to be more specific than the one dbsync means.
+SIGNATURES = [
+    "public.attacked",
+    "anyelement",
+    "anycompatible",
+    "anyarray",
+    "text",
+    "name",
+    "oid",
+    "regclass",
+    "int2vector",
+    "integer",
+    "bigint",
+    "json",
+    "jsonb",
+    "xid8",
+    "pg_snapshot",
+    "text[]",
+    "public.hstore",
+    "public.hstore, text[]",
+    "anyelement, public.hstore",
+    "public.attacked, public.hstore",
+    "public.attacked, jsonb",
+    "anyelement, jsonb",
+    "public.attacked, json",
+    "text, text",
+    "text, anyelement",
+    "regclass, text",
+    "text, text, boolean",
+    "xid8, pg_snapshot",
+    "public.wkey",
+    "public.wmood",
+    "public.wtext",
+]
+
+OPERATORS = ["=", "<>", "<", ">", "<=", ">=", "*=", "->", "->>", "#=", "||", "@>", "?", "~"]
+OPERAND_PAIRS = [
+    ("public.attacked", "public.attacked"),
+    ("public.hstore", "public.hstore"),
+    ("public.hstore", "text[]"),
+    ("public.hstore", "text"),
+    ("text", "text"),
+    ("name", "text"),
+    ("text", "name"),
+    ("name", "name"),
+    ("oid", "regclass"),
+    ("regclass", "oid"),
+    ("oid", "oid"),
+    ("integer", "integer"),
+    ("bigint", "bigint"),
+    ("smallint", "smallint"),
+    ("json", "text"),
+    ("json", "integer"),
+    ("jsonb", "text"),
+    ("xid8", "xid8"),
+    ('"char"', '"char"'),
+    ("int2vector", "int2vector"),
+    ("anyelement", "anyelement"),
+    ("public.wkey", "public.wkey"),
+    ("public.wmood", "public.wmood"),
+    ("public.wtext", "public.wtext"),
+    ("public.wkey", "integer"),
+    ("integer", "public.wkey"),
+]
+
+# The attacker owns these types; the table owner used them in a replicated table. An owner of a
+# type may add casts from and to it, and operators on it.
+ATTACKER_TYPES = """
+CREATE DOMAIN public.wkey AS integer;
+CREATE TYPE public.wmood AS ENUM ('calm', 'angry');
+CREATE DOMAIN public.wtext AS text;
+CREATE SEQUENCE public.hijack_seq;
+GRANT USAGE, SELECT, UPDATE ON SEQUENCE public.hijack_seq TO PUBLIC;
+CREATE TABLE public.hijack_log (who text, what text);
+GRANT INSERT ON public.hijack_log TO PUBLIC;
+"""
+
+TABLE = """
+CREATE TABLE public.attacked (
+    id public.wkey PRIMARY KEY,
+    mood public.wmood NOT NULL DEFAULT 'calm',
+    note public.wtext,
+    body text,
+    tags text[]
+)
+"""
+
+CASTS = [
+    ("public.wmood", "text"),
+    ("public.wmood", "json"),
+    ("public.wmood", "jsonb"),
+    ("public.wmood", "public.hstore"),
+    ("text", "public.wmood"),
+    ("json", "public.wmood"),
+    ("jsonb", "public.wmood"),
+    ("character varying", "public.wmood"),
+]
+
+
+def _evidence(attacker: str, what: str, ret: str = "text") -> str:
+    """The body of a planted function: it leaves a trace when it runs as anybody but the
+    attacker (the attacker's own queries in the attacker's own session gain nothing)."""
+    other = f"CURRENT_USER OPERATOR(pg_catalog.<>) {psycopg.sql.quote(attacker)}::pg_catalog.name"
+    return (
+        f"SELECT pg_catalog.nextval('public.hijack_seq'::pg_catalog.regclass) WHERE {other}; "
+        f"INSERT INTO public.hijack_log SELECT CURRENT_USER, {psycopg.sql.quote(what)} WHERE {other}; "
+        f"SELECT NULL::{ret}"
+    )
+
+
+def _try(conn: psycopg.Connection, statement: str) -> bool:
+    """Run one statement; planting fails where the name or signature is taken: that is fine."""
+    try:
+        with conn.transaction():
+            conn.execute(statement)
+        return True
+    except psycopg.Error:
+        return False
+
+
+def plant(conn: psycopg.Connection, attacker: str) -> int:
+    """As the attacker: every overload, operator and cast above. Returns how many took."""
+    planted = 0
+    for i, (name, sig) in enumerate(itertools.product(NAMES, SIGNATURES)):
+        what = f"{name}({sig})"
+        # LANGUAGE sql with a body that runs at call time; the return type plays no part in
+        # overload resolution.
+        planted += _try(
+            conn,
+            f"CREATE FUNCTION public.{name}({sig}) RETURNS text LANGUAGE sql AS $b${_evidence(attacker, what)}$b$",
+        ) or _try(
+            # A polymorphic result needs a polymorphic argument; some names only take that form.
+            conn,
+            f"CREATE FUNCTION public.hj_{i}({sig}) RETURNS text LANGUAGE sql AS $b${_evidence(attacker, what)}$b$",
+        )
+    for j, (op, (left, right)) in enumerate(itertools.product(OPERATORS, OPERAND_PAIRS)):
+        what = f"{left} {op} {right}"
+        fn = f"public.hj_op_{j}"
+        if _try(
+            conn,
+            f"CREATE FUNCTION {fn}({left}, {right}) RETURNS boolean LANGUAGE sql "
+            f"AS $b${_evidence(attacker, what, 'boolean')}$b$",
+        ):
+            planted += _try(
+                conn, f"CREATE OPERATOR public.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {fn})"
+            )
+    for k, (source, target) in enumerate(CASTS):
+        fn = f"public.hj_cast_{k}"
+        if _try(
+            conn,
+            f"CREATE FUNCTION {fn}({source}) RETURNS {target} LANGUAGE sql "
+            f"AS $b${_evidence(attacker, f'cast {source} as {target}', target)}$b$",
+        ):
+            planted += _try(conn, f"CREATE CAST ({source} AS {target}) WITH FUNCTION {fn}({source})")
+    return planted
+
+
+def ran(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """What the attacker's objects recorded (the sequence is the proof; the log says what)."""
+    conn.execute("SET search_path = pg_catalog, pg_temp")
+    bumped = conn.execute("SELECT last_value, is_called FROM public.hijack_seq").fetchone()
+    rows = conn.execute("SELECT who, what FROM public.hijack_log").fetchall()
+    assert bumped is not None
+    return rows if rows or not bumped[1] else [("?", f"{bumped[0]} call(s), rolled back")]
+
+
+@pytest.fixture
+def attacked(pair: DbPair) -> Iterator[tuple[DbPair, str]]:
+    """Both databases with an attacker role that may create in public, its types, the table
+    that uses them (owned by the DBA, writable by the attacker) and every planted object."""
+    attacker = f"dbsync_attacker_{os.getpid()}_{next(_n)}"
+    conns = {"site": pair.site(), "agent": pair.agent()}
+    for conn in conns.values():
+        conn.execute(f"CREATE ROLE {attacker} LOGIN")
+    try:
+        for side, conn in conns.items():
+            conn.execute(f"GRANT CREATE, USAGE ON SCHEMA public TO {attacker}")
+            conn.execute(f"SET ROLE {attacker}")
+            conn.execute(ATTACKER_TYPES)
+            conn.execute("RESET ROLE")
+            conn.execute(TABLE)
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON public.attacked TO {attacker}")
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON public.conversations TO {attacker}")
+            conn.execute(f"SET ROLE {attacker}")
+            assert plant(conn, attacker) > 500, f"planting failed on the {side} DB"
+            conn.execute("RESET ROLE")
+        yield pair, attacker
+    finally:
+        for conn in conns.values():
+            conn.execute("RESET ROLE")
+            conn.execute(f"DROP OWNED BY {attacker} CASCADE")
+            conn.execute(f"DROP ROLE {attacker}")
+
+
+def _cli(pair: DbPair, *args: str) -> str:
+    result = dbsync_cmd(*args, env=pair.env())
+    assert result.returncode == 0, f"dbsync {' '.join(args)} failed: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) -> None:
+    pair, attacker = attacked
+    site, agent = pair.site(), pair.agent()
+    for conn in (site, agent):  # the test's own statements must not set the trap off
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+    # Rows that exist before capture starts: the backfill copies them.
+    site.execute(
+        "INSERT INTO public.attacked (id, mood, note, body, tags) "
+        "SELECT g, 'calm', 'n' || g, repeat('b', g), ARRAY['x', 'y'] FROM pg_catalog.generate_series(1, 30) g"
+    )
+    _cli(pair, "tables", "add", "public.attacked", "--backfill")
+    assert "public.attacked" in _cli(pair, "tables", "list")
+
+    writer = psycopg.connect(pair.site_dsn, autocommit=True)
+    try:
+        writer.execute(f"SET ROLE {attacker}")  # the attacker's own session and search_path
+        writer.execute("INSERT INTO public.attacked (id, mood, note) VALUES (100, 'angry', 'inserted')")
+        writer.execute("UPDATE public.attacked SET note = 'updated', mood = 'calm' WHERE id = 100")
+        writer.execute("UPDATE public.attacked SET id = 101 WHERE id = 100")  # a key change
+        writer.execute("UPDATE public.attacked SET id = id WHERE id = 101")  # changes nothing
+        writer.execute("DELETE FROM public.attacked WHERE id = 1")
+        writer.execute("UPDATE public.attacked SET tags = ARRAY['z'] WHERE id < 5")
+        writer.execute("INSERT INTO public.conversations (phone_number) VALUES ('+4915100000099')")
+    finally:
+        writer.close()
+    sync_once(pair)
+    assert_same(pair, ["public.attacked", "public.conversations"])
+
+    # Drift behind dbsync's back on the Agent, found and repaired through the sync log.
+    agent.execute("UPDATE public.attacked SET note = 'tampered' WHERE id = 7")
+    agent.execute("DELETE FROM public.attacked WHERE id = 8")
+    agent.execute("INSERT INTO public.attacked (id, note) VALUES (999, 'extra')")
+    result = dbsync_cmd("reconcile", "--table", "public.attacked", env=pair.env())
+    assert result.returncode == 1, result.stdout + result.stderr  # differences found
+    _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.attacked")
+    assert_same(pair, ["public.attacked"])
+    _cli(pair, "reconcile", "--table", "public.attacked")
+
+    # TRUNCATE by the attacker, then the rest of the CLI.
+    writer = psycopg.connect(pair.site_dsn, autocommit=True)
+    try:
+        writer.execute(f"SET ROLE {attacker}")
+        writer.execute("TRUNCATE public.attacked")
+    finally:
+        writer.close()
+    sync_once(pair)
+    assert_same(pair, ["public.attacked"])
+    status = dbsync_cmd("status", env=pair.env())  # 1: no daemon is running, as expected here
+    assert status.returncode == 1 and "no active daemon" in status.stdout, status.stdout + status.stderr
+    _cli(pair, "tables", "remove", "public.attacked")
+
+    assert ran(site) == [], "the attacker's objects ran on the Site DB"
+    assert ran(agent) == [], "the attacker's objects ran on the Agent DB"
+
+
+def test_the_planted_objects_do_run_where_nothing_protects_the_call(attacked: tuple[DbPair, str]) -> None:
+    """The trap is armed: the same calls made without dbsync's precautions run the attacker's
+    code (so the test above would see a hijack)."""
+    pair, _ = attacked
+    site = pair.site()
+    site.execute("SET search_path = public, pg_catalog")
+    site.execute("INSERT INTO public.attacked (id) VALUES (1)")
+    site.execute("SELECT public.hstore(a) FROM public.attacked a")  # the call 0001 made
+    site.execute("SELECT unnest(indkey) FROM pg_index LIMIT 1")  # a bare catalog query
+    site.execute("SELECT mood::text FROM public.attacked")  # a cast the type's owner defined
+    what = {w for _, w in ran(site)}
+    assert "hstore(public.attacked)" in what
+    assert "unnest(int2vector)" in what
+    assert "cast public.wmood as text" in what
