@@ -11,6 +11,7 @@ import psycopg
 from dbsync.cli import backfill, demo, logs, migrate, reconcile, retry, run, status, tables
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError
+from dbsync.rls import from_error, is_rls_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,6 +50,8 @@ def database_error(exc: BaseException) -> str:
     """One line for a database error that reached the top: what it means, then its own words."""
     sqlstate = getattr(exc, "sqlstate", None) or ""
     message = first_line(exc)
+    if is_rls_error(exc):
+        return str(from_error(exc, None))
     if sqlstate == "42501":
         return f"permission denied: {message} (docs/dba.md lists the grants dbsync needs)"
     if sqlstate in ("42P01", "42883", "3F000") and "dbsync" in message:

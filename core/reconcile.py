@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from dbsync import rls
 from dbsync import tables as registry
 from dbsync.catchup import CatchUp
 from dbsync.db import display_name
@@ -130,7 +131,13 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
             rows.extend(r for r in found if r not in rows)
     else:
         rows = site.execute(REPLICATED, {"schema": None, "name": None}).fetchall()
-    return [_target(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+    chosen = [_target(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+    # Both sides are read as this command's roles: they must see every row, or the rows a policy
+    # hides would be reported as differences (and repaired away).
+    names_of = [(t.site.schema, t.site.name) for t in chosen]
+    rls.require_all_rows(site, names_of, "Site")
+    rls.require_all_rows(agent, names_of, "Agent")
+    return chosen
 
 
 def _target(

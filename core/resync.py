@@ -18,6 +18,7 @@ from psycopg import sql
 
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError, SchemaError
+from dbsync.rls import from_error, is_rls_error
 
 log = logging.getLogger("dbsync.resync")
 
@@ -57,6 +58,8 @@ def call(site: psycopg.Connection, statement: str, params: tuple[Any, ...], what
                 raise ResyncError(f"{what}: {first_line(exc)}") from None
             raise SchemaError("the Site DB lacks the resync functions: run `dbsync migrate`") from None
         except psycopg.Error as exc:
+            if is_rls_error(exc):  # the function's owner would see only some rows
+                raise from_error(exc, "Site") from None
             raise ResyncError(f"{what}: {first_line(exc).removeprefix('dbsync: ')}") from None
     raise AssertionError("unreachable")
 

@@ -24,6 +24,7 @@ from dbsync.daemon.consume import Progress
 from dbsync.db import display_name
 from dbsync.errors import ApplyError, DriftError, SchemaError
 from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
+from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
 
 def ident(*names: str) -> str:
@@ -190,6 +191,10 @@ async def load_target(
     oid = await agent.fetchval(AGENT_TABLE, schema, name)
     if oid is None:
         raise SchemaError(f"table {label} does not exist on the Agent DB")
+    # The upsert and the delete must see every row (a hidden row would take a new copy, or stay).
+    filtered, role = await agent.fetchrow(ACTIVE_ASYNCPG, oid)
+    if filtered:
+        raise refusal(display_name(schema, name), role, "Agent")
     cols = await agent.fetch(AGENT_COLUMNS, oid)
     names = {c["name"] for c in cols}
     missing = [k for k in keys if k not in names]
@@ -347,7 +352,8 @@ class Applier:
                 else:
                     await self._write_event(site, agent, ev)
             except asyncpg.PostgresError as exc:
-                if _is_connection_error(exc):
+                # Row-level security is the configuration, not this event: never park for it.
+                if _is_connection_error(exc) or is_rls_error(exc):
                     raise
                 target = await self.catalog.target(site, agent, ev["table_id"])
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
@@ -406,7 +412,7 @@ class Applier:
                     await self._save(agent, before, after, events)
                 return 0
             except asyncpg.PostgresError as exc:
-                if _is_connection_error(exc):
+                if _is_connection_error(exc) or is_rls_error(exc):
                     raise
             if site_free is not None:
                 await site_free()
@@ -438,7 +444,7 @@ class Applier:
                     await agent.execute(UNPARK, self.source, seqs)
                 done += len(evs)
             except (asyncpg.PostgresError, DriftError) as exc:
-                if isinstance(exc, asyncpg.PostgresError) and _is_connection_error(exc):
+                if isinstance(exc, asyncpg.PostgresError) and (_is_connection_error(exc) or is_rls_error(exc)):
                     raise
                 await agent.execute(RETRY_FAILED, self.source, seqs, f"{exc.__class__.__name__}: {str(exc).strip()}")
                 failed += len(evs)
