@@ -31,14 +31,31 @@ class Case:
 
 
 CASES = {
-    "ltree": Case("ltree", "public.ltree", "public.ltree", ("'a.b'", "'a.b.c'", "'Top.Science'", "'x'"),
-                  ("'v.w'", "'v.w.z'")),
-    "citext": Case("citext", "public.citext", "public.citext", ("'Abc'", "'xyz, \"q\"'", "'ÜMLAUT'", "'k4'"),
-                   ("'Hello'", "'hello again'")),
-    "hstore": Case("hstore", "public.hstore", "public.hstore",
-                   ("'a=>1'", "'a=>1, b=>\"2, x\"'", "'\"\"=>NULL'", "'k=>v'"), ("'x=>1'", "'y=>\"z z\"'")),
-    "citext-domain": Case("citext", "public.ckey", "public.citext", ("'Abc'", "'def'", "'GHI'", "'k4'"),
-                          ("'Hello'", "'hello again'"), "CREATE DOMAIN public.ckey AS public.citext CHECK (VALUE <> '')"),
+    "ltree": Case(
+        "ltree", "public.ltree", "public.ltree", ("'a.b'", "'a.b.c'", "'Top.Science'", "'x'"), ("'v.w'", "'v.w.z'")
+    ),
+    "citext": Case(
+        "citext",
+        "public.citext",
+        "public.citext",
+        ("'Abc'", "'xyz, \"q\"'", "'ÜMLAUT'", "'k4'"),
+        ("'Hello'", "'hello again'"),
+    ),
+    "hstore": Case(
+        "hstore",
+        "public.hstore",
+        "public.hstore",
+        ("'a=>1'", "'a=>1, b=>\"2, x\"'", "'\"\"=>NULL'", "'k=>v'"),
+        ("'x=>1'", "'y=>\"z z\"'"),
+    ),
+    "citext-domain": Case(
+        "citext",
+        "public.ckey",
+        "public.citext",
+        ("'Abc'", "'def'", "'GHI'", "'k4'"),
+        ("'Hello'", "'hello again'"),
+        "CREATE DOMAIN public.ckey AS public.citext CHECK (VALUE <> '')",
+    ),
 }
 
 

@@ -194,9 +194,8 @@ def test_backfill_and_repair_refuse_when_the_resync_functions_owner_is_under_a_p
         assert f"role {owner}" in rls_line(proc.stderr)
 
         # Past the up-front check, the function itself refuses (row_security = off inside it).
-        with connect(pair.site_dsn, "Site") as conn:
-            with pytest.raises(RowSecurityError, match="row-level security on table secret"):
-                call(conn, "SELECT dbsync.backfill_step(%s::regclass, 1000)", (T,), "backfill")
+        with connect(pair.site_dsn, "Site") as conn, pytest.raises(RowSecurityError, match="on table secret"):
+            call(conn, "SELECT dbsync.backfill_step(%s::regclass, 1000)", (T,), "backfill")
         assert site.execute("SELECT count(*) FROM dbsync.sync_log").fetchone() == seq_before
 
         site.execute(f"ALTER ROLE {owner} BYPASSRLS")  # the fix: now it reads every row
@@ -239,6 +238,32 @@ def test_daemon_agent_role_under_forced_rls_stops_and_resumes_after_the_fix(
         else:
             agent.execute(f"ALTER ROLE {roles.applier} BYPASSRLS")
         write_as_app(pair, roles, 21, 25)
+        wait_until(lambda: same(pair, [T]), 30, what="replication to resume")
+    assert agent.execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
+    assert_same(pair, [T])
+
+
+def test_forced_rls_switched_on_under_a_running_daemon_stops_it_without_parking(
+    pair: DbPair, roles: Roles, tmp_path: Path
+) -> None:
+    """The daemon checked the table when it first applied it; RLS forced later is met by the
+    apply itself: the server's refusal stops the daemon the same way, and nothing is parked."""
+    agent = pair.agent()
+    agent.execute(f"ALTER TABLE {T} OWNER TO {roles.applier}")
+    agent.execute(f"ALTER TABLE {T} NO FORCE ROW LEVEL SECURITY")
+    log = tmp_path / "daemon.log"
+    with Daemon(as_roles(pair, roles.reader, roles.applier), "--poison-policy", "park", log_path=log):
+        write_as_app(pair, roles, 1, 10)
+        wait_until(lambda: same(pair, [T]), 30, what="initial replication")
+        agent.execute(f"ALTER TABLE {T} FORCE ROW LEVEL SECURITY")
+        write_as_app(pair, roles, 11, 20)
+        with psycopg.connect(make_conninfo(pair.site_dsn, user=roles.app), autocommit=True) as app:
+            app.execute(f"DELETE FROM {T} WHERE id <= 3")
+        wait_until(lambda: "row-level security" in log.read_text(), 30, what="the RLS line in the log")
+        line = rls_line(log.read_text())
+        assert f"role {roles.applier}" in line and "public.secret" in line and "Agent DB" in line, line
+        assert agent.execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
+        agent.execute(f"ALTER TABLE {T} NO FORCE ROW LEVEL SECURITY")
         wait_until(lambda: same(pair, [T]), 30, what="replication to resume")
     assert agent.execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
     assert_same(pair, [T])
