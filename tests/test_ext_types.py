@@ -212,3 +212,4 @@ def test_values_of_types_without_equality_replicate(pair: DbPair) -> None:
     assert_same(pair, [T])
     code, report, err = reconcile(pair)
     assert code == 0, err
+
