@@ -267,3 +267,22 @@ def test_forced_rls_switched_on_under_a_running_daemon_stops_it_without_parking(
         wait_until(lambda: same(pair, [T]), 30, what="replication to resume")
     assert agent.execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
     assert_same(pair, [T])
+
+
+def test_rls_on_the_site_log_stops_the_daemon_with_the_line_naming_the_site(pair: DbPair, roles: Roles) -> None:
+    """The daemon's Site reads (dbsync's own tables) are refused the same way, and say where."""
+    agent = pair.agent()
+    agent.execute(f"ALTER ROLE {roles.applier} BYPASSRLS")
+    write_as_app(pair, roles, 1, 5)
+    site = pair.site()
+    site.execute("ALTER TABLE dbsync.sync_log ENABLE ROW LEVEL SECURITY")  # the owner's capture still writes
+    try:
+        with pytest.raises(RowSecurityError) as caught:
+            sync_once(as_roles(pair, roles.reader, roles.applier))
+        line = str(caught.value)
+        assert f"role {roles.reader}" in line and "dbsync.sync_log" in line and "Site DB" in line, line
+        assert agent.execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
+    finally:
+        site.execute("ALTER TABLE dbsync.sync_log DISABLE ROW LEVEL SECURITY")
+    sync_once(as_roles(pair, roles.reader, roles.applier))
+    assert_same(pair, [T])
