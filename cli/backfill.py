@@ -14,6 +14,7 @@ from dbsync.backfill import BackfillError, Progress, backfill
 from dbsync.cli.options import connection_options
 from dbsync.config import load_settings
 from dbsync.db import connect, first_line
+from dbsync.rls import from_error, is_rls_error
 
 
 def chunk_options(func: Callable[..., None]) -> Callable[..., None]:
@@ -67,6 +68,8 @@ def run_backfill(
     try:
         done = backfill(site, name, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks, on_chunk=report)
     except psycopg.Error as exc:
+        if is_rls_error(exc):
+            raise from_error(exc, "Site") from None
         raise BackfillError(f"backfill of {name} failed: {first_line(exc)}") from None
     finally:
         report.close()

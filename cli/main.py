@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from dbsync.errors import DbsyncError
+from dbsync.rls import from_error, is_rls_error
 
 # --log-format: plain lines, or one JSON object per line (dbsync.cli.logs).
 LOG_FORMATS = ("text", "json")
@@ -100,6 +101,8 @@ def database_error(exc: BaseException) -> str:
 
     sqlstate = getattr(exc, "sqlstate", None) or ""
     message = first_line(exc)
+    if is_rls_error(exc):
+        return str(from_error(exc, None))
     if sqlstate == "42501":
         return f"permission denied: {message} (docs/dba.md lists the grants dbsync needs)"
     if sqlstate in ("42P01", "42883", "3F000") and "dbsync" in message:

@@ -26,6 +26,7 @@ from dbsync.reconcile import (
     targets,
 )
 from dbsync.repair import Repair, repair
+from dbsync.rls import from_error, is_rls_error
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ def reconcile(
         else:
             _log(settings, opts)
     except psycopg.Error as exc:
+        if is_rls_error(exc):
+            raise from_error(exc, None) from None
         # Never let a failure look like exit 1 ("differences found"), or worse, like success.
         raise ReconcileError(f"reconcile failed: {first_line(exc)}") from None
 

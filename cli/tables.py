@@ -7,6 +7,7 @@ import json
 import click
 from psycopg import sql
 
+from dbsync import rls
 from dbsync import tables as registry
 from dbsync.cli.backfill import chunk_options, run_backfill
 from dbsync.cli.options import connection_options, json_option
@@ -48,6 +49,10 @@ def add(
             info = registry.add(site, agent, name)
             added.append(sql.Identifier(info.schema, info.name).as_string(site))
             click.echo(f"replicating {info.label} (key: {', '.join(info.keys)})")
+            try:  # capture works regardless; the copy and repair would refuse
+                rls.require_definer_reads_all(site, [(info.schema, info.name)], "backfill and repair")
+            except rls.RowSecurityError as exc:
+                click.echo(f"warning: {exc}", err=True)
         if do_backfill:
             # Capture is on for every table before any copy starts: no change falls in between.
             for qualified in added:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from dbsync import rls
 from dbsync import tables as registry
 from dbsync.db import display_name
 from dbsync.errors import DbsyncError
@@ -52,6 +53,7 @@ def backfill(
     schema, table = registry.resolve(site, name, "Site")
     label = display_name(schema, table)
     rel = regclass(site, schema, table)
+    rls.require_definer_reads_all(site, [(schema, table)], "backfill")
     if restart:
         call(site, RESET, (rel,), f"backfill of {label}")
     estimate = int(site.execute(ESTIMATE, (rel,)).fetchone()[0])  # type: ignore[index]

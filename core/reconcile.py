@@ -26,17 +26,19 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from dbsync import rls
 from dbsync import tables as registry
 from dbsync.catchup import CatchUp
 from dbsync.db import display_name
 from dbsync.errors import DbsyncError, SchemaError
+from dbsync.keyops import key_equality
 from dbsync.rowhash import (
     BUCKET_PLANNING,
     HashQueries,
     TableShape,
     choose_hash,
-    ident,
     key_defs,
+    key_match,
     prepare,
     raw,
 )
@@ -129,7 +131,13 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
             rows.extend(r for r in found if r not in rows)
     else:
         rows = site.execute(REPLICATED, {"schema": None, "name": None}).fetchall()
-    return [_target(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+    chosen = [_target(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+    # Both sides are read as this command's roles: they must see every row, or the rows a policy
+    # hides would be reported as differences (and repaired away).
+    names_of = [(t.site.schema, t.site.name) for t in chosen]
+    rls.require_all_rows(site, names_of, "Site")
+    rls.require_all_rows(agent, names_of, "Agent")
+    return chosen
 
 
 def _target(
@@ -146,8 +154,12 @@ def _target(
         raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(lacking)}")
     return Target(
         table_id,
-        TableShape(schema, name, keys, columns, key_defs(site, schema, name, keys)),
-        TableShape(schema, name, keys, columns, key_defs(agent, schema, name, keys)),
+        TableShape(
+            schema, name, keys, columns, key_defs(site, schema, name, keys), key_equality(site, schema, name, keys)
+        ),
+        TableShape(
+            schema, name, keys, columns, key_defs(agent, schema, name, keys), key_equality(agent, schema, name, keys)
+        ),
     )
 
 
@@ -291,7 +303,7 @@ def moving_keys(site: psycopg.Connection, target: Target, snap: str, keys: list[
     recent = sql.SQL(RECENT)
     if site.execute(sql.SQL(RECENT_TRUNCATE).format(recent=recent), params).fetchone() == (True,):
         return set(keys)
-    match = sql.SQL(" AND ").join(sql.SQL("r.{0} = k.{0}").format(ident(k)) for k in target.site.keys)
+    match = key_match(target.site, "r", "k")
     query = sql.SQL(MOVING_KEYS).format(defs=raw(target.site.key_defs), recent=recent, match=match)
     return {r[0] for r in site.execute(query, params).fetchall()}
 

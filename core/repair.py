@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from dbsync import rls
 from dbsync.catchup import CatchUp, CatchUpError, site_snapshot
 from dbsync.errors import DbsyncError
 from dbsync.reconcile import Comparer, Seen, TableDiff, Target, recheck
@@ -35,6 +36,7 @@ class Repair:
 
 def repair(comparer: Comparer, catchup: CatchUp, target: Target, diff: TableDiff) -> Repair:
     keys = diff.keys()
+    rls.require_definer_reads_all(comparer.site, [(target.site.schema, target.site.name)], "repair")
     updated, deleted = resync_keys(comparer.site, target.site.schema, target.site.name, keys)
     log.info("%s: logged %d upsert(s) and %d delete(s); waiting for them to be applied", target.label, updated, deleted)
     try:

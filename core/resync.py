@@ -18,6 +18,7 @@ from psycopg import sql
 
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError, SchemaError
+from dbsync.rls import from_error, is_rls_error
 
 log = logging.getLogger("dbsync.resync")
 
@@ -52,9 +53,13 @@ def call(site: psycopg.Connection, statement: str, params: tuple[Any, ...], what
             log.debug("%s: lock not granted (attempt %d); retrying", what, attempt)
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, 2.0)
-        except psycopg.errors.UndefinedFunction:
+        except psycopg.errors.UndefinedFunction as exc:
+            if "dbsync." not in first_line(exc):  # e.g. an operator the function's own statements lack
+                raise ResyncError(f"{what}: {first_line(exc)}") from None
             raise SchemaError("the Site DB lacks the resync functions: run `dbsync migrate`") from None
         except psycopg.Error as exc:
+            if is_rls_error(exc):  # the function's owner would see only some rows
+                raise from_error(exc, "Site") from None
             raise ResyncError(f"{what}: {first_line(exc).removeprefix('dbsync: ')}") from None
     raise AssertionError("unreachable")
 

@@ -11,12 +11,13 @@ probe string, and the first 64 bits of md5 otherwise (the former depends on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
 from dbsync.db import display_name
+from dbsync.keyops import KeyEquality
 
 # Text output of every type is fixed by these; both sides must agree.
 SESSION = (
@@ -57,6 +58,8 @@ class TableShape:
     keys: tuple[str, ...]
     columns: tuple[str, ...]  # the Site table's columns, in the Site's order
     key_defs: str  # "k1 type1, k2 type2": a json_to_recordset column list, this side's types
+    # How each key column compares on this side (its type's own equality operator), in key order.
+    key_equality: tuple[KeyEquality, ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str:
@@ -87,9 +90,15 @@ class HashQueries:
         key_text = sql.SQL("ROW({})::text").format(_cols(shape.keys))
         self.row_hash = hashed.format(row_text)
         self.bucket = sql.SQL("({} & %(mask)s::int8)").format(hashed.format(key_text))
-        pairs = [sql.SQL("{}, t.{}").format(sql.Literal(k.replace("%", "%%")), ident(k)) for k in shape.keys]
+        as_text = {eq.column for eq in shape.key_equality if eq.json_as_text}
+        pairs = [
+            sql.SQL("{}, t.{}::text" if k in as_text else "{}, t.{}").format(
+                sql.Literal(k.replace("%", "%%")), ident(k)
+            )
+            for k in shape.keys
+        ]
         self.key_json = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
-        self.key_match = sql.SQL(" AND ").join(sql.SQL("t.{0} = k.{0}").format(ident(k)) for k in shape.keys)
+        self.key_match = key_match(shape, "t", "k")
 
     def buckets(self) -> sql.Composed:
         """(bucket, rows, sum of row hashes) per bucket of key hashes.
@@ -113,6 +122,19 @@ class HashQueries:
         return sql.SQL("SELECT {}, {} FROM {} t JOIN json_to_recordset(%(keys)s::json) AS k({}) ON {}").format(
             self.key_json, self.row_hash, self.table, raw(self.shape.key_defs), self.key_match
         )
+
+
+def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:
+    """`left.k1 = right.k1 AND ...`, each with the key type's own equality operator."""
+    return raw(
+        " AND ".join(
+            eq.match(
+                f"{left}.{sql.Identifier(eq.column).as_string(None)}",
+                f"{right}.{sql.Identifier(eq.column).as_string(None)}",
+            )
+            for eq in shape.key_equality
+        )
+    )
 
 
 def _cols(names: tuple[str, ...]) -> sql.Composed:

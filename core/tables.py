@@ -9,6 +9,7 @@ from psycopg import sql
 
 from dbsync.db import display_name, first_line, resolve_table_oid
 from dbsync.errors import SchemaError
+from dbsync.keyops import key_equality
 from dbsync.resync import resync_keys
 
 
@@ -84,6 +85,9 @@ def add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -> Table
             f"table {label}: the Agent DB's primary key ({', '.join(agent_keys) or 'none'}) "
             f"differs from the Site DB's ({', '.join(keys)})"
         )
+    # Rows are matched by key on both sides: each key type needs an equality operator there.
+    key_equality(site, schema, table, keys)
+    key_equality(agent, schema, table, keys)
     try:
         with site.transaction():
             table_id = site.execute(

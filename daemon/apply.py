@@ -23,6 +23,8 @@ from psycopg import sql
 from dbsync.daemon.consume import Progress
 from dbsync.db import display_name
 from dbsync.errors import ApplyError, DriftError, SchemaError
+from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
+from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
 
 def ident(*names: str) -> str:
@@ -46,6 +48,8 @@ class Target:
     always_identity: frozenset[str] = frozenset()
     # Variable-length columns whose values PostgreSQL may move out of line (TOAST).
     toastable: frozenset[str] = frozenset()
+    # How each key column compares (its type's own equality operator), in key order.
+    key_equality: tuple[KeyEquality, ...] = field(default=(), hash=False, compare=False)
     # Columns of type json or jsonb, or a domain over one (see _source).
     json_typed: frozenset[str] = frozenset()
 
@@ -103,7 +107,7 @@ class Target:
         )
 
     def delete_sql(self) -> str:
-        match = " AND ".join(f"d.{ident(k)} = {self._cast('k', k)}" for k in self.keys)
+        match = " AND ".join(eq.match(f"d.{ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality)
         return f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k')} WHERE {match}"
 
     def truncate_sql(self) -> str:
@@ -132,11 +136,13 @@ SELECT a.attname::text AS name, a.attgenerated <> '' AS generated, a.attidentity
        (SELECT coalesce(nullif(ty.typbasetype, 0), ty.oid) FROM pg_catalog.pg_type ty WHERE ty.oid = a.atttypid)
            IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype) AS json_typed
 FROM pg_catalog.pg_attribute a
-WHERE a.attrelid = (
-    SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p'))
-  AND a.attnum > 0 AND NOT a.attisdropped
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
+"""
+
+AGENT_TABLE = """
+SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
 """
 
 # A unique index on exactly the key columns is what ON CONFLICT needs.
@@ -182,9 +188,14 @@ async def load_target(
     agent: asyncpg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
 ) -> Target:
     label = f"{schema}.{name}"
-    cols = await agent.fetch(AGENT_COLUMNS, schema, name)
-    if not cols:
+    oid = await agent.fetchval(AGENT_TABLE, schema, name)
+    if oid is None:
         raise SchemaError(f"table {label} does not exist on the Agent DB")
+    # The upsert and the delete must see every row (a hidden row would take a new copy, or stay).
+    filtered, role = await agent.fetchrow(ACTIVE_ASYNCPG, oid)
+    if filtered:
+        raise refusal(display_name(schema, name), role, "Agent")
+    cols = await agent.fetch(AGENT_COLUMNS, oid)
     names = {c["name"] for c in cols}
     missing = [k for k in keys if k not in names]
     if missing:
@@ -193,6 +204,9 @@ async def load_target(
         raise SchemaError(
             f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
         )
+    equality = key_equalities(
+        [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
+    )
     return Target(
         table_id=table_id,
         schema=schema,
@@ -203,6 +217,7 @@ async def load_target(
         types={c["name"]: c["type"] for c in cols},
         always_identity=frozenset(c["name"] for c in cols if c["always_identity"]),
         toastable=frozenset(c["name"] for c in cols if c["toastable"]),
+        key_equality=tuple(equality),
         json_typed=frozenset(c["name"] for c in cols if c["json_typed"]),
     )
 
@@ -337,7 +352,8 @@ class Applier:
                 else:
                     await self._write_event(site, agent, ev)
             except asyncpg.PostgresError as exc:
-                if _is_connection_error(exc):
+                # Row-level security is the configuration, not this event: never park for it.
+                if _is_connection_error(exc) or is_rls_error(exc):
                     raise
                 target = await self.catalog.target(site, agent, ev["table_id"])
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
@@ -362,9 +378,7 @@ class Applier:
         if not self.parked:
             return set()
         keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
-        rows = await agent.fetch(
-            PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed]
-        )
+        rows = await agent.fetch(PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
         return {(r["table_id"], r["pk"]) for r in rows}
 
     async def apply(
@@ -398,7 +412,7 @@ class Applier:
                     await self._save(agent, before, after, events)
                 return 0
             except asyncpg.PostgresError as exc:
-                if _is_connection_error(exc):
+                if _is_connection_error(exc) or is_rls_error(exc):
                     raise
             if site_free is not None:
                 await site_free()
@@ -430,7 +444,7 @@ class Applier:
                     await agent.execute(UNPARK, self.source, seqs)
                 done += len(evs)
             except (asyncpg.PostgresError, DriftError) as exc:
-                if isinstance(exc, asyncpg.PostgresError) and _is_connection_error(exc):
+                if isinstance(exc, asyncpg.PostgresError) and (_is_connection_error(exc) or is_rls_error(exc)):
                     raise
                 await agent.execute(RETRY_FAILED, self.source, seqs, f"{exc.__class__.__name__}: {str(exc).strip()}")
                 failed += len(evs)

@@ -45,7 +45,9 @@ from dbsync.daemon.consume import (
 )
 from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
+from dbsync.db import display_name
 from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, SchemaError
+from dbsync.rls import LOCATE_ASYNCPG, RowSecurityError, error_table, from_error, is_rls_error, refusal
 
 log = logging.getLogger("dbsync.daemon")
 
@@ -456,10 +458,15 @@ class Replicator:
                     await self._loop()
                 except ConfigError:
                     raise  # the settings are wrong (a transaction-mode pooler...): retrying cannot help
-                except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS) as exc:
+                except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS) as caught:
+                    exc = caught
+                    if isinstance(caught, asyncpg.PostgresError) and is_rls_error(caught):
+                        exc = await self._row_security(caught)
                     await self._record_error(exc)
                     await self._disconnect()
                     if once:
+                        if exc is not caught:
+                            raise exc from None
                         raise
                     if self.failing_since is None:
                         self.failing_since = time.monotonic()
@@ -494,6 +501,20 @@ class Replicator:
             pause = looked_at + WAKE_INTERVAL - clock.time()
             if rung and pause > 0 and not self.stop.is_set():
                 await self._sleep(pause)
+
+    async def _row_security(self, exc: asyncpg.PostgresError) -> RowSecurityError:
+        """The one line for a read that row-level security refused: which table, on which side."""
+        table = error_table(exc)
+        for conn, where in ((self.agent, "Agent"), (self.site, "Site")):
+            if table is None or conn is None or conn.is_closed():
+                continue
+            try:
+                row = await conn.fetchrow(LOCATE_ASYNCPG, table)
+            except (asyncpg.PostgresError, *pg.CONNECTION_ERRORS):
+                continue
+            if row is not None:
+                return refusal(display_name(row[0], row[1]), row[2], where)
+        return from_error(exc, None)
 
     async def _record_error(self, exc: BaseException) -> None:
         """Leave a stuck apply where `dbsync status` shows it."""
