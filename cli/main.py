@@ -12,6 +12,9 @@ from dbsync.cli import backfill, demo, logs, migrate, reconcile, retry, run, sta
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError
 
+# The name pip knows dbsync by (pyproject.toml [project].name); --version reads its metadata.
+DISTRIBUTION = "dbsync-pg"
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
@@ -29,7 +32,7 @@ from dbsync.errors import DbsyncError
     envvar="DBSYNC_LOG_FORMAT",
     help="json: one JSON object per line, for log collectors.",
 )
-@click.version_option(package_name="dbsync")
+@click.version_option(package_name=DISTRIBUTION, prog_name="dbsync")
 def cli(log_level: str, log_format: str) -> None:
     """Replicate a Site PostgreSQL database to an Agent PostgreSQL database."""
     logs.setup(log_level, log_format)
