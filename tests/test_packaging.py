@@ -153,6 +153,52 @@ def test_the_installed_version_is_the_project_version() -> None:
     assert proc.stdout.strip() == f"dbsync, version {PROJECT['version']}"
 
 
+def _floors() -> dict[str, str]:
+    """Every requirement pip installs for the smoke run (build, run, embedded, test), by name: its ">=" floor."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    specs = [
+        *pyproject["build-system"]["requires"],
+        *pyproject["project"]["dependencies"],
+        *extras["embedded"],
+        *extras["test"],
+    ]
+    floors: dict[str, str] = {}
+    for spec in specs:
+        req = Requirement(spec)
+        lower = [s.version for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{spec}: every requirement needs exactly one >= floor"
+        name = canonicalize_name(req.name)
+        assert floors.setdefault(name, lower[0]) == lower[0], f"{req.name}: two different floors"
+    return floors
+
+
+@pytest.mark.unit
+def test_floors_are_the_constraints_file() -> None:
+    """pyproject.toml's floors and constraints/floors.txt (what tools/smoke-floors installs and CI
+    runs) are the same list, so a floor cannot move without the smoke run testing it."""
+    from packaging.utils import canonicalize_name
+
+    pinned: dict[str, str] = {}
+    for line in (ROOT / "constraints" / "floors.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints/floors.txt: {line!r} is not NAME==VERSION"
+            pinned[canonicalize_name(name)] = version
+    assert pinned == _floors()
+
+
+@pytest.mark.unit
+def test_ci_runs_the_floors_smoke_test() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "tools/smoke-floors" in ci
+    assert os.access(ROOT / "tools" / "smoke-floors", os.X_OK)
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     """README promises one line that installs and runs the suite; .ci/run must run that line."""
     readme = (ROOT / "README.md").read_text()
