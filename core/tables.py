@@ -151,7 +151,7 @@ def _check_add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -
 
 def _none_done(problems: list[str], named: int, verb: str) -> str:
     """One line for a refused command; with several tables named, it says none was touched."""
-    text = "; ".join(problems)
+    text = "; ".join(dict.fromkeys(problems))  # a table named twice has its problem said once
     return f"{text}; no table was {verb}" if named > 1 else text
 
 

@@ -91,8 +91,9 @@ def test_add_checks_every_table_before_installing_any(pair: DbPair, bad: str, re
 def test_add_reports_every_problem_in_one_line(pair: DbPair) -> None:
     make_table(pair, "public.nopk", site_only="CREATE TABLE public.nopk (id integer, v text)")
     make_table(pair, "public.good")
-    line = error_line(dbsync_cmd("tables", "add", "nopk", "good", "nowhere", env=pair.env()))
+    line = error_line(dbsync_cmd("tables", "add", "nopk", "good", "nowhere", "public.nopk", env=pair.env()))
     assert "public.nopk has no primary key" in line and "'nowhere' does not exist on the Site DB" in line, line
+    assert line.count("has no primary key") == 1, line  # named twice, said once
     assert line.endswith("no table was added"), line
     assert installed(pair.site(), "public.good") == (0, 0)
 
