@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -78,7 +79,8 @@ def run_backfill(
     elif done.finished:
         click.echo(f"{done.table}: backfill complete: {done.rows_done} rows queued in the sync log for the daemon")
     else:
-        click.echo(f"{done.table}: backfill paused after {done.rows_done} rows; run it again to resume")
+        resume = shlex.join(["dbsync", "backfill", done.table])
+        click.echo(f"{done.table}: backfill paused after {done.rows_done} rows; run `{resume}` to resume")
     return done
 
 

@@ -40,6 +40,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tables": ("dbsync.cli.tables:tables", "Install or remove capture on Site DB tables."),
 }
 
+# The name pip knows dbsync by (pyproject.toml [project].name); --version reads its metadata.
+DISTRIBUTION = "dbsync-pg"
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -78,7 +81,7 @@ class LazyGroup(click.Group):
     envvar="DBSYNC_LOG_FORMAT",
     help="json: one JSON object per line, for log collectors.",
 )
-@click.version_option(package_name="dbsync")
+@click.version_option(package_name=DISTRIBUTION, prog_name="dbsync")
 def cli(log_level: str, log_format: str) -> None:
     """Replicate a Site PostgreSQL database to an Agent PostgreSQL database."""
     from dbsync.cli import logs

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import click
-from psycopg import sql
+import psycopg
 
 from dbsync import rls
 from dbsync import tables as registry
+from dbsync.backfill import BackfillError
 from dbsync.cli.backfill import chunk_options, run_backfill
 from dbsync.cli.options import connection_options, json_option
 from dbsync.config import load_settings
-from dbsync.db import connect
+from dbsync.db import connect, first_line
+from dbsync.errors import DbsyncError
 
 
 @click.group()
@@ -40,35 +43,77 @@ def add(
     max_chunks: int | None,
     names: tuple[str, ...],
 ) -> None:
-    """Replicate the tables NAMES (each must have a primary key and exist on the Agent DB)."""
+    """Replicate the tables NAMES (each must have a primary key and exist on the Agent DB).
+
+    Every table is checked first; if any cannot be replicated, none is added."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
-        added = []
-        for name in names:
-            info = registry.add(site, agent, name)
-            added.append(sql.Identifier(info.schema, info.name).as_string(site))
+        infos = registry.add(site, agent, names)  # all or none
+        for info in infos:
             click.echo(f"replicating {info.label} (key: {', '.join(info.keys)})")
             try:  # capture works regardless; the copy and repair would refuse
                 rls.require_definer_reads_all(site, [(info.schema, info.name)], "backfill and repair")
             except rls.RowSecurityError as exc:
                 click.echo(f"warning: {exc}", err=True)
         if do_backfill:
-            # Capture is on for every table before any copy starts: no change falls in between.
-            for qualified in added:
-                run_backfill(site, qualified, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks)
+            backfill_all(
+                site, [info.label for info in infos], chunk_size=chunk_size, restart=restart, max_chunks=max_chunks
+            )
+
+
+class BackfillStopped(BackfillError):
+    """The tables are added, and a copy stopped before the end."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def backfill_all(
+    site: psycopg.Connection, labels: list[str], *, chunk_size: int, restart: bool, max_chunks: int | None
+) -> None:
+    """Copy the tables' rows, one after the other, once capture is on for all of them (so no change
+    falls in between). A copy that stops leaves the tables added: the error says which rows are
+    queued, which are not, and the command that copies the rest."""
+    finished: list[str] = []
+    for at, label in enumerate(labels):
+        try:
+            done = run_backfill(site, label, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks)
+        except KeyboardInterrupt:
+            raise BackfillStopped(_stopped(labels, finished, at, "was interrupted"), exit_code=130) from None
+        except (DbsyncError, psycopg.Error) as exc:
+            reason = (
+                first_line(exc).removeprefix(f"backfill of {label} failed: ").removeprefix(f"backfill of {label}: ")
+            )
+            raise BackfillStopped(_stopped(labels, finished, at, f"failed: {reason}")) from None
+        if done.finished:
+            finished.append(label)
+
+
+def _stopped(labels: list[str], finished: list[str], at: int, what: str) -> str:
+    pending = [label for label in labels[:at] if label not in finished] + labels[at:]
+    copied = f"the existing rows of {', '.join(finished)} are queued; those of" if finished else "the existing rows of"
+    command = " ".join(["dbsync", "backfill", *map(shlex.quote, pending)])
+    return (
+        f"backfill of {labels[at]} {what}. The tables are added: capture is installed on {', '.join(labels)}, "
+        f"so their changes reach the Agent DB from now on; {copied} {', '.join(pending)} are not yet: "
+        f"run `{command}` with the same settings to copy them (it resumes where it stopped)"
+    )
 
 
 @tables.command("remove")
 @connection_options
 @click.argument("names", nargs=-1, required=True)
 def remove(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
-    """Stop capturing the tables NAMES; changes already logged are still applied."""
+    """Stop capturing the tables NAMES; changes already logged are still applied.
+
+    If any of them is missing or not replicated, none is removed."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
     assert settings.site_dsn
     with connect(settings.site_dsn, "Site") as site:
-        for name in names:
-            click.echo(f"no longer replicating {registry.remove(site, name)}")
+        for label in registry.remove(site, names):  # all or none
+            click.echo(f"no longer replicating {label}")
 
 
 @tables.command("list")

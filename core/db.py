@@ -130,6 +130,12 @@ def server_version(conn: psycopg.Connection) -> int:
 _PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
+def quote_ident(*parts: str) -> str:
+    """A qualified identifier, every part quoted, needing no connection (what psycopg's
+    `sql.Identifier(...).as_string(None)` gives from 3.2 on; 3.1 refuses without a connection)."""
+    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+
+
 def display_name(*parts: str) -> str:
     """schema.table as a user would type it: quoted only where PostgreSQL needs quotes."""
     return ".".join(p if _PLAIN.fullmatch(p) else '"' + p.replace('"', '""') + '"' for p in parts)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from dbsync.db import display_name
+from dbsync.db import display_name, quote_ident
 from dbsync.keyops import KeyEquality
 
 # Text output of every type is fixed by these; both sides must agree.
@@ -71,7 +71,7 @@ def ident(*names: str) -> sql.SQL:
 
     Statements built with it must always be executed with a parameter dict (possibly empty).
     """
-    return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
+    return sql.SQL(quote_ident(*names).replace("%", "%%"))
 
 
 def raw(text: str) -> sql.SQL:

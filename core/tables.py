@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -65,13 +66,75 @@ def primary_key(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -> TableInfo:
-    """Check the table on both sides, then install capture on the Site DB."""
+def add(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[TableInfo]:
+    """Check every table on both sides, then install capture on all of them in one Site transaction.
+
+    All or nothing: a set added half-way is worse than one refused, since the same command run
+    again says "already replicated" for the tables it did install. Every problem found is named in
+    the one error; a table named twice (however spelled) is added once."""
+    found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+    problems = []
+    for name in names:
+        try:
+            schema, table, keys, site_cols = _check_add(site, agent, name)
+        except SchemaError as exc:
+            problems.append(str(exc))
+        else:
+            found.setdefault((schema, table), (keys, site_cols))
+    if problems:
+        raise SchemaError(_none_done(problems, len(names), "added"))
+    infos = []
+    label = ""
+    try:
+        with site.transaction():
+            for (schema, table), (keys, site_cols) in found.items():
+                label = display_name(schema, table)
+                table_id = site.execute(
+                    "SELECT dbsync.add_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
+                ).fetchone()[0]  # type: ignore[index]
+                infos.append(TableInfo(table_id, schema, table, keys, site_cols))
+    except psycopg.Error as exc:
+        reason = f"cannot add {label}: {first_line(exc).removeprefix('dbsync: ')}"
+        raise SchemaError(_none_done([reason], len(names), "added")) from None
+    return infos
+
+
+def remove(site: psycopg.Connection, names: Sequence[str]) -> list[str]:
+    """Stop capturing every table named, in one Site transaction; if any is missing or not
+    replicated, none is removed (the same rule as add)."""
+    found: dict[tuple[str, str], None] = {}
+    problems = []
+    for name in names:
+        try:
+            schema, table = resolve(site, name, "Site")
+        except SchemaError as exc:
+            problems.append(str(exc))
+            continue
+        if not _replicated(site, schema, table):
+            problems.append(f"table {display_name(schema, table)} is not replicated")
+        found[(schema, table)] = None
+    if problems:
+        raise SchemaError(_none_done(problems, len(names), "removed"))
+    with site.transaction():
+        for schema, table in found:
+            removed = site.execute(
+                "SELECT dbsync.remove_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
+            ).fetchone()[0]  # type: ignore[index]
+            if not removed:  # removed by someone else since the check: undo this command's removals
+                gone = f"table {display_name(schema, table)} is not replicated"
+                raise SchemaError(_none_done([gone], len(names), "removed"))
+    return [display_name(schema, table) for schema, table in found]
+
+
+def _check_add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -> tuple[str, str, list[str], list[str]]:
+    """(schema, table, key columns, Site columns) of a table that can be added; SchemaError if not."""
     schema, table = resolve(site, name, "Site")
-    label = f"{schema}.{table}"
+    label = display_name(schema, table)
     keys = primary_key(site, schema, table)
     if not keys:
         raise SchemaError(f"table {label} has no primary key; dbsync needs one to apply changes idempotently")
+    if _replicated(site, schema, table):
+        raise SchemaError(f"table {label} is already replicated (`dbsync backfill {label}` copies its existing rows)")
     site_cols = columns(site, schema, table)
     agent_cols = columns(agent, schema, table) if _exists(agent, schema, table) else None
     if agent_cols is None:
@@ -88,25 +151,21 @@ def add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -> Table
     # Rows are matched by key on both sides: each key type needs an equality operator there.
     key_equality(site, schema, table, keys)
     key_equality(agent, schema, table, keys)
-    try:
-        with site.transaction():
-            table_id = site.execute(
-                "SELECT dbsync.add_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
-            ).fetchone()[0]  # type: ignore[index]
-    except psycopg.Error as exc:
-        raise SchemaError(first_line(exc).removeprefix("dbsync: ")) from None
-    return TableInfo(table_id, schema, table, keys, site_cols)
+    return schema, table, keys, site_cols
 
 
-def remove(site: psycopg.Connection, name: str) -> str:
-    schema, table = resolve(site, name, "Site")
-    with site.transaction():
-        removed = site.execute(
-            "SELECT dbsync.remove_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
-        ).fetchone()[0]  # type: ignore[index]
-    if not removed:
-        raise SchemaError(f"table {display_name(schema, table)} is not replicated")
-    return display_name(schema, table)
+def _none_done(problems: list[str], named: int, verb: str) -> str:
+    """One line for a refused command; with several tables named, it says none was touched."""
+    text = "; ".join(dict.fromkeys(problems))  # a table named twice has its problem said once
+    return f"{text}; no table was {verb}" if named > 1 else text
+
+
+def _replicated(site: psycopg.Connection, schema: str, name: str) -> bool:
+    row = site.execute(
+        "SELECT 1 FROM dbsync.replicated_tables WHERE relid = %s::regclass AND removed_at IS NULL",
+        (sql.Identifier(schema, name).as_string(site),),
+    ).fetchone()
+    return row is not None
 
 
 def listing(site: psycopg.Connection) -> list[TableInfo]:

@@ -18,17 +18,16 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
-from psycopg import sql
 
 from dbsync.daemon.consume import Progress
-from dbsync.db import display_name
+from dbsync.db import display_name, quote_ident
 from dbsync.errors import ApplyError, DriftError, SchemaError
 from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
 from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
 
 def ident(*names: str) -> str:
-    return sql.Identifier(*names).as_string(None)
+    return quote_ident(*names)
 
 
 @dataclass(frozen=True)

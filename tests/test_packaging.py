@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from tests.helpers import DbPair
 ROOT = Path(__file__).resolve().parent.parent
 # Folder in the repository -> package in the wheel.
 PACKAGE_DIRS = {"core": "dbsync", "cli": "dbsync/cli", "daemon": "dbsync/daemon", "sql": "dbsync/sql"}
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+# The distribution's name as it appears in a wheel's file name (PEP 427: runs of -_. become _).
+WHEEL_NAME = re.sub(r"[-_.]+", "_", PROJECT["name"]).lower()
 
 
 def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -56,7 +60,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def wheel(source: Path) -> Path:
     dist = source.parent / "dist"
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", dist, source, cwd=source.parent)
-    (built,) = dist.glob("dbsync-*.whl")
+    (built,) = dist.glob(f"{WHEEL_NAME}-*.whl")
     return built
 
 
@@ -97,6 +101,8 @@ def test_wheel_installs_into_an_empty_venv_and_runs(wheel: Path, bare_pair: DbPa
     _run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel, cwd=tmp_path)
 
     # Run from elsewhere so nothing can come from the checkout.
+    version = _run(venv / "bin" / "dbsync", "--version", cwd=tmp_path).stdout
+    assert version.strip() == f"dbsync, version {PROJECT['version']}", version
     helptext = _run(venv / "bin" / "dbsync", "--help", cwd=tmp_path).stdout
     for command in ("migrate", "run", "status", "tables"):
         assert command in helptext
@@ -116,6 +122,81 @@ def test_wheel_installs_into_an_empty_venv_and_runs(wheel: Path, bare_pair: DbPa
         cwd=tmp_path,
     ).stdout
     assert "0001_site_core" in out and "whatsapp_0001_agent_tables" in out
+
+
+@pytest.mark.unit
+def test_the_distribution_name_is_the_one_everything_uses() -> None:
+    """pip knows dbsync as pyproject's [project].name; --version reads that metadata, the dev extra
+    names it, and no doc tells anyone to `pip install dbsync` (an unrelated project on PyPI)."""
+    from dbsync.cli.main import DISTRIBUTION
+
+    name = PROJECT["name"]
+    assert name != "dbsync"
+    assert name == DISTRIBUTION
+    assert any(dep.startswith(f"{name}[") for dep in PROJECT["optional-dependencies"]["dev"])
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for path in docs:
+        for line in path.read_text().splitlines():
+            for target in re.findall(r"pip install ((?:-\S+ )*\S+)", line):
+                package = target.split()[-1].strip("'\"")
+                assert not re.fullmatch(r"dbsync(\[.*\])?([<>=!~].*)?", package), f"{path.name}: {line.strip()}"
+                if package.endswith(".whl"):
+                    assert package.split("/")[-1].startswith(f"{WHEEL_NAME}-"), f"{path.name}: {line.strip()}"
+
+
+@pytest.mark.unit
+def test_the_installed_version_is_the_project_version() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dbsync", "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"dbsync, version {PROJECT['version']}"
+
+
+def _floors() -> dict[str, str]:
+    """Every requirement pip installs for the smoke run (build, run, embedded, test), by name: its ">=" floor."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    specs = [
+        *pyproject["build-system"]["requires"],
+        *pyproject["project"]["dependencies"],
+        *extras["embedded"],
+        *extras["test"],
+    ]
+    floors: dict[str, str] = {}
+    for spec in specs:
+        req = Requirement(spec)
+        lower = [s.version for s in req.specifier if s.operator == ">="]
+        assert len(lower) == 1, f"{spec}: every requirement needs exactly one >= floor"
+        name = canonicalize_name(req.name)
+        assert floors.setdefault(name, lower[0]) == lower[0], f"{req.name}: two different floors"
+    return floors
+
+
+@pytest.mark.unit
+def test_floors_are_the_constraints_file() -> None:
+    """pyproject.toml's floors and constraints/floors.txt (what tools/smoke-floors installs and CI
+    runs) are the same list, so a floor cannot move without the smoke run testing it."""
+    from packaging.utils import canonicalize_name
+
+    pinned: dict[str, str] = {}
+    for line in (ROOT / "constraints" / "floors.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints/floors.txt: {line!r} is not NAME==VERSION"
+            pinned[canonicalize_name(name)] = version
+    assert pinned == _floors()
+
+
+@pytest.mark.unit
+def test_ci_runs_the_floors_smoke_test() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "tools/smoke-floors" in ci
+    assert os.access(ROOT / "tools" / "smoke-floors", os.X_OK)
 
 
 def test_ci_runs_the_readme_test_command() -> None:
