@@ -13,7 +13,6 @@ from typing import Any
 import click
 
 from dbsync.errors import DbsyncError
-from dbsync.rls import from_error, is_rls_error
 
 # --log-format: plain lines, or one JSON object per line (dbsync.cli.logs).
 LOG_FORMATS = ("text", "json")
@@ -101,6 +100,7 @@ def _driver_error(exc: BaseException) -> bool:
 def database_error(exc: BaseException) -> str:
     """One line for a database error that reached the top: what it means, then its own words."""
     from dbsync.db import first_line
+    from dbsync.rls import from_error, is_rls_error
 
     sqlstate = getattr(exc, "sqlstate", None) or ""
     message = first_line(exc)
