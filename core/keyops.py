@@ -21,12 +21,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from dbsync.db import display_name
+from dbsync.db import display_name, quote_ident
 from dbsync.errors import SchemaError
 
 # For the key columns {keys} of table {rel}, in key order: the column's type; the schema and name
 # of its equality operator and the type both operands are cast to (null when there is none); and
-# whether to_json() would turn a value into a JSON object by a cast (hstore) instead of its text.
+# the output function of its base type (schema-qualified), which gives a value's text without a
+# cast: a type's owner may create casts from it (to text, to json) whose code would run as us.
 _KEY_EQUALITY = """
 WITH RECURSIVE idx AS (
     SELECT i.indkey, i.indclass
@@ -57,11 +58,12 @@ WITH RECURSIVE idx AS (
     SELECT DISTINCT ON (k.ord) k.name, k.ord, k.typ, k.opclass FROM k ORDER BY k.ord, k.depth DESC
 )
 SELECT b.name::pg_catalog.text, pg_catalog.format_type(b.typ, NULL) AS type, eq.nsp, eq.opr, eq.cast_to,
-       EXISTS (SELECT 1 FROM pg_catalog.pg_cast x
-               WHERE x.castsource OPERATOR(pg_catalog.=) b.typ
-                 AND x.casttarget OPERATOR(pg_catalog.=)
-                     ANY ('{{pg_catalog.json,pg_catalog.jsonb}}'::pg_catalog.regtype[]))
-           AS json_cast
+       (SELECT pg_catalog.quote_ident(fn.nspname::pg_catalog.text) OPERATOR(pg_catalog.||) '.'
+               OPERATOR(pg_catalog.||) pg_catalog.quote_ident(f.proname::pg_catalog.text)
+        FROM pg_catalog.pg_type bt
+        JOIN pg_catalog.pg_proc f ON f.oid OPERATOR(pg_catalog.=) bt.typoutput
+        JOIN pg_catalog.pg_namespace fn ON fn.oid OPERATOR(pg_catalog.=) f.pronamespace
+        WHERE bt.oid OPERATOR(pg_catalog.=) b.typ) AS output
 FROM base b
 LEFT JOIN LATERAL (
     SELECT n.nspname::pg_catalog.text AS nsp, o.oprname::pg_catalog.text AS opr,
@@ -94,9 +96,16 @@ class KeyEquality:
     column: str
     cast_to: str  # the type both operands are cast to (server text, schema-qualified as needed)
     operator: str  # OPERATOR(schema.name)
-    # to_json() would cast the value to JSON (hstore -> object): a key image needs its text instead,
-    # as capture writes it, so that json_to_record reads it back.
-    json_as_text: bool = False
+    # The base type's output function and the base type: text() below.
+    output: str = "pg_catalog.textout"
+    base_type: str = "pg_catalog.text"
+
+    def text(self, expr: str) -> str:
+        """SQL text giving the value's text output, as capture's key images hold it (and as
+        json_to_record reads it back through the type's input function). Through the output
+        function, never a cast (to_json, json_build_object and ::text all use casts the type's
+        owner may have created)."""
+        return f"pg_catalog.textin({self.output}(({expr})::{self.base_type}))"
 
     def match(self, left: str, right: str) -> str:
         """SQL text comparing two expressions of the column's type."""
@@ -106,14 +115,14 @@ class KeyEquality:
 def key_equalities(rows: Sequence[Sequence[Any]], table: str) -> list[KeyEquality]:
     """KeyEquality per key column from KEY_EQUALITY rows; refuses a key type without equality."""
     out = []
-    for column, type_name, nsp, opr, cast_to, json_cast in rows:
+    for column, type_name, nsp, opr, cast_to, output in rows:
         if nsp is None or opr is None or cast_to is None or not _OPERATOR_NAME.fullmatch(opr):
             raise SchemaError(
                 f"key column {display_name(column)} of {table} (type {type_name}) has no equality operator "
                 "in a primary key or unique index on the key columns: dbsync cannot match rows by it"
             )
-        operator = f"OPERATOR({sql.Identifier(nsp).as_string(None)}.{opr})"
-        out.append(KeyEquality(str(column), str(cast_to), operator, bool(json_cast)))
+        operator = f"OPERATOR({quote_ident(str(nsp))}.{opr})"
+        out.append(KeyEquality(str(column), str(cast_to), operator, str(output), str(type_name)))
     return out
 
 

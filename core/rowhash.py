@@ -90,12 +90,13 @@ class HashQueries:
         key_text = sql.SQL("ROW({})::text").format(_cols(shape.keys))
         self.row_hash = hashed.format(row_text)
         self.bucket = sql.SQL("({} & %(mask)s::int8)").format(hashed.format(key_text))
-        as_text = {eq.column for eq in shape.key_equality if eq.json_as_text}
+        # Keys as their text output (KeyEquality.text): never through a cast.
         pairs = [
-            sql.SQL("{}, t.{}::text" if k in as_text else "{}, t.{}").format(
-                sql.Literal(k.replace("%", "%%")), ident(k)
+            sql.SQL("{}, {}").format(
+                sql.Literal(eq.column.replace("%", "%%")),
+                sql.SQL(eq.text("t." + quote_ident(eq.column)).replace("%", "%%")),
             )
-            for k in shape.keys
+            for eq in shape.key_equality
         ]
         self.key_json = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
         self.key_match = key_match(shape, "t", "k")

@@ -133,20 +133,7 @@ def test_extension_type_keys_and_values_replicate(pair: DbPair, case: Case) -> N
     assert_same(pair, [T])
 
 
-# The Site's resync_range remembers the last key copied as to_json() of the key columns, which
-# turns an hstore into a JSON object that json_to_record cannot read back as hstore.
-BACKFILL_KNOWN = {"hstore": "Site resync_range keeps its position as to_json(key): an hstore key becomes a JSON object"}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, id=name, marks=[pytest.mark.xfail(strict=True, reason=BACKFILL_KNOWN[name])])
-        if name in BACKFILL_KNOWN
-        else pytest.param(c, id=name)
-        for name, c in CASES.items()
-    ],
-)
+@pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in CASES.items()])
 def test_extension_type_keys_backfill_in_key_order(pair: DbPair, case: Case) -> None:
     """The initial copy walks the table in key order with the key type's own operators."""
     make_table(pair, case)

@@ -333,7 +333,9 @@ def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) 
         "SELECT g, 'calm', 'n' || g, repeat('b', g), ARRAY['x', 'y'] FROM pg_catalog.generate_series(1, 30) g"
     )
     _cli(pair, "tables", "add", "public.attacked", "--backfill")
-    _cli(pair, "tables", "add", "public.attacked_parts")
+    site.execute("INSERT INTO public.attacked_parts VALUES (10, 'calm'), (11, 'angry')")
+    # A key of the attacker's enum: the backfill's chunk positions must not go through its casts.
+    _cli(pair, "tables", "add", "public.attacked_parts", "--backfill", "--chunk-size", "1")
     assert "public.attacked" in _cli(pair, "tables", "list")
 
     writer = psycopg.connect(pair.site_dsn, autocommit=True)
@@ -363,6 +365,13 @@ def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) 
     _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.attacked")
     assert_same(pair, ["public.attacked"])
     _cli(pair, "reconcile", "--table", "public.attacked")
+    # The same for a key of the attacker's enum, whose casts to text and json are planted.
+    agent.execute("DELETE FROM public.attacked_parts WHERE id = 10")
+    agent.execute("INSERT INTO public.attacked_parts VALUES (77, 'angry')")
+    result = dbsync_cmd("reconcile", "--table", "public.attacked_parts", env=pair.env())
+    assert result.returncode == 1, result.stdout + result.stderr
+    _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.attacked_parts")
+    assert_same(pair, ["public.attacked_parts"])
 
     # TRUNCATE by the attacker, then the rest of the CLI.
     writer = psycopg.connect(pair.site_dsn, autocommit=True)

@@ -40,13 +40,16 @@ def test_the_rls_line_names_the_table_the_side_and_the_fix() -> None:
 
 @pytest.mark.unit
 def test_key_comparisons_name_their_operator_and_cast_both_sides() -> None:
-    (eq,) = key_equalities([("k", "public.ckey", "public", "=", "public.citext", False)], "public.t")
-    assert eq == KeyEquality("k", "public.citext", 'OPERATOR("public".=)')
+    (eq,) = key_equalities([("k", "public.citext", "public", "=", "public.citext", "public.citextout")], "public.t")
+    assert eq == KeyEquality("k", "public.citext", 'OPERATOR("public".=)', "public.citextout", "public.citext")
+    assert eq.text("t.k") == "pg_catalog.textin(public.citextout((t.k)::public.citext))"
     assert eq.match("d.k", "k.k") == '(d.k)::public.citext OPERATOR("public".=) (k.k)::public.citext'
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("row", [("k", "point", None, None, None, False), ("k", "t", "public", "= 1", "t", False)])
+@pytest.mark.parametrize(
+    "row", [("k", "point", None, None, None, "point_out"), ("k", "t", "public", "= 1", "t", "t_out")]
+)
 def test_a_key_without_a_usable_equality_operator_is_refused(row: tuple[object, ...]) -> None:
     with pytest.raises(SchemaError, match="key column k of public.t"):
         key_equalities([row], "public.t")

@@ -236,8 +236,8 @@ DECLARE
     ext text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                    JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'hstore');
 BEGIN
-    -- As in 0002_site_resync, but: images from anonymous records, keys compared through
-    -- key_compare, row_security off.
+    -- As in 0002_site_resync, but: images and chunk positions from records typed `record`
+    -- (exact-match hstore calls, never a cast), keys compared through key_compare, row_security off.
     EXECUTE pg_catalog.format($sql$
         CREATE OR REPLACE FUNCTION dbsync.resync_keys(p_table regclass, p_keys json) RETURNS json
         LANGUAGE plpgsql
@@ -338,10 +338,12 @@ BEGIN
                 v_lower := dbsync.key_compare(p_table, t.key_columns, t.alias, 'a', '>');
             END IF;
 
+            -- The chunk's last key as text values, as capture writes keys: not to_json(), which
+            -- would call a cast to json that a key type's owner may have created.
             EXECUTE format(
-                'SELECT pg_catalog.to_json(%%5$I) FROM (SELECT %%2$s FROM %%1$s %%5$I, pg_catalog.json_to_record($1) AS a(%%3$s) '
-                'WHERE %%4$s ORDER BY %%2$s OFFSET $2 - 1 LIMIT 1) %%5$I',
-                p_table, v_tcols, t.key_defs, v_lower, t.alias)
+                'SELECT %%6$s.hstore_to_json(%%6$s.hstore(%%5$I)) FROM (SELECT %%2$s FROM %%1$s %%5$I, '
+                'pg_catalog.json_to_record($1) AS a(%%3$s) WHERE %%4$s ORDER BY %%2$s OFFSET $2 - 1 LIMIT 1) %%5$I',
+                p_table, v_tcols, t.key_defs, v_lower, t.alias, %1$L)
                INTO v_hi USING coalesce(p_after, '{}'::json), p_limit;
             IF v_hi IS NOT NULL THEN
                 v_upper := dbsync.key_compare(p_table, t.key_columns, t.alias, 'h', '<=');
