@@ -43,6 +43,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 DISTRIBUTION = "dbsync-pg"
 
 
+# Bare `dbsync`: click 8.2+ raises this to show the usage (earlier ones print it and exit).
+_NO_ARGS: tuple[type[click.UsageError], ...] = tuple(
+    e for e in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if e is not None
+)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -122,7 +128,7 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("dbsync: aborted", err=True)
         sys.exit(130)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except _NO_ARGS as exc:
         click.echo(exc.format_message())  # bare `dbsync`: the usage, not an error
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
