@@ -159,7 +159,7 @@ def run_daemon_once(
     with log_path.open("ab") as log:
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.daemon", "--once"],
+            [sys.executable, "-m", "dbsync", "--log-level", "warning", "run", "--once"],
             env=env,
             stdout=log,
             stderr=log,

@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from dbsync import migrations
-from dbsync.embedded import LocalCluster, default_bindir
+from dbsync.embedded.cluster import LocalCluster, default_bindir
 
 T = TypeVar("T")
 BENCH_DIR = Path(__file__).resolve().parent

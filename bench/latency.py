@@ -170,7 +170,7 @@ class Consumer:
             env = {**os.environ, "DBSYNC_SITE_DSN": self.site_dsn, "DBSYNC_AGENT_DSN": self.agent_dsn}
             log = (self.workdir / "dbsync-latency.log").open("ab")
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.daemon"],
+                [sys.executable, "-m", "dbsync", "--log-level", "warning", "run"],
                 env=env,
                 stdout=log,
                 stderr=log,

@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 
 from dbsync import migrations
-from dbsync.embedded import LocalCluster
+from dbsync.embedded.cluster import LocalCluster
 
 TICK = os.sysconf("SC_CLK_TCK")
 DAEMON_BACKENDS = "SELECT pid FROM pg_stat_activity WHERE application_name = 'dbsync' AND datname = 'flood_site'"

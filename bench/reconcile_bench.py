@@ -46,7 +46,7 @@ from dbsync import migrations
 from dbsync.catchup import CatchUp
 from dbsync.config import Settings
 from dbsync.db import connect
-from dbsync.embedded import LocalCluster
+from dbsync.embedded.cluster import LocalCluster
 from dbsync.reconcile import Comparer, deep_check, targets
 
 REPO = Path(__file__).resolve().parent.parent

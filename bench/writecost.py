@@ -37,7 +37,7 @@ from bench.env import (
 )
 from bench.latency import Consumer
 from bench.stats import median
-from dbsync.embedded import default_bindir
+from dbsync.embedded.cluster import default_bindir
 
 SCRIPT = BENCH_DIR / "sql" / "pgbench_whatsapp.sql"
 TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)

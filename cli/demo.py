@@ -7,9 +7,6 @@ import sys
 
 import click
 
-from dbsync.demo import DemoOptions, NotIdenticalError, run_demo
-from dbsync.demo_report import format_summary
-
 
 @click.command()
 @click.option(
@@ -26,6 +23,10 @@ def demo(duration: float, rate: float, writers: int, seed: int | None, keep: boo
     the traffic in this process, shows throughput and lag every second, and exits 0 when every
     replicated table is identical on both sides (1 when not).
     """
+    # The demo's code (dbsync.embedded) is loaded when it runs, not when the CLI lists its commands.
+    from dbsync.embedded.demo import DemoOptions, NotIdenticalError, run_demo
+    from dbsync.embedded.demo_report import format_summary
+
     # yoyo narrates every migration step at INFO; the demo has its own progress lines.
     logging.getLogger("yoyo").setLevel(logging.WARNING)
     options = DemoOptions(duration=duration, rate=rate, writers=writers, seed=seed, keep=keep)

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from dbsync import migrations
-from dbsync.embedded import LocalCluster
+from dbsync.embedded.cluster import LocalCluster
 from tests.helpers import DbPair, Server, dbname
 
 _counter = itertools.count()

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dbsync.config import Settings
 from dbsync.daemon.runner import Replicator
-from dbsync.embedded import LocalCluster
+from dbsync.embedded.cluster import LocalCluster
 
 T = TypeVar("T")
 WHATSAPP_TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")

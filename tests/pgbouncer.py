@@ -21,7 +21,7 @@ from typing import Self
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from dbsync.embedded import _ensure_service_user, _open_path_for, free_port
+from dbsync.embedded.cluster import _ensure_service_user, _open_path_for, free_port
 
 BINARY = "/usr/sbin/pgbouncer"
 

@@ -21,7 +21,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from dbsync import migrations
-from dbsync.embedded import free_port
+from dbsync.embedded.cluster import free_port
 from tests.helpers import Daemon, DbPair, Server, assert_same, count, dbsync_cmd, wait_until
 
 # Every DSN a bad-input test passes carries this password; it must never be printed.

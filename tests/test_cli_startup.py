@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import click
 import pytest
@@ -20,7 +23,7 @@ try:
     main()
 except SystemExit:
     pass
-heavy = ("psycopg", "asyncpg", "httpx", "yoyo", "dbsync.daemon")
+heavy = ("psycopg", "asyncpg", "httpx", "yoyo", "dbsync.daemon", "dbsync.embedded")
 print(sorted({m for m in sys.modules if m.startswith(heavy)}), file=sys.stderr)
 """
 
@@ -47,7 +50,39 @@ def test_bare_dbsync_prints_its_usage_not_an_error() -> None:
 def test_a_command_loads_only_what_it_needs() -> None:
     stdout, loaded = _loaded("migrate", "--help")
     assert "Apply pending migrations" in stdout
-    assert not any(m.startswith(("asyncpg", "httpx", "dbsync.daemon")) for m in loaded), loaded
+    assert not any(m.startswith(("asyncpg", "httpx", "dbsync.daemon", "dbsync.embedded")) for m in loaded), loaded
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_no_command_s_help_loads_the_demo_or_the_clusters(command: str) -> None:
+    stdout, loaded = _loaded(command, "--help")
+    assert "Usage:" in stdout
+    assert not any(m.startswith("dbsync.embedded") for m in loaded), loaded
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_only_dbsync_demo_imports_the_embedded_package() -> None:
+    """dbsync.embedded (throwaway clusters, which run useradd as root, and the demo) is not the
+    runtime: outside it, only the body of `dbsync demo` imports it."""
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    embedded = ROOT / mapping["dbsync"] / "embedded"
+    found: list[str] = []
+    for folder in mapping.values():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.is_relative_to(embedded):
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                if any(n == "dbsync.embedded" or n.startswith("dbsync.embedded.") for n in names):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}:{node.col_offset}")
+    rel = [f.rsplit(":", 2) for f in found]
+    assert {p for p, _, _ in rel} == {"cli/demo.py"}, found
+    assert all(int(col) > 0 for _, _, col in rel), f"cli/demo.py imports dbsync.embedded at module level: {found}"
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

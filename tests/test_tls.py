@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 
 from dbsync import db
 from dbsync.daemon import pg
-from dbsync.embedded import LocalCluster, default_bindir
+from dbsync.embedded.cluster import LocalCluster, default_bindir
 from dbsync.errors import ConfigError, ConnectError
 from tests.helpers import Daemon, DbPair, Server, assert_same, count, dbsync_cmd, replicate, wait_until
 from tests.proxy import Proxy

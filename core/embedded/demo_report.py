@@ -13,12 +13,12 @@ import psycopg
 from dbsync.catchup import CatchUp
 from dbsync.config import Settings
 from dbsync.db import connect, first_line
-from dbsync.embedded import SERVICE_USER, LocalCluster
+from dbsync.embedded.cluster import SERVICE_USER, LocalCluster
 from dbsync.errors import DbsyncError
 from dbsync.reconcile import Comparer, TableDiff, deep_check, targets
 
 if TYPE_CHECKING:
-    from dbsync.demo import DemoOptions
+    from dbsync.embedded.demo import DemoOptions
 
 TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")
 

@@ -19,13 +19,13 @@ import psycopg
 from dbsync.config import Settings
 from dbsync.daemon.runner import Replicator
 from dbsync.db import connect, first_line
-from dbsync.demo_report import percentile
-from dbsync.demo_traffic import Crm, drive
+from dbsync.embedded.demo_report import percentile
+from dbsync.embedded.demo_traffic import Crm, drive
 from dbsync.errors import DbsyncError
 from dbsync.status import Status, read_status
 
 if TYPE_CHECKING:
-    from dbsync.demo import DemoOptions
+    from dbsync.embedded.demo import DemoOptions
 
 SOURCE = "site"
 DAEMON_START_TIMEOUT = 30.0

