@@ -32,6 +32,7 @@ from dbsync.catchup import CatchUp
 from dbsync.db import display_name
 from dbsync.errors import DbsyncError, SchemaError
 from dbsync.keyops import key_equality
+from dbsync.protocol import NOT_IN_SNAPSHOT
 from dbsync.rowhash import (
     BUCKET_PLANNING,
     HashQueries,
@@ -42,6 +43,7 @@ from dbsync.rowhash import (
     prepare,
     raw,
 )
+from dbsync.status import require_schema
 
 log = logging.getLogger("dbsync.reconcile")
 
@@ -61,10 +63,9 @@ ESTIMATE = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %(rel)
 
 # Events logged for %(table_id)s by transactions not visible in %(snap)s: changes still in flight.
 # (dbsync.image_json turns the logged key image into a JSON object of text values.)
-RECENT = """
+RECENT = f"""
 l.table_id = %(table_id)s
-  AND l.txid >= pg_snapshot_xmin(%(snap)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(l.txid, %(snap)s::pg_snapshot)
+  AND {NOT_IN_SNAPSHOT}
 """
 MOVING_KEYS = """
 SELECT DISTINCT c.key
@@ -118,9 +119,7 @@ class TableDiff:
 
 def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[Target]:
     """The replicated tables to compare (all when `names` is empty), checked on both sides."""
-    for conn, role, rel in ((site, "Site", "dbsync.replicated_tables"), (agent, "Agent", "dbsync.apply_progress")):
-        if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
-            raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
+    require_schema(site, agent)
     rows: list[tuple[Any, ...]] = []
     if names:
         for name in names:

@@ -23,6 +23,16 @@ from dbsync.daemon.consume import Progress
 from dbsync.db import display_name, quote_ident
 from dbsync.errors import ApplyError, DriftError, SchemaError
 from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
+from dbsync.protocol import (
+    COUNT_PARKED,
+    DROP_SUPERSEDED,
+    PARK,
+    PARKED_KEYS,
+    RETRY_CANDIDATES,
+    RETRY_FAILED,
+    SAVE_PROGRESS,
+    UNPARK,
+)
 from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
 
@@ -280,7 +290,7 @@ class Applier:
         self.parked = 0
 
     async def count_parked(self, agent: asyncpg.Connection) -> int:
-        self.parked = int(await agent.fetchval(COUNT_PARKED, self.source))
+        self.parked = int(await agent.fetchval(COUNT_PARKED.asyncpg, self.source))
         return self.parked
 
     async def _plans(
@@ -322,7 +332,7 @@ class Applier:
         if ev["op"] == "T":
             await agent.execute(target.truncate_sql())
             # A TRUNCATE supersedes whatever was parked for the table before it.
-            await agent.execute(DROP_SUPERSEDED, self.source, ev["table_id"], ev["seq"])
+            await agent.execute(DROP_SUPERSEDED.asyncpg, self.source, ev["table_id"], ev["seq"])
         elif ev["op"] == "D":
             await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
         else:
@@ -369,7 +379,7 @@ class Applier:
     async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
         target = await self.catalog.target(site, agent, ev["table_id"])
         await agent.execute(
-            PARK, self.source, ev["seq"], ev["table_id"], target.label, ev["op"], ev["pk"], ev["row_image"],
+            PARK.asyncpg, self.source, ev["seq"], ev["table_id"], target.label, ev["op"], ev["pk"], ev["row_image"],
             ev["captured_at"], error,
         )
 
@@ -377,7 +387,7 @@ class Applier:
         if not self.parked:
             return set()
         keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
-        rows = await agent.fetch(PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
+        rows = await agent.fetch(PARKED_KEYS.asyncpg, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
         return {(r["table_id"], r["pk"]) for r in rows}
 
     async def apply(
@@ -429,7 +439,7 @@ class Applier:
 
         Returns (events applied, events still parked after a new failure).
         """
-        rows = await agent.fetch(RETRY_CANDIDATES, self.source)
+        rows = await agent.fetch(RETRY_CANDIDATES.asyncpg, self.source)
         groups: dict[tuple[int, str], list[asyncpg.Record]] = {}
         for row in rows:
             groups.setdefault((row["table_id"], row["pk"]), []).append(row)
@@ -440,12 +450,13 @@ class Applier:
                 async with agent.transaction():
                     for ev in evs:
                         await self._write_event(site, agent, ev)
-                    await agent.execute(UNPARK, self.source, seqs)
+                    await agent.execute(UNPARK.asyncpg, self.source, seqs)
                 done += len(evs)
             except (asyncpg.PostgresError, DriftError) as exc:
                 if isinstance(exc, asyncpg.PostgresError) and (_is_connection_error(exc) or is_rls_error(exc)):
                     raise
-                await agent.execute(RETRY_FAILED, self.source, seqs, f"{exc.__class__.__name__}: {str(exc).strip()}")
+                reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
+                await agent.execute(RETRY_FAILED.asyncpg, self.source, seqs, reason)
                 failed += len(evs)
         await self.count_parked(agent)
         return done, failed
@@ -459,7 +470,7 @@ class Applier:
     ) -> None:
         last_captured = events[-1]["captured_at"] if events else None
         status = await agent.execute(
-            SAVE_PROGRESS,
+            SAVE_PROGRESS.asyncpg,
             self.source,
             after.prev_snapshot,
             after.batch_snapshot,
@@ -480,73 +491,6 @@ class Applier:
 
 class ConcurrentConsumerError(ApplyError):
     """Another consumer moved the progress row: this daemon's batch is void."""
-
-
-# The WHERE clause makes a second consumer's write fail instead of applying twice.
-SAVE_PROGRESS = """
-UPDATE dbsync.apply_progress SET
-    prev_snapshot = $2::text::pg_snapshot,
-    batch_snapshot = $3::text::pg_snapshot,
-    batch_hi = $4,
-    batch_cursor = $5,
-    applied_seq = $6,
-    events_applied = $7,
-    last_captured_at = coalesce($8, last_captured_at),
-    updated_at = pg_catalog.now(),
-    last_error = NULL,
-    last_error_at = NULL
-WHERE source = $1
-  AND prev_snapshot::text = $9
-  AND batch_cursor IS NOT DISTINCT FROM $10
-"""
-
-COUNT_PARKED = "SELECT count(*) FROM dbsync.parked_events WHERE source = $1"
-
-PARK = """
-INSERT INTO dbsync.parked_events (source, seq, table_id, table_name, op, pk, row_image, captured_at, error)
-VALUES ($1, $2, $3, $4, $5, $6::text::json, $7::text::json, $8, $9)
-ON CONFLICT (source, seq) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_catalog.now()
-"""
-
-PARKED_KEYS = """
-SELECT DISTINCT p.table_id, p.pk::text AS pk
-FROM dbsync.parked_events p
-JOIN ROWS FROM (pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::text[])) AS k(table_id, pk)
-  ON p.table_id = k.table_id AND p.pk::text = k.pk
-WHERE p.source = $1
-"""
-
-DROP_SUPERSEDED = "DELETE FROM dbsync.parked_events WHERE source = $1 AND table_id = $2 AND seq < $3"
-
-RETRY_CANDIDATES = """
-SELECT seq, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
-FROM dbsync.parked_events
-WHERE source = $1 AND (table_id, pk::text) IN (
-    SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = $1 AND retry_requested)
-ORDER BY seq
-"""
-
-UNPARK = "DELETE FROM dbsync.parked_events WHERE source = $1 AND seq = ANY ($2::bigint[])"
-
-RETRY_FAILED = """
-UPDATE dbsync.parked_events SET retry_requested = false, error = $3, parked_at = pg_catalog.now()
-WHERE source = $1 AND seq = ANY ($2::bigint[])
-"""
-
-RECORD_ERROR = """
-UPDATE dbsync.apply_progress SET last_error = $2, last_error_at = pg_catalog.now() WHERE source = $1
-"""
-
-LOAD_PROGRESS = """
-INSERT INTO dbsync.apply_progress (source, prev_snapshot) VALUES ($1, $2::text::pg_snapshot)
-ON CONFLICT (source) DO NOTHING;
-"""
-
-READ_PROGRESS = """
-SELECT prev_snapshot::text AS prev_snapshot, batch_snapshot::text AS batch_snapshot,
-       batch_hi, batch_cursor, applied_seq, events_applied
-FROM dbsync.apply_progress WHERE source = $1
-"""
 
 
 def _opname(op: str) -> str:

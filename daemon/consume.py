@@ -28,13 +28,14 @@ from typing import Any
 
 import asyncpg
 
-# Nothing is visible in it: the first batch takes every committed event.
-INITIAL_SNAPSHOT = "3:3:"
+from dbsync.protocol import INITIAL_SNAPSHOT, committed_between
+
+PREV = "$1::text::pg_snapshot"
 
 # One statement, one snapshot: `snap` is the statement's own snapshot, so the bounds are computed
 # over exactly the rows `snap` sees. The txid index finds the events of transactions that
 # started after `prev` and of those that were running at `prev`.
-OPEN_BATCH = """
+OPEN_BATCH = f"""
 WITH s AS (SELECT pg_catalog.pg_current_snapshot() AS snap)
 SELECT s.snap::text AS snap, b.lo, b.hi, b.events
 FROM s CROSS JOIN LATERAL (
@@ -43,8 +44,7 @@ FROM s CROSS JOIN LATERAL (
     WHERE ((l.txid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
             AND l.txid < pg_catalog.pg_snapshot_xmax(s.snap))
            OR l.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
-      AND pg_catalog.pg_visible_in_snapshot(l.txid, s.snap)
-      AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, $1::text::pg_snapshot)
+      AND {committed_between("l.txid", PREV, "s.snap")}
 ) b
 """
 
@@ -52,7 +52,7 @@ FROM s CROSS JOIN LATERAL (
 # at most $6 bytes of stored row images. next_seq on the last row says whether more follow.
 # Only the last event of each key in the page carries its row image (unless $7): the apply
 # writes the last image per key, so the others are neither converted, sent nor held.
-READ_PAGE = """
+READ_PAGE = f"""
 SELECT seq, table_id, op, pk,
        CASE WHEN $7 OR lead(seq) OVER (PARTITION BY table_id, pk ORDER BY seq) IS NULL
             THEN dbsync.image_json(row_image)::text END AS row_image,
@@ -67,8 +67,7 @@ FROM (
         SELECT seq, table_id, op::text AS op, dbsync.image_json(pk)::text AS pk, row_image, captured_at
         FROM dbsync.sync_log
         WHERE seq > $3 AND seq <= $4
-          AND pg_catalog.pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
-          AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
+          AND {committed_between("txid", PREV, "$2::text::pg_snapshot")}
         ORDER BY seq
         LIMIT $5 + 1
     ) l
