@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ import asyncpg
 from dbsync.config import Settings
 from dbsync.daemon import pg
 from dbsync.daemon.apply import Applier, Catalog
+from dbsync.daemon.backoff import Backoff
 from dbsync.daemon.consume import (
     Page,
     Progress,
@@ -109,24 +109,6 @@ class PageReport:
 # What the daemon is doing; `active` alone says whether it holds the lock.
 STARTING, STANDBY, APPLYING, RECONNECTING = "starting", "standby", "applying", "reconnecting"
 STUCK = "stuck"  # a problem_state, not a state: the loop is reconnecting to retry it
-
-
-class Backoff:
-    """Capped exponential backoff with jitter; the caller sleeps, so tests can shrink it."""
-
-    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-        self.rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * (2**self.attempt))
-        self.attempt += 1
-        return self.rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def holder_name() -> str:
