@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from dbsync.daemon.consume import Progress
+from dbsync.daemon.pg import is_transient
 from dbsync.db import display_name, quote_ident
 from dbsync.errors import ApplyError, DriftError, SchemaError
 from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
@@ -362,7 +363,7 @@ class Applier:
                     await self._write_event(site, agent, ev)
             except asyncpg.PostgresError as exc:
                 # Row-level security is the configuration, not this event: never park for it.
-                if _is_connection_error(exc) or is_rls_error(exc):
+                if is_transient(exc) or is_rls_error(exc):
                     raise
                 target = await self.catalog.target(site, agent, ev["table_id"])
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
@@ -421,7 +422,7 @@ class Applier:
                     await self._save(agent, before, after, events)
                 return 0
             except asyncpg.PostgresError as exc:
-                if _is_connection_error(exc) or is_rls_error(exc):
+                if is_transient(exc) or is_rls_error(exc):
                     raise
             if site_free is not None:
                 await site_free()
@@ -453,7 +454,7 @@ class Applier:
                     await agent.execute(UNPARK.asyncpg, self.source, seqs)
                 done += len(evs)
             except (asyncpg.PostgresError, DriftError) as exc:
-                if isinstance(exc, asyncpg.PostgresError) and (_is_connection_error(exc) or is_rls_error(exc)):
+                if isinstance(exc, asyncpg.PostgresError) and (is_transient(exc) or is_rls_error(exc)):
                     raise
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
                 await agent.execute(RETRY_FAILED.asyncpg, self.source, seqs, reason)
@@ -496,7 +497,3 @@ class ConcurrentConsumerError(ApplyError):
 def _opname(op: str) -> str:
     return {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}.get(op, op)
 
-
-def _is_connection_error(exc: BaseException) -> bool:
-    sqlstate = getattr(exc, "sqlstate", "") or ""
-    return sqlstate.startswith(("08", "57P"))

@@ -513,7 +513,7 @@ class Replicator:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, DbsyncError):
             message = f"{type(exc).__name__}: {message}"
-        self._problem_state = RECONNECTING if isinstance(exc, pg.CONNECTION_ERRORS) else STUCK
+        self._problem_state = RECONNECTING if pg.is_transient(exc) else STUCK
         if message != self._problem:
             log.error("%s; retrying", message)
             self._problem = message
