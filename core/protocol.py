@@ -15,6 +15,9 @@ batch's snapshot with seq <= the batch cursor.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+
+from dbsync.db import display_name
 
 # Advisory lock space of the active daemon: (LOCK_CLASS, hashtext(source)), a session lock on
 # the Agent DB.
@@ -26,6 +29,27 @@ INITIAL_SNAPSHOT = "3:3:"
 # A relation each side's migration creates: when it is missing, so is the schema.
 SITE_SCHEMA_MARK = "dbsync.sync_log"
 AGENT_SCHEMA_MARK = "dbsync.apply_progress"
+
+
+
+@dataclass(frozen=True)
+class ReplicatedTable:
+    """A table dbsync replicates, as the Site's registry (dbsync.replicated_tables) names it.
+
+    Each use adds its own facts around it: the apply path's ApplyTable (the Agent table's
+    columns and types), reconcile's ComparedTable (each side's key types), and `columns` here
+    when `tables add` has read the Site table's columns."""
+
+    table_id: int
+    schema: str
+    name: str
+    keys: tuple[str, ...]
+    columns: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return display_name(self.schema, self.name)
+
 
 _NAMED = re.compile(r"%\((\w+)\)s|%%|%")
 

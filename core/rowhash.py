@@ -66,7 +66,7 @@ class TableShape:
         return display_name(self.schema, self.name)
 
 
-def ident(*names: str) -> sql.SQL:
+def sql_ident(*names: str) -> sql.SQL:
     """A quoted identifier that survives psycopg's placeholder parsing (a name may hold '%').
 
     Statements built with it must always be executed with a parameter dict (possibly empty).
@@ -84,7 +84,7 @@ class HashQueries:
 
     def __init__(self, shape: TableShape, hash_template: str) -> None:
         self.shape = shape
-        self.table = ident(shape.schema, shape.name)
+        self.table = sql_ident(shape.schema, shape.name)
         hashed = sql.SQL(hash_template)
         row_text = sql.SQL("ROW({})::text").format(_cols(shape.columns))
         key_text = sql.SQL("ROW({})::text").format(_cols(shape.keys))
@@ -93,7 +93,7 @@ class HashQueries:
         as_text = {eq.column for eq in shape.key_equality if eq.json_as_text}
         pairs = [
             sql.SQL("{}, t.{}::text" if k in as_text else "{}, t.{}").format(
-                sql.Literal(k.replace("%", "%%")), ident(k)
+                sql.Literal(k.replace("%", "%%")), sql_ident(k)
             )
             for k in shape.keys
         ]
@@ -138,7 +138,7 @@ def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:
 
 
 def _cols(names: tuple[str, ...]) -> sql.Composed:
-    return sql.SQL(", ").join(sql.SQL("t.{}").format(ident(n)) for n in names)
+    return sql.SQL(", ").join(sql.SQL("t.{}").format(sql_ident(n)) for n in names)
 
 
 # A json_to_recordset column list for the key columns of a table, in key order, with this

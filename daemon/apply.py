@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dbsync.daemon.consume import Progress
+from dbsync.daemon.consume import ApplyProgress
 from dbsync.daemon.pg import is_transient
 from dbsync.db import display_name, quote_ident
 from dbsync.errors import ApplyError, DriftError, SchemaError
@@ -33,16 +33,13 @@ from dbsync.protocol import (
     RETRY_FAILED,
     SAVE_PROGRESS,
     UNPARK,
+    ReplicatedTable,
 )
 from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
 
-def ident(*names: str) -> str:
-    return quote_ident(*names)
-
-
 @dataclass(frozen=True)
-class Target:
+class ApplyTable:
     """A replicated table as the apply path needs it."""
 
     table_id: int
@@ -69,7 +66,7 @@ class Target:
 
     @property
     def qualified(self) -> str:
-        return ident(self.schema, self.name)
+        return quote_ident(self.schema, self.name)
 
     # Row images arrive as JSON objects of text values (each column's text output on the Site);
     # json_to_recordset hands each value to the Agent column type's input function: PostgreSQL's
@@ -78,11 +75,11 @@ class Target:
     # json and jsonb columns are read as text and cast (json_to_recordset would keep a JSON
     # string as a string); casts between those built-in types only a superuser can create.
     def _source(self, columns: Sequence[str], alias: str) -> str:
-        defs = ", ".join(f"{ident(c)} {'text' if c in self.json_typed else self.types[c]}" for c in columns)
+        defs = ", ".join(f"{quote_ident(c)} {'text' if c in self.json_typed else self.types[c]}" for c in columns)
         return f"pg_catalog.json_to_recordset($1::text::json) AS {alias}({defs})"
 
     def _cast(self, alias: str, column: str) -> str:
-        value = f"{alias}.{ident(column)}"
+        value = f"{alias}.{quote_ident(column)}"
         return f"{value}::{self.types[column]}" if column in self.json_typed else value
 
     def _assign(self, column: str) -> str:
@@ -94,7 +91,7 @@ class Target:
         it. So a large stored value that is byte for byte the incoming one is kept. The size
         test reads only the stored length, so small values cost nothing extra.
         """
-        c = ident(column)
+        c = quote_ident(column)
         if column not in self.toastable:
             return f"{c} = EXCLUDED.{c}"
         return (
@@ -103,9 +100,9 @@ class Target:
         )
 
     def upsert_sql(self, columns: Sequence[str]) -> str:
-        cols = ", ".join(ident(c) for c in columns)
+        cols = ", ".join(quote_ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
-        keys = ", ".join(ident(k) for k in self.keys)
+        keys = ", ".join(quote_ident(k) for k in self.keys)
         sets = ", ".join(
             self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity
         )
@@ -117,7 +114,9 @@ class Target:
         )
 
     def delete_sql(self) -> str:
-        match = " AND ".join(eq.match(f"d.{ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality)
+        match = " AND ".join(
+            eq.match(f"d.{quote_ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality
+        )
         return f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k')} WHERE {match}"
 
     def truncate_sql(self) -> str:
@@ -173,30 +172,30 @@ class Catalog:
     """Site registry plus Agent columns, cached; refreshed when a page mentions something new."""
 
     def __init__(self) -> None:
-        self._registry: dict[int, tuple[str, str, tuple[str, ...]]] = {}
-        self._targets: dict[int, Target] = {}
+        self._registry: dict[int, ReplicatedTable] = {}
+        self._tables: dict[int, ApplyTable] = {}
 
     def forget(self) -> None:
         self._registry.clear()
-        self._targets.clear()
+        self._tables.clear()
 
-    async def target(self, site: asyncpg.Connection, agent: asyncpg.Connection, table_id: int) -> Target:
-        if table_id in self._targets:
-            return self._targets[table_id]
+    async def table(self, site: asyncpg.Connection, agent: asyncpg.Connection, table_id: int) -> ApplyTable:
+        if table_id in self._tables:
+            return self._tables[table_id]
         if table_id not in self._registry:
             rows = await site.fetch(SITE_REGISTRY)
-            self._registry = {r["table_id"]: (r["schema_name"], r["table_name"], tuple(r["key_columns"])) for r in rows}
+            self._registry = {
+                r["table_id"]: ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows
+            }
         if table_id not in self._registry:
             raise SchemaError(f"the sync log names table id {table_id}, which dbsync.replicated_tables does not know")
-        schema, name, keys = self._registry[table_id]
-        target = await load_target(agent, table_id, schema, name, keys)
-        self._targets[table_id] = target
-        return target
+        table = await load_apply_table(agent, self._registry[table_id])
+        self._tables[table_id] = table
+        return table
 
 
-async def load_target(
-    agent: asyncpg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
-) -> Target:
+async def load_apply_table(agent: asyncpg.Connection, replicated: ReplicatedTable) -> ApplyTable:
+    table_id, schema, name, keys = replicated.table_id, replicated.schema, replicated.name, replicated.keys
     label = f"{schema}.{name}"
     oid = await agent.fetchval(AGENT_TABLE, schema, name)
     if oid is None:
@@ -217,7 +216,7 @@ async def load_target(
     equality = key_equalities(
         [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
     )
-    return Target(
+    return ApplyTable(
         table_id=table_id,
         schema=schema,
         name=name,
@@ -236,7 +235,7 @@ async def load_target(
 class TablePlan:
     """What one page does to one table, after coalescing."""
 
-    target: Target
+    table: ApplyTable
     truncate: bool = False
     last: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # pk text -> (op, image)
     columns: list[str] = field(default_factory=list)  # what the upsert writes, from the last image
@@ -261,18 +260,18 @@ def json_array(items: Iterable[str]) -> str:
     return "[" + ",".join(items) + "]"
 
 
-def image_columns(target: Target, image: str) -> list[str]:
+def image_columns(table: ApplyTable, image: str) -> list[str]:
     """The Agent columns an upsert of `image` writes; every column in a Site row image must
     exist on the Agent table (schema drift otherwise)."""
     present = json.loads(image).keys()
-    extra = sorted(set(present) - target.columns)
+    extra = sorted(set(present) - table.columns)
     if extra:
         cols = ", ".join(extra)
         raise DriftError(
-            f"column(s) {cols} of {target.label} exist on the Site DB but not on the Agent DB; "
+            f"column(s) {cols} of {table.label} exist on the Site DB but not on the Agent DB; "
             f"add them to the Agent table and replication resumes"
         )
-    return [c for c in target.insertable if c in present]
+    return [c for c in table.insertable if c in present]
 
 
 class Applier:
@@ -301,44 +300,44 @@ class Applier:
         for ev in events:
             plan = plans.get(ev["table_id"])
             if plan is None:
-                plan = plans[ev["table_id"]] = TablePlan(await self.catalog.target(site, agent, ev["table_id"]))
+                plan = plans[ev["table_id"]] = TablePlan(await self.catalog.table(site, agent, ev["table_id"]))
             plan.add(ev["op"], ev["pk"], ev["row_image"])
         for plan in plans.values():
             upserts = plan.upserts()
             if upserts:
                 try:
-                    plan.columns = image_columns(plan.target, upserts[-1])
+                    plan.columns = image_columns(plan.table, upserts[-1])
                 except DriftError:
                     # The Agent table may have been altered since we looked: look again first.
                     self.catalog.forget()
-                    plan.target = await self.catalog.target(site, agent, plan.target.table_id)
-                    plan.columns = image_columns(plan.target, upserts[-1])
+                    plan.table = await self.catalog.table(site, agent, plan.table.table_id)
+                    plan.columns = image_columns(plan.table, upserts[-1])
         return list(plans.values())
 
     async def _write_coalesced(self, agent: asyncpg.Connection, plans: Sequence[TablePlan]) -> None:
         for plan in plans:
             if plan.truncate:
-                await agent.execute(plan.target.truncate_sql())
+                await agent.execute(plan.table.truncate_sql())
         for plan in plans:
             deletes = plan.deletes()
             if deletes:
-                await agent.execute(plan.target.delete_sql(), json_array(deletes))
+                await agent.execute(plan.table.delete_sql(), json_array(deletes))
         for plan in plans:
             upserts = plan.upserts()
             if upserts:
-                await agent.execute(plan.target.upsert_sql(plan.columns), json_array(upserts))
+                await agent.execute(plan.table.upsert_sql(plan.columns), json_array(upserts))
 
     async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record) -> None:
-        target = await self.catalog.target(site, agent, ev["table_id"])
+        table = await self.catalog.table(site, agent, ev["table_id"])
         if ev["op"] == "T":
-            await agent.execute(target.truncate_sql())
+            await agent.execute(table.truncate_sql())
             # A TRUNCATE supersedes whatever was parked for the table before it.
             await agent.execute(DROP_SUPERSEDED.asyncpg, self.source, ev["table_id"], ev["seq"])
         elif ev["op"] == "D":
-            await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
+            await agent.execute(table.delete_sql(), json_array([ev["pk"]]))
         else:
-            cols = image_columns(target, ev["row_image"])
-            await agent.execute(target.upsert_sql(cols), json_array([ev["row_image"]]))
+            cols = image_columns(table, ev["row_image"])
+            await agent.execute(table.upsert_sql(cols), json_array([ev["row_image"]]))
 
     async def _write_one_by_one(
         self,
@@ -365,11 +364,11 @@ class Applier:
                 # Row-level security is the configuration, not this event: never park for it.
                 if is_transient(exc) or is_rls_error(exc):
                     raise
-                target = await self.catalog.target(site, agent, ev["table_id"])
+                table = await self.catalog.table(site, agent, ev["table_id"])
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
                 if not self.park:
                     raise ApplyError(
-                        f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {target.label}"
+                        f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {table.label}"
                         f"{' key ' + ev['pk'] if ev['pk'] else ''}): {reason}"
                     ) from exc
                 await self._park(site, agent, ev, reason)
@@ -378,9 +377,9 @@ class Applier:
         return parked
 
     async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
-        target = await self.catalog.target(site, agent, ev["table_id"])
+        table = await self.catalog.table(site, agent, ev["table_id"])
         await agent.execute(
-            PARK.asyncpg, self.source, ev["seq"], ev["table_id"], target.label, ev["op"], ev["pk"], ev["row_image"],
+            PARK.asyncpg, self.source, ev["seq"], ev["table_id"], table.label, ev["op"], ev["pk"], ev["row_image"],
             ev["captured_at"], error,
         )
 
@@ -396,8 +395,8 @@ class Applier:
         site: asyncpg.Connection,
         agent: asyncpg.Connection,
         events: Sequence[asyncpg.Record],
-        before: Progress,
-        after: Progress,
+        before: ApplyProgress,
+        after: ApplyProgress,
         *,
         planned: Callable[[], None] | None = None,
         site_free: Callable[[], Awaitable[None]] | None = None,
@@ -462,12 +461,12 @@ class Applier:
         await self.count_parked(agent)
         return done, failed
 
-    async def save(self, agent: asyncpg.Connection, before: Progress, after: Progress) -> None:
+    async def save(self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress) -> None:
         async with agent.transaction():
             await self._save(agent, before, after, [])
 
     async def _save(
-        self, agent: asyncpg.Connection, before: Progress, after: Progress, events: Sequence[asyncpg.Record]
+        self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress, events: Sequence[asyncpg.Record]
     ) -> None:
         last_captured = events[-1]["captured_at"] if events else None
         status = await agent.execute(

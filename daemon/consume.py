@@ -79,7 +79,7 @@ ORDER BY seq
 
 
 @dataclass(frozen=True)
-class Progress:
+class ApplyProgress:
     """What the Agent DB has applied; mirrors a row of dbsync.apply_progress."""
 
     prev_snapshot: str = INITIAL_SNAPSHOT
@@ -100,7 +100,7 @@ class Page:
     more: bool
 
 
-async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Progress, int, str]:
+async def open_batch(site: asyncpg.Connection, progress: ApplyProgress) -> tuple[ApplyProgress, int, str]:
     """Take a new snapshot; returns the progress with the batch opened, its event count, and
     the snapshot itself.
 
@@ -118,7 +118,7 @@ async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Prog
 
 
 async def read_page(
-    site: asyncpg.Connection, progress: Progress, limit: int, max_bytes: int, *, every_image: bool = False
+    site: asyncpg.Connection, progress: ApplyProgress, limit: int, max_bytes: int, *, every_image: bool = False
 ) -> Page:
     """The page at the progress's cursor. Row images come only with the last event of each key,
     or with every event when `every_image` (event-by-event apply); the page is the same."""
@@ -137,7 +137,7 @@ async def read_page(
     return Page(events=list(rows), more=more)
 
 
-def advance(progress: Progress, page: Page) -> Progress:
+def advance(progress: ApplyProgress, page: Page) -> ApplyProgress:
     """The progress once `page` is applied: the cursor moves on, or the batch closes."""
     applied = max([progress.applied_seq, *(e["seq"] for e in page.events)])
     counted = progress.events_applied + len(page.events)
@@ -146,13 +146,13 @@ def advance(progress: Progress, page: Page) -> Progress:
             progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted
         )
     assert progress.batch_snapshot is not None
-    return Progress(
+    return ApplyProgress(
         prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted
     )
 
 
-def progress_from_row(row: Any) -> Progress:
-    return Progress(
+def progress_from_row(row: Any) -> ApplyProgress:
+    return ApplyProgress(
         prev_snapshot=row["prev_snapshot"],
         batch_snapshot=row["batch_snapshot"],
         batch_hi=row["batch_hi"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from dbsync.daemon import pg
-from dbsync.daemon.consume import Progress
+from dbsync.daemon.consume import ApplyProgress
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError
 from dbsync.protocol import PENDING
@@ -41,7 +41,7 @@ class LagProbe:
     def site_reachable(self) -> bool:
         return self.error is None and self.conn is not None
 
-    async def measure(self, progress: Progress | None) -> Lag | None:
+    async def measure(self, progress: ApplyProgress | None) -> Lag | None:
         """The lag behind `progress`; with None, only checks that the Site DB answers."""
         try:
             conn = await self._connection()

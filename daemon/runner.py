@@ -35,8 +35,8 @@ from dbsync.daemon import pg
 from dbsync.daemon.apply import Applier, Catalog
 from dbsync.daemon.backoff import Backoff
 from dbsync.daemon.consume import (
+    ApplyProgress,
     Page,
-    Progress,
     advance,
     open_batch,
     progress_from_row,
@@ -138,8 +138,8 @@ class Replicator:
         self.stats = Stats()
         self.site: asyncpg.Connection | None = None
         self.agent: asyncpg.Connection | None = None
-        self.progress = Progress()
-        self._persisted = Progress()
+        self.progress = ApplyProgress()
+        self._persisted = ApplyProgress()
         self._problem: str | None = None
         self._problem_state = RECONNECTING
         self.active = False
@@ -366,7 +366,7 @@ class Replicator:
             self.on_report(PageReport(applied, parked, time.monotonic() - started))
         return True
 
-    async def _page(self, progress: Progress) -> Page:
+    async def _page(self, progress: ApplyProgress) -> Page:
         """The page at the progress's cursor: read ahead by the previous step, or read now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (progress.batch_snapshot, progress.batch_cursor):
@@ -374,7 +374,7 @@ class Replicator:
             return ahead[2]
         return await self._read(progress)
 
-    async def _read(self, progress: Progress, *, every_image: bool = False) -> Page:
+    async def _read(self, progress: ApplyProgress, *, every_image: bool = False) -> Page:
         assert self.site is not None
         return await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES, every_image=every_image)
 
@@ -383,8 +383,8 @@ class Replicator:
         assert self.site and self.agent
         out: Counter[tuple[str, str]] = Counter()
         for ev in events:
-            target = await self.catalog.target(self.site, self.agent, ev["table_id"])  # cached by the apply
-            out[target.label, ev["op"]] += 1
+            table = await self.catalog.table(self.site, self.agent, ev["table_id"])  # cached by the apply
+            out[table.label, ev["op"]] += 1
         if parked:
             seqs = [ev["seq"] for ev in events]
             for row in await self.agent.fetch(PARKED_IN_PAGE.asyncpg, self.settings.source, seqs):
