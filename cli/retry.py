@@ -20,12 +20,22 @@ class RetryIncomplete(DbsyncError):
 @click.command()
 @connection_options
 @click.option("--table", default=None, help="Only events of this table (schema.table).")
-@click.option("--wait", "wait_seconds", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for the daemon to process the request (0: do not wait).")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the daemon to process the request (0: do not wait).",
+)
 @click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
 def retry(
-    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, table: str | None,
-    wait_seconds: float, source: str | None,
+    config_file: str | None,
+    site_dsn: str | None,
+    agent_dsn: str | None,
+    table: str | None,
+    wait_seconds: float,
+    source: str | None,
 ) -> None:
     """Re-apply parked events, key by key in log order. The running daemon does the work."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source).require("agent_dsn")

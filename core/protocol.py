@@ -31,7 +31,6 @@ SITE_SCHEMA_MARK = "dbsync.sync_log"
 AGENT_SCHEMA_MARK = "dbsync.apply_progress"
 
 
-
 @dataclass(frozen=True)
 class ReplicatedTable:
     """A table dbsync replicates, as the Site's registry (dbsync.replicated_tables) names it.

@@ -103,9 +103,7 @@ class ApplyTable:
         cols = ", ".join(quote_ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
         keys = ", ".join(quote_ident(k) for k in self.keys)
-        sets = ", ".join(
-            self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity
-        )
+        sets = ", ".join(self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity)
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         return (
             f"INSERT INTO {self.qualified} AS t ({cols}) OVERRIDING SYSTEM VALUE "
@@ -184,9 +182,7 @@ class Catalog:
             return self._tables[table_id]
         if table_id not in self._registry:
             rows = await site.fetch(SITE_REGISTRY)
-            self._registry = {
-                r["table_id"]: ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows
-            }
+            self._registry = {r["table_id"]: ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows}
         if table_id not in self._registry:
             raise SchemaError(f"the sync log names table id {table_id}, which dbsync.replicated_tables does not know")
         table = await load_apply_table(agent, self._registry[table_id])
@@ -210,9 +206,7 @@ async def load_apply_table(agent: asyncpg.Connection, replicated: ReplicatedTabl
     if missing:
         raise SchemaError(f"table {label} on the Agent DB lacks key column(s) {', '.join(missing)}")
     if not await agent.fetchval(AGENT_KEY_INDEX, schema, name, sorted(keys)):
-        raise SchemaError(
-            f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
-        )
+        raise SchemaError(f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})")
     equality = key_equalities(
         [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
     )
@@ -379,8 +373,16 @@ class Applier:
     async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
         table = await self.catalog.table(site, agent, ev["table_id"])
         await agent.execute(
-            PARK.asyncpg, self.source, ev["seq"], ev["table_id"], table.label, ev["op"], ev["pk"], ev["row_image"],
-            ev["captured_at"], error,
+            PARK.asyncpg,
+            self.source,
+            ev["seq"],
+            ev["table_id"],
+            table.label,
+            ev["op"],
+            ev["pk"],
+            ev["row_image"],
+            ev["captured_at"],
+            error,
         )
 
     async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]) -> set[tuple[int, str]]:
@@ -495,4 +497,3 @@ class ConcurrentConsumerError(ApplyError):
 
 def _opname(op: str) -> str:
     return {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}.get(op, op)
-

@@ -111,9 +111,7 @@ async def open_batch(site: asyncpg.Connection, progress: ApplyProgress) -> tuple
     assert row is not None
     if row["lo"] is None:
         return progress, 0, row["snap"]
-    opened = replace(
-        progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1
-    )
+    opened = replace(progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1)
     return opened, int(row["events"]), row["snap"]
 
 
@@ -142,13 +140,9 @@ def advance(progress: ApplyProgress, page: Page) -> ApplyProgress:
     applied = max([progress.applied_seq, *(e["seq"] for e in page.events)])
     counted = progress.events_applied + len(page.events)
     if page.more:
-        return replace(
-            progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted
-        )
+        return replace(progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted)
     assert progress.batch_snapshot is not None
-    return ApplyProgress(
-        prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted
-    )
+    return ApplyProgress(prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted)
 
 
 def progress_from_row(row: Any) -> ApplyProgress:

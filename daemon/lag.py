@@ -68,9 +68,7 @@ class LagProbe:
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
-            self.conn = await pg.connect(
-                self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"}
-            )
+            self.conn = await pg.connect(self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"})
         return self.conn
 
     async def close(self) -> None:
