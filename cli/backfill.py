@@ -11,7 +11,7 @@ from typing import Any
 import click
 import psycopg
 
-from dbsync.backfill import BackfillError, Progress, backfill
+from dbsync.backfill import BackfillError, BackfillProgress, backfill
 from dbsync.cli.options import connection_options
 from dbsync.config import load_settings
 from dbsync.db import connect, first_line
@@ -63,7 +63,7 @@ def backfill_cmd(
 
 def run_backfill(
     site: psycopg.Connection, name: str, *, chunk_size: int, restart: bool, max_chunks: int | None
-) -> Progress:
+) -> BackfillProgress:
     """One table, with progress on stderr (a bar on a terminal, a line a second otherwise)."""
     report = _Reporter()
     try:
@@ -91,7 +91,7 @@ class _Reporter:
         self.shown = 0
         self.last_line = 0.0
 
-    def __call__(self, p: Progress) -> None:
+    def __call__(self, p: BackfillProgress) -> None:
         if self.tty:
             if self.bar is None:
                 self.bar = click.progressbar(length=max(p.estimate, p.rows_done, 1), label=p.table, file=sys.stderr)

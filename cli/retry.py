@@ -10,13 +10,7 @@ from dbsync.cli.options import connection_options
 from dbsync.config import load_settings
 from dbsync.db import connect
 from dbsync.errors import DbsyncError
-
-REQUEST = """
-UPDATE dbsync.parked_events SET retry_requested = true
-WHERE source = %(source)s AND (%(table)s::text IS NULL OR table_name = %(table)s)
-"""
-OUTSTANDING = "SELECT count(*) FROM dbsync.parked_events WHERE source = %s AND retry_requested"
-REMAINING = "SELECT count(*) FROM dbsync.parked_events WHERE source = %s"
+from dbsync.protocol import COUNT_PARKED, COUNT_RETRY_REQUESTED, REQUEST_RETRY
 
 
 class RetryIncomplete(DbsyncError):
@@ -26,32 +20,42 @@ class RetryIncomplete(DbsyncError):
 @click.command()
 @connection_options
 @click.option("--table", default=None, help="Only events of this table (schema.table).")
-@click.option("--wait", "wait_seconds", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for the daemon to process the request (0: do not wait).")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the daemon to process the request (0: do not wait).",
+)
 @click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
 def retry(
-    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, table: str | None,
-    wait_seconds: float, source: str | None,
+    config_file: str | None,
+    site_dsn: str | None,
+    agent_dsn: str | None,
+    table: str | None,
+    wait_seconds: float,
+    source: str | None,
 ) -> None:
     """Re-apply parked events, key by key in log order. The running daemon does the work."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source).require("agent_dsn")
     assert settings.agent_dsn
     with connect(settings.agent_dsn, "Agent") as agent:
-        flagged = agent.execute(REQUEST, {"source": settings.source, "table": table}).rowcount
+        flagged = agent.execute(REQUEST_RETRY.psycopg, {"source": settings.source, "table": table}).rowcount
         if flagged == 0:
             click.echo("no parked events to retry")
             return
         click.echo(f"asked the daemon to retry {flagged} parked event(s)")
         deadline = time.monotonic() + wait_seconds
         while wait_seconds > 0 and time.monotonic() < deadline:
-            if agent.execute(OUTSTANDING, (settings.source,)).fetchone() == (0,):
+            if agent.execute(COUNT_RETRY_REQUESTED.psycopg, {"source": settings.source}).fetchone() == (0,):
                 break
             time.sleep(0.2)
         else:
             if wait_seconds > 0:
                 raise RetryIncomplete("the daemon has not processed the retry yet: is `dbsync run` running?")
             return
-        left = agent.execute(REMAINING, (settings.source,)).fetchone()[0]  # type: ignore[index]
+        left = agent.execute(COUNT_PARKED.psycopg, {"source": settings.source}).fetchone()[0]  # type: ignore[index]
     if left:
         raise RetryIncomplete(f"{left} event(s) are still parked; `dbsync status` shows why")
     click.echo("all parked events applied")

@@ -29,7 +29,7 @@ class BackfillError(DbsyncError):
 
 
 @dataclass(frozen=True)
-class Progress:
+class BackfillProgress:
     table: str
     rows: int  # rows logged by the last chunk
     rows_done: int
@@ -45,8 +45,8 @@ def backfill(
     chunk_size: int = 5000,
     restart: bool = False,
     max_chunks: int | None = None,
-    on_chunk: Callable[[Progress], None] | None = None,
-) -> Progress:
+    on_chunk: Callable[[BackfillProgress], None] | None = None,
+) -> BackfillProgress:
     """Copy `name` (or resume its copy); returns where it stopped."""
     if chunk_size < 1:
         raise BackfillError("the chunk size must be positive")
@@ -61,10 +61,12 @@ def backfill(
     while True:
         step = call(site, STEP, (rel, chunk_size), f"backfill of {label}")
         if step["finished"] and step["rows"] == 0 and chunks == 0:
-            progress = Progress(label, 0, int(step["rows_done"]), estimate, True, 0)
+            progress = BackfillProgress(label, 0, int(step["rows_done"]), estimate, True, 0)
             break
         chunks += 1
-        progress = Progress(label, int(step["rows"]), int(step["rows_done"]), estimate, bool(step["finished"]), chunks)
+        progress = BackfillProgress(
+            label, int(step["rows"]), int(step["rows_done"]), estimate, bool(step["finished"]), chunks
+        )
         if on_chunk is not None:
             on_chunk(progress)
         if progress.finished or (max_chunks is not None and chunks >= max_chunks):

@@ -2,7 +2,7 @@
 
 Reconcile compares two databases that replication keeps changing. It pins a point in the Site's
 history (a snapshot), waits until the daemon has applied every event committed by then, and
-only then trusts a comparison. The rule mirrors the consumer's (dbsync.daemon.consume): an event
+only then trusts a comparison. The rule is the protocol's (dbsync.protocol.NOT_APPLIED): an event
 is applied when its transaction is visible in the stored `prev_snapshot`, or visible in the open
 batch's snapshot with seq <= the batch cursor.
 """
@@ -18,28 +18,11 @@ from dataclasses import dataclass
 import psycopg
 
 from dbsync.config import Settings
-from dbsync.daemon.runner import Replicator
 from dbsync.errors import DbsyncError
-from dbsync.status import PROGRESS, read_status
+from dbsync.protocol import NO_PROGRESS, PENDING_BY_TABLE, PROGRESS_REPORT
+from dbsync.status import read_status
 
 log = logging.getLogger("dbsync.reconcile")
-
-NO_PROGRESS = ("3:3:", None, None)
-
-# Committed events not yet applied, per table, among those visible in %(snap)s (the current
-# snapshot when null). Same rule as status.PENDING, restricted to a snapshot and split by table.
-PENDING_BY_TABLE = """
-SELECT l.table_id, count(*), extract(epoch FROM clock_timestamp() - min(l.captured_at))::float8
-FROM dbsync.sync_log l
-WHERE l.txid >= pg_snapshot_xmin(%(prev)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(l.txid, %(prev)s::pg_snapshot)
-  AND NOT (%(batch)s::pg_snapshot IS NOT NULL
-           AND pg_visible_in_snapshot(l.txid, %(batch)s::pg_snapshot)
-           AND l.seq <= %(cursor)s::bigint)
-  AND (%(snap)s::pg_snapshot IS NULL OR pg_visible_in_snapshot(l.txid, %(snap)s::pg_snapshot))
-  AND (%(tables)s::int[] IS NULL OR l.table_id = ANY (%(tables)s::int[]))
-GROUP BY l.table_id
-"""
 
 SNAPSHOT = "SELECT pg_current_snapshot()::text"
 
@@ -61,16 +44,16 @@ def pending_by_table(
     snap: str | None = None,
     tables: Sequence[int] | None = None,
 ) -> dict[int, Pending]:
-    row = agent.execute(PROGRESS, (source,)).fetchone()
+    row = agent.execute(PROGRESS_REPORT.psycopg, {"source": source}).fetchone()
     prev, batch, cursor = row[:3] if row is not None else NO_PROGRESS
     params = {
         "prev": prev,
         "batch": batch,
         "cursor": cursor,
-        "snap": snap,
+        "upto": snap,
         "tables": list(tables) if tables is not None else None,
     }
-    return {r[0]: Pending(r[1], r[2]) for r in site.execute(PENDING_BY_TABLE, params).fetchall()}
+    return {r[0]: Pending(r[1], r[2]) for r in site.execute(PENDING_BY_TABLE.psycopg, params).fetchall()}
 
 
 def site_snapshot(site: psycopg.Connection) -> str:
@@ -129,8 +112,11 @@ class CatchUp:
             delay = min(delay * 2, 0.25)
 
     def _drain(self) -> None:
-        replicator = Replicator(self.settings)
+        # The one place the library drives daemon code: the apply itself, run here once. It is
+        # imported only when used, so comparing (and `dbsync status`) never loads the daemon.
+        from dbsync.daemon.runner import run_once
+
         try:
-            asyncio.run(asyncio.wait_for(replicator.run(once=True), timeout=self.timeout))
+            asyncio.run(asyncio.wait_for(run_once(self.settings), timeout=self.timeout))
         except TimeoutError:
             raise CatchUpError(f"applying in-process did not finish within {self.timeout:g} s") from None

@@ -15,11 +15,10 @@ import psycopg
 
 from dbsync.catchup import pending_by_table
 from dbsync.db import display_name
+from dbsync.protocol import PARKED_BY_TABLE
 from dbsync.status import Status, read_status
 
 TABLES = "SELECT table_id, schema_name, table_name, removed_at IS NULL FROM dbsync.replicated_tables"
-
-PARKED_BY_TABLE = "SELECT table_id, count(*) FROM dbsync.parked_events WHERE source = %s GROUP BY 1"
 
 # A transaction that inserted into the log holds RowExclusiveLock on it until it ends. Its start
 # time is only visible with pg_read_all_stats (or as the same role); the age is null otherwise.
@@ -73,7 +72,7 @@ class LogReport:
 def log_check(site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float) -> LogReport:
     status = read_status(site, agent, source, lag_threshold)
     pending = pending_by_table(site, agent, source)
-    parked: dict[int, int] = dict(agent.execute(PARKED_BY_TABLE, (source,)).fetchall())
+    parked: dict[int, int] = dict(agent.execute(PARKED_BY_TABLE.psycopg, {"source": source}).fetchall())
     shown = [
         (tid, schema, name)
         for tid, schema, name, active in site.execute(TABLES).fetchall()

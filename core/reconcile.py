@@ -32,6 +32,7 @@ from dbsync.catchup import CatchUp
 from dbsync.db import display_name
 from dbsync.errors import DbsyncError, SchemaError
 from dbsync.keyops import key_equality
+from dbsync.protocol import NOT_IN_SNAPSHOT
 from dbsync.rowhash import (
     BUCKET_PLANNING,
     HashQueries,
@@ -42,6 +43,7 @@ from dbsync.rowhash import (
     prepare,
     raw,
 )
+from dbsync.status import require_schema
 
 log = logging.getLogger("dbsync.reconcile")
 
@@ -61,10 +63,9 @@ ESTIMATE = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %(rel)
 
 # Events logged for %(table_id)s by transactions not visible in %(snap)s: changes still in flight.
 # (dbsync.image_json turns the logged key image into a JSON object of text values.)
-RECENT = """
+RECENT = f"""
 l.table_id = %(table_id)s
-  AND l.txid >= pg_snapshot_xmin(%(snap)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(l.txid, %(snap)s::pg_snapshot)
+  AND {NOT_IN_SNAPSHOT}
 """
 MOVING_KEYS = """
 SELECT DISTINCT c.key
@@ -85,7 +86,7 @@ class UnknownTable(SchemaError):
 
 
 @dataclass(frozen=True)
-class Target:
+class ComparedTable:
     table_id: int
     site: TableShape
     agent: TableShape
@@ -116,11 +117,9 @@ class TableDiff:
         return [*self.missing, *self.extra, *self.changed, *self.unsettled]
 
 
-def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[Target]:
+def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[ComparedTable]:
     """The replicated tables to compare (all when `names` is empty), checked on both sides."""
-    for conn, role, rel in ((site, "Site", "dbsync.replicated_tables"), (agent, "Agent", "dbsync.apply_progress")):
-        if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
-            raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
+    require_schema(site, agent)
     rows: list[tuple[Any, ...]] = []
     if names:
         for name in names:
@@ -131,7 +130,7 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
             rows.extend(r for r in found if r not in rows)
     else:
         rows = site.execute(REPLICATED, {"schema": None, "name": None}).fetchall()
-    chosen = [_target(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+    chosen = [_compared_table(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
     # Both sides are read as this command's roles: they must see every row, or the rows a policy
     # hides would be reported as differences (and repaired away).
     names_of = [(t.site.schema, t.site.name) for t in chosen]
@@ -140,9 +139,9 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
     return chosen
 
 
-def _target(
+def _compared_table(
     site: psycopg.Connection, agent: psycopg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
-) -> Target:
+) -> ComparedTable:
     label = display_name(schema, name)
     columns = tuple(registry.columns(site, schema, name))
     try:
@@ -152,7 +151,7 @@ def _target(
     lacking = [c for c in columns if c not in agent_columns]
     if lacking:
         raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(lacking)}")
-    return Target(
+    return ComparedTable(
         table_id,
         TableShape(
             schema, name, keys, columns, key_defs(site, schema, name, keys), key_equality(site, schema, name, keys)
@@ -184,7 +183,7 @@ class Comparer:
         on_agent = self._pool.submit(_fetch, self.agent, agent_query, params, setup)
         return on_site.result(), on_agent.result()
 
-    def queries(self, target: Target) -> tuple[HashQueries, HashQueries]:
+    def queries(self, target: ComparedTable) -> tuple[HashQueries, HashQueries]:
         return HashQueries(target.site, self.hash_template), HashQueries(target.agent, self.hash_template)
 
 
@@ -195,14 +194,14 @@ def _fetch(conn: psycopg.Connection, query: sql.Composed, params: dict[str, Any]
         return list(conn.execute(query, params).fetchall())
 
 
-def bucket_count(site: psycopg.Connection, agent: psycopg.Connection, target: Target) -> int:
+def bucket_count(site: psycopg.Connection, agent: psycopg.Connection, target: ComparedTable) -> int:
     rel = sql.Identifier(target.site.schema, target.site.name).as_string(site)
     rows = max(int(conn.execute(ESTIMATE, {"rel": rel}).fetchone()[0]) for conn in (site, agent))  # type: ignore[index]
     wanted = max(1, rows // ROWS_PER_BUCKET)
     return min(MAX_BUCKETS, 1 << math.ceil(math.log2(wanted))) if wanted > 1 else 16
 
 
-def first_pass(comparer: Comparer, target: Target) -> tuple[TableDiff, dict[str, tuple[int | None, int | None]]]:
+def first_pass(comparer: Comparer, target: ComparedTable) -> tuple[TableDiff, dict[str, tuple[int | None, int | None]]]:
     """Candidate differences: key -> (site hash, agent hash), None where the row is absent."""
     site_q, agent_q = comparer.queries(target)
     buckets = bucket_count(comparer.site, comparer.agent, target)
@@ -235,7 +234,7 @@ def _differing_keys(on_site: Iterable[Any], on_agent: Iterable[Any]) -> dict[str
 Seen = dict[str, tuple[int | None, int | None]]
 
 
-def recheck(comparer: Comparer, catchup: CatchUp, target: Target, seen: Seen, diff: TableDiff) -> TableDiff:
+def recheck(comparer: Comparer, catchup: CatchUp, target: ComparedTable, seen: Seen, diff: TableDiff) -> TableDiff:
     """Keep the keys that still differ once the Agent DB has caught up; fill `diff` with them.
 
     `seen` holds each key's last observed (Site hash, Agent hash). A key is drift when it differs
@@ -297,7 +296,7 @@ def _key_order(key: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def moving_keys(site: psycopg.Connection, target: Target, snap: str, keys: list[str]) -> set[str]:
+def moving_keys(site: psycopg.Connection, target: ComparedTable, snap: str, keys: list[str]) -> set[str]:
     """The keys among `keys` with a logged change that `snap` does not see (all, after a truncate)."""
     params = {"table_id": target.table_id, "snap": snap, "keys": keys}
     recent = sql.SQL(RECENT)
@@ -311,7 +310,7 @@ def moving_keys(site: psycopg.Connection, target: Target, snap: str, keys: list[
 def deep_check(
     comparer: Comparer,
     catchup: CatchUp,
-    target: Target,
+    target: ComparedTable,
 ) -> TableDiff:
     diff, candidates = first_pass(comparer, target)
     if not candidates:

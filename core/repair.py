@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from dbsync import rls
 from dbsync.catchup import CatchUp, CatchUpError, site_snapshot
 from dbsync.errors import DbsyncError
-from dbsync.reconcile import Comparer, Seen, TableDiff, Target, recheck
+from dbsync.reconcile import ComparedTable, Comparer, Seen, TableDiff, recheck
 from dbsync.resync import resync_keys
 
 log = logging.getLogger("dbsync.reconcile")
@@ -34,7 +34,7 @@ class Repair:
     deleted: int
 
 
-def repair(comparer: Comparer, catchup: CatchUp, target: Target, diff: TableDiff) -> Repair:
+def repair(comparer: Comparer, catchup: CatchUp, target: ComparedTable, diff: TableDiff) -> Repair:
     keys = diff.keys()
     rls.require_definer_reads_all(comparer.site, [(target.site.schema, target.site.name)], "repair")
     updated, deleted = resync_keys(comparer.site, target.site.schema, target.site.name, keys)

@@ -66,7 +66,7 @@ class TableShape:
         return display_name(self.schema, self.name)
 
 
-def ident(*names: str) -> sql.SQL:
+def sql_ident(*names: str) -> sql.SQL:
     """A quoted identifier that survives psycopg's placeholder parsing (a name may hold '%').
 
     Statements built with it must always be executed with a parameter dict (possibly empty).
@@ -84,7 +84,7 @@ class HashQueries:
 
     def __init__(self, shape: TableShape, hash_template: str) -> None:
         self.shape = shape
-        self.table = ident(shape.schema, shape.name)
+        self.table = sql_ident(shape.schema, shape.name)
         hashed = sql.SQL(hash_template)
         row_text = sql.SQL("ROW({})::text").format(_cols(shape.columns))
         key_text = sql.SQL("ROW({})::text").format(_cols(shape.keys))
@@ -139,7 +139,7 @@ def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:
 
 
 def _cols(names: tuple[str, ...]) -> sql.Composed:
-    return sql.SQL(", ").join(sql.SQL("t.{}").format(ident(n)) for n in names)
+    return sql.SQL(", ").join(sql.SQL("t.{}").format(sql_ident(n)) for n in names)
 
 
 # A json_to_recordset column list for the key columns of a table, in key order, with this

@@ -8,43 +8,23 @@ from typing import Any
 
 import psycopg
 
-from dbsync.daemon.runner import LOCK_CLASS
 from dbsync.db import display_name
 from dbsync.errors import SchemaError
+from dbsync.protocol import (
+    AGENT_SCHEMA_MARK,
+    COUNT_PARKED,
+    INITIAL_SNAPSHOT,
+    LOCK_CLASS,
+    LOCK_HELD,
+    PENDING,
+    PROGRESS_REPORT,
+    SCHEMA_EXISTS,
+    SITE_SCHEMA_MARK,
+    no_schema,
+)
 from dbsync.tables import partition_drift
 
-# Committed events not yet applied: not visible in prev_snapshot, and not already applied as
-# part of the open batch (visible in batch_snapshot with seq <= batch_cursor).
-PENDING = """
-SELECT count(*) AS events,
-       min(l.captured_at) AS oldest,
-       extract(epoch FROM clock_timestamp() - min(l.captured_at))::float8 AS seconds
-FROM dbsync.sync_log l
-WHERE l.txid >= pg_snapshot_xmin(%(prev)s::pg_snapshot)
-  AND NOT pg_visible_in_snapshot(l.txid, %(prev)s::pg_snapshot)
-  AND NOT (%(batch)s::pg_snapshot IS NOT NULL
-           AND pg_visible_in_snapshot(l.txid, %(batch)s::pg_snapshot)
-           AND l.seq <= %(cursor)s::bigint)
-"""
-
 NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync_log_seq"
-
-PROGRESS = """
-SELECT prev_snapshot::text, batch_snapshot::text, batch_cursor, applied_seq, events_applied,
-       last_captured_at, updated_at, active_holder, last_error, last_error_at
-FROM dbsync.apply_progress WHERE source = %s
-"""
-
-# The active daemon holds this advisory lock (see dbsync.daemon.runner).
-LOCK_HELD = """
-SELECT EXISTS (
-    SELECT 1 FROM pg_locks
-    WHERE locktype = 'advisory' AND granted AND objsubid = 2
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND classid = %(cls)s::int4::oid AND objid = hashtext(%(source)s)::oid)
-"""
-
-PARKED = "SELECT count(*) FROM dbsync.parked_events WHERE source = %s"
 
 
 @dataclass(frozen=True)
@@ -80,18 +60,23 @@ class Status:
         return out
 
 
+def require_schema(site: psycopg.Connection, agent: psycopg.Connection) -> None:
+    """Refuse, in one line, a Site or Agent DB that `dbsync migrate` has not prepared."""
+    for conn, role, rel in ((site, "Site", SITE_SCHEMA_MARK), (agent, "Agent", AGENT_SCHEMA_MARK)):
+        if conn.execute(SCHEMA_EXISTS.psycopg, {"rel": rel}).fetchone() != (True,):
+            raise SchemaError(no_schema(role))
+
+
 def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float = 5.0) -> Status:
-    for conn, role, rel in ((site, "Site", "dbsync.sync_log"), (agent, "Agent", "dbsync.apply_progress")):
-        if conn.execute("SELECT to_regclass(%s)", (rel,)).fetchone() == (None,):
-            raise SchemaError(f"the {role} DB has no dbsync schema: run `dbsync migrate` first")
-    row = agent.execute(PROGRESS, (source,)).fetchone()
+    require_schema(site, agent)
+    row = agent.execute(PROGRESS_REPORT.psycopg, {"source": source}).fetchone()
     if row is None:
-        row = ("3:3:", None, None, 0, 0, None, None, None, None, None)
+        row = (INITIAL_SNAPSHOT, None, None, 0, 0, None, None, None, None, None)
     prev, batch, cursor, hwm, applied, last_cap, updated, holder, last_error, last_error_at = row
-    active = agent.execute(LOCK_HELD, {"cls": LOCK_CLASS, "source": source}).fetchone()[0]  # type: ignore[index]
-    parked = agent.execute(PARKED, (source,)).fetchone()[0]  # type: ignore[index]
+    active = agent.execute(LOCK_HELD.psycopg, {"cls": LOCK_CLASS, "source": source}).fetchone()[0]  # type: ignore[index]
+    parked = agent.execute(COUNT_PARKED.psycopg, {"source": source}).fetchone()[0]  # type: ignore[index]
     newest = site.execute(NEWEST).fetchone()[0]  # type: ignore[index]
-    pending = site.execute(PENDING, {"prev": prev, "batch": batch, "cursor": cursor}).fetchone()
+    pending = site.execute(PENDING.psycopg, {"prev": prev, "batch": batch, "cursor": cursor}).fetchone()
     assert pending is not None
     tables = [
         display_name(r[0], r[1])

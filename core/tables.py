@@ -11,20 +11,8 @@ from psycopg import sql
 from dbsync.db import display_name, first_line, resolve_table_oid
 from dbsync.errors import SchemaError
 from dbsync.keyops import key_equality
+from dbsync.protocol import ReplicatedTable
 from dbsync.resync import resync_keys
-
-
-@dataclass(frozen=True)
-class TableInfo:
-    table_id: int
-    schema: str
-    name: str
-    keys: list[str]
-    columns: list[str]
-
-    @property
-    def label(self) -> str:
-        return display_name(self.schema, self.name)
 
 
 def resolve(conn: psycopg.Connection, name: str, where: str) -> tuple[str, str]:
@@ -66,7 +54,7 @@ def primary_key(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def add(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[TableInfo]:
+def add(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[ReplicatedTable]:
     """Check every table on both sides, then install capture on all of them in one Site transaction.
 
     All or nothing: a set added half-way is worse than one refused, since the same command run
@@ -92,7 +80,7 @@ def add(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str
                 table_id = site.execute(
                     "SELECT dbsync.add_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
                 ).fetchone()[0]  # type: ignore[index]
-                infos.append(TableInfo(table_id, schema, table, keys, site_cols))
+                infos.append(ReplicatedTable(table_id, schema, table, tuple(keys), tuple(site_cols)))
     except psycopg.Error as exc:
         reason = f"cannot add {label}: {first_line(exc).removeprefix('dbsync: ')}"
         raise SchemaError(_none_done([reason], len(names), "added")) from None
@@ -168,12 +156,12 @@ def _replicated(site: psycopg.Connection, schema: str, name: str) -> bool:
     return row is not None
 
 
-def listing(site: psycopg.Connection) -> list[TableInfo]:
+def listing(site: psycopg.Connection) -> list[ReplicatedTable]:
     rows = site.execute(
         "SELECT table_id, schema_name, table_name, key_columns FROM dbsync.replicated_tables "
         "WHERE removed_at IS NULL ORDER BY schema_name, table_name"
     ).fetchall()
-    return [TableInfo(r[0], r[1], r[2], list(r[3]), []) for r in rows]
+    return [ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows]
 
 
 def _exists(conn: psycopg.Connection, schema: str, name: str) -> bool:

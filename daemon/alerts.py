@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dbsync.daemon.runner import Backoff
+from dbsync.daemon.backoff import Backoff
 from dbsync.errors import ConfigError
 
 log = logging.getLogger("dbsync.alerts")

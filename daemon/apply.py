@@ -19,19 +19,27 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dbsync.daemon.consume import Progress
+from dbsync.daemon.consume import ApplyProgress
+from dbsync.daemon.pg import is_transient
 from dbsync.db import display_name, quote_ident
 from dbsync.errors import ApplyError, DriftError, SchemaError
 from dbsync.keyops import KEY_EQUALITY_ASYNCPG, KeyEquality, key_equalities
+from dbsync.protocol import (
+    COUNT_PARKED,
+    DROP_SUPERSEDED,
+    PARK,
+    PARKED_KEYS,
+    RETRY_CANDIDATES,
+    RETRY_FAILED,
+    SAVE_PROGRESS,
+    UNPARK,
+    ReplicatedTable,
+)
 from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
 
-def ident(*names: str) -> str:
-    return quote_ident(*names)
-
-
 @dataclass(frozen=True)
-class Target:
+class ApplyTable:
     """A replicated table as the apply path needs it."""
 
     table_id: int
@@ -58,7 +66,7 @@ class Target:
 
     @property
     def qualified(self) -> str:
-        return ident(self.schema, self.name)
+        return quote_ident(self.schema, self.name)
 
     # Row images arrive as JSON objects of text values (each column's text output on the Site);
     # json_to_recordset hands each value to the Agent column type's input function: PostgreSQL's
@@ -67,11 +75,11 @@ class Target:
     # json and jsonb columns are read as text and cast (json_to_recordset would keep a JSON
     # string as a string); casts between those built-in types only a superuser can create.
     def _source(self, columns: Sequence[str], alias: str) -> str:
-        defs = ", ".join(f"{ident(c)} {'text' if c in self.json_typed else self.types[c]}" for c in columns)
+        defs = ", ".join(f"{quote_ident(c)} {'text' if c in self.json_typed else self.types[c]}" for c in columns)
         return f"pg_catalog.json_to_recordset($1::text::json) AS {alias}({defs})"
 
     def _cast(self, alias: str, column: str) -> str:
-        value = f"{alias}.{ident(column)}"
+        value = f"{alias}.{quote_ident(column)}"
         return f"{value}::{self.types[column]}" if column in self.json_typed else value
 
     def _assign(self, column: str) -> str:
@@ -83,7 +91,7 @@ class Target:
         it. So a large stored value that is byte for byte the incoming one is kept. The size
         test reads only the stored length, so small values cost nothing extra.
         """
-        c = ident(column)
+        c = quote_ident(column)
         if column not in self.toastable:
             return f"{c} = EXCLUDED.{c}"
         return (
@@ -92,12 +100,10 @@ class Target:
         )
 
     def upsert_sql(self, columns: Sequence[str]) -> str:
-        cols = ", ".join(ident(c) for c in columns)
+        cols = ", ".join(quote_ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
-        keys = ", ".join(ident(k) for k in self.keys)
-        sets = ", ".join(
-            self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity
-        )
+        keys = ", ".join(quote_ident(k) for k in self.keys)
+        sets = ", ".join(self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity)
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         return (
             f"INSERT INTO {self.qualified} AS t ({cols}) OVERRIDING SYSTEM VALUE "
@@ -106,7 +112,9 @@ class Target:
         )
 
     def delete_sql(self) -> str:
-        match = " AND ".join(eq.match(f"d.{ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality)
+        match = " AND ".join(
+            eq.match(f"d.{quote_ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality
+        )
         return f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k')} WHERE {match}"
 
     def truncate_sql(self) -> str:
@@ -162,30 +170,28 @@ class Catalog:
     """Site registry plus Agent columns, cached; refreshed when a page mentions something new."""
 
     def __init__(self) -> None:
-        self._registry: dict[int, tuple[str, str, tuple[str, ...]]] = {}
-        self._targets: dict[int, Target] = {}
+        self._registry: dict[int, ReplicatedTable] = {}
+        self._tables: dict[int, ApplyTable] = {}
 
     def forget(self) -> None:
         self._registry.clear()
-        self._targets.clear()
+        self._tables.clear()
 
-    async def target(self, site: asyncpg.Connection, agent: asyncpg.Connection, table_id: int) -> Target:
-        if table_id in self._targets:
-            return self._targets[table_id]
+    async def table(self, site: asyncpg.Connection, agent: asyncpg.Connection, table_id: int) -> ApplyTable:
+        if table_id in self._tables:
+            return self._tables[table_id]
         if table_id not in self._registry:
             rows = await site.fetch(SITE_REGISTRY)
-            self._registry = {r["table_id"]: (r["schema_name"], r["table_name"], tuple(r["key_columns"])) for r in rows}
+            self._registry = {r["table_id"]: ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows}
         if table_id not in self._registry:
             raise SchemaError(f"the sync log names table id {table_id}, which dbsync.replicated_tables does not know")
-        schema, name, keys = self._registry[table_id]
-        target = await load_target(agent, table_id, schema, name, keys)
-        self._targets[table_id] = target
-        return target
+        table = await load_apply_table(agent, self._registry[table_id])
+        self._tables[table_id] = table
+        return table
 
 
-async def load_target(
-    agent: asyncpg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
-) -> Target:
+async def load_apply_table(agent: asyncpg.Connection, replicated: ReplicatedTable) -> ApplyTable:
+    table_id, schema, name, keys = replicated.table_id, replicated.schema, replicated.name, replicated.keys
     label = f"{schema}.{name}"
     oid = await agent.fetchval(AGENT_TABLE, schema, name)
     if oid is None:
@@ -200,13 +206,11 @@ async def load_target(
     if missing:
         raise SchemaError(f"table {label} on the Agent DB lacks key column(s) {', '.join(missing)}")
     if not await agent.fetchval(AGENT_KEY_INDEX, schema, name, sorted(keys)):
-        raise SchemaError(
-            f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
-        )
+        raise SchemaError(f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})")
     equality = key_equalities(
         [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
     )
-    return Target(
+    return ApplyTable(
         table_id=table_id,
         schema=schema,
         name=name,
@@ -225,7 +229,7 @@ async def load_target(
 class TablePlan:
     """What one page does to one table, after coalescing."""
 
-    target: Target
+    table: ApplyTable
     truncate: bool = False
     last: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # pk text -> (op, image)
     columns: list[str] = field(default_factory=list)  # what the upsert writes, from the last image
@@ -250,18 +254,18 @@ def json_array(items: Iterable[str]) -> str:
     return "[" + ",".join(items) + "]"
 
 
-def image_columns(target: Target, image: str) -> list[str]:
+def image_columns(table: ApplyTable, image: str) -> list[str]:
     """The Agent columns an upsert of `image` writes; every column in a Site row image must
     exist on the Agent table (schema drift otherwise)."""
     present = json.loads(image).keys()
-    extra = sorted(set(present) - target.columns)
+    extra = sorted(set(present) - table.columns)
     if extra:
         cols = ", ".join(extra)
         raise DriftError(
-            f"column(s) {cols} of {target.label} exist on the Site DB but not on the Agent DB; "
+            f"column(s) {cols} of {table.label} exist on the Site DB but not on the Agent DB; "
             f"add them to the Agent table and replication resumes"
         )
-    return [c for c in target.insertable if c in present]
+    return [c for c in table.insertable if c in present]
 
 
 class Applier:
@@ -280,7 +284,7 @@ class Applier:
         self.parked = 0
 
     async def count_parked(self, agent: asyncpg.Connection) -> int:
-        self.parked = int(await agent.fetchval(COUNT_PARKED, self.source))
+        self.parked = int(await agent.fetchval(COUNT_PARKED.asyncpg, self.source))
         return self.parked
 
     async def _plans(
@@ -290,44 +294,44 @@ class Applier:
         for ev in events:
             plan = plans.get(ev["table_id"])
             if plan is None:
-                plan = plans[ev["table_id"]] = TablePlan(await self.catalog.target(site, agent, ev["table_id"]))
+                plan = plans[ev["table_id"]] = TablePlan(await self.catalog.table(site, agent, ev["table_id"]))
             plan.add(ev["op"], ev["pk"], ev["row_image"])
         for plan in plans.values():
             upserts = plan.upserts()
             if upserts:
                 try:
-                    plan.columns = image_columns(plan.target, upserts[-1])
+                    plan.columns = image_columns(plan.table, upserts[-1])
                 except DriftError:
                     # The Agent table may have been altered since we looked: look again first.
                     self.catalog.forget()
-                    plan.target = await self.catalog.target(site, agent, plan.target.table_id)
-                    plan.columns = image_columns(plan.target, upserts[-1])
+                    plan.table = await self.catalog.table(site, agent, plan.table.table_id)
+                    plan.columns = image_columns(plan.table, upserts[-1])
         return list(plans.values())
 
     async def _write_coalesced(self, agent: asyncpg.Connection, plans: Sequence[TablePlan]) -> None:
         for plan in plans:
             if plan.truncate:
-                await agent.execute(plan.target.truncate_sql())
+                await agent.execute(plan.table.truncate_sql())
         for plan in plans:
             deletes = plan.deletes()
             if deletes:
-                await agent.execute(plan.target.delete_sql(), json_array(deletes))
+                await agent.execute(plan.table.delete_sql(), json_array(deletes))
         for plan in plans:
             upserts = plan.upserts()
             if upserts:
-                await agent.execute(plan.target.upsert_sql(plan.columns), json_array(upserts))
+                await agent.execute(plan.table.upsert_sql(plan.columns), json_array(upserts))
 
     async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record) -> None:
-        target = await self.catalog.target(site, agent, ev["table_id"])
+        table = await self.catalog.table(site, agent, ev["table_id"])
         if ev["op"] == "T":
-            await agent.execute(target.truncate_sql())
+            await agent.execute(table.truncate_sql())
             # A TRUNCATE supersedes whatever was parked for the table before it.
-            await agent.execute(DROP_SUPERSEDED, self.source, ev["table_id"], ev["seq"])
+            await agent.execute(DROP_SUPERSEDED.asyncpg, self.source, ev["table_id"], ev["seq"])
         elif ev["op"] == "D":
-            await agent.execute(target.delete_sql(), json_array([ev["pk"]]))
+            await agent.execute(table.delete_sql(), json_array([ev["pk"]]))
         else:
-            cols = image_columns(target, ev["row_image"])
-            await agent.execute(target.upsert_sql(cols), json_array([ev["row_image"]]))
+            cols = image_columns(table, ev["row_image"])
+            await agent.execute(table.upsert_sql(cols), json_array([ev["row_image"]]))
 
     async def _write_one_by_one(
         self,
@@ -352,13 +356,13 @@ class Applier:
                     await self._write_event(site, agent, ev)
             except asyncpg.PostgresError as exc:
                 # Row-level security is the configuration, not this event: never park for it.
-                if _is_connection_error(exc) or is_rls_error(exc):
+                if is_transient(exc) or is_rls_error(exc):
                     raise
-                target = await self.catalog.target(site, agent, ev["table_id"])
+                table = await self.catalog.table(site, agent, ev["table_id"])
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
                 if not self.park:
                     raise ApplyError(
-                        f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {target.label}"
+                        f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {table.label}"
                         f"{' key ' + ev['pk'] if ev['pk'] else ''}): {reason}"
                     ) from exc
                 await self._park(site, agent, ev, reason)
@@ -367,17 +371,25 @@ class Applier:
         return parked
 
     async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
-        target = await self.catalog.target(site, agent, ev["table_id"])
+        table = await self.catalog.table(site, agent, ev["table_id"])
         await agent.execute(
-            PARK, self.source, ev["seq"], ev["table_id"], target.label, ev["op"], ev["pk"], ev["row_image"],
-            ev["captured_at"], error,
+            PARK.asyncpg,
+            self.source,
+            ev["seq"],
+            ev["table_id"],
+            table.label,
+            ev["op"],
+            ev["pk"],
+            ev["row_image"],
+            ev["captured_at"],
+            error,
         )
 
     async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]) -> set[tuple[int, str]]:
         if not self.parked:
             return set()
         keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
-        rows = await agent.fetch(PARKED_KEYS, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
+        rows = await agent.fetch(PARKED_KEYS.asyncpg, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
         return {(r["table_id"], r["pk"]) for r in rows}
 
     async def apply(
@@ -385,8 +397,8 @@ class Applier:
         site: asyncpg.Connection,
         agent: asyncpg.Connection,
         events: Sequence[asyncpg.Record],
-        before: Progress,
-        after: Progress,
+        before: ApplyProgress,
+        after: ApplyProgress,
         *,
         planned: Callable[[], None] | None = None,
         site_free: Callable[[], Awaitable[None]] | None = None,
@@ -411,7 +423,7 @@ class Applier:
                     await self._save(agent, before, after, events)
                 return 0
             except asyncpg.PostgresError as exc:
-                if _is_connection_error(exc) or is_rls_error(exc):
+                if is_transient(exc) or is_rls_error(exc):
                     raise
             if site_free is not None:
                 await site_free()
@@ -429,7 +441,7 @@ class Applier:
 
         Returns (events applied, events still parked after a new failure).
         """
-        rows = await agent.fetch(RETRY_CANDIDATES, self.source)
+        rows = await agent.fetch(RETRY_CANDIDATES.asyncpg, self.source)
         groups: dict[tuple[int, str], list[asyncpg.Record]] = {}
         for row in rows:
             groups.setdefault((row["table_id"], row["pk"]), []).append(row)
@@ -440,26 +452,27 @@ class Applier:
                 async with agent.transaction():
                     for ev in evs:
                         await self._write_event(site, agent, ev)
-                    await agent.execute(UNPARK, self.source, seqs)
+                    await agent.execute(UNPARK.asyncpg, self.source, seqs)
                 done += len(evs)
             except (asyncpg.PostgresError, DriftError) as exc:
-                if isinstance(exc, asyncpg.PostgresError) and (_is_connection_error(exc) or is_rls_error(exc)):
+                if isinstance(exc, asyncpg.PostgresError) and (is_transient(exc) or is_rls_error(exc)):
                     raise
-                await agent.execute(RETRY_FAILED, self.source, seqs, f"{exc.__class__.__name__}: {str(exc).strip()}")
+                reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
+                await agent.execute(RETRY_FAILED.asyncpg, self.source, seqs, reason)
                 failed += len(evs)
         await self.count_parked(agent)
         return done, failed
 
-    async def save(self, agent: asyncpg.Connection, before: Progress, after: Progress) -> None:
+    async def save(self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress) -> None:
         async with agent.transaction():
             await self._save(agent, before, after, [])
 
     async def _save(
-        self, agent: asyncpg.Connection, before: Progress, after: Progress, events: Sequence[asyncpg.Record]
+        self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress, events: Sequence[asyncpg.Record]
     ) -> None:
         last_captured = events[-1]["captured_at"] if events else None
         status = await agent.execute(
-            SAVE_PROGRESS,
+            SAVE_PROGRESS.asyncpg,
             self.source,
             after.prev_snapshot,
             after.batch_snapshot,
@@ -482,77 +495,5 @@ class ConcurrentConsumerError(ApplyError):
     """Another consumer moved the progress row: this daemon's batch is void."""
 
 
-# The WHERE clause makes a second consumer's write fail instead of applying twice.
-SAVE_PROGRESS = """
-UPDATE dbsync.apply_progress SET
-    prev_snapshot = $2::text::pg_snapshot,
-    batch_snapshot = $3::text::pg_snapshot,
-    batch_hi = $4,
-    batch_cursor = $5,
-    applied_seq = $6,
-    events_applied = $7,
-    last_captured_at = coalesce($8, last_captured_at),
-    updated_at = pg_catalog.now(),
-    last_error = NULL,
-    last_error_at = NULL
-WHERE source = $1
-  AND prev_snapshot::text = $9
-  AND batch_cursor IS NOT DISTINCT FROM $10
-"""
-
-COUNT_PARKED = "SELECT count(*) FROM dbsync.parked_events WHERE source = $1"
-
-PARK = """
-INSERT INTO dbsync.parked_events (source, seq, table_id, table_name, op, pk, row_image, captured_at, error)
-VALUES ($1, $2, $3, $4, $5, $6::text::json, $7::text::json, $8, $9)
-ON CONFLICT (source, seq) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_catalog.now()
-"""
-
-PARKED_KEYS = """
-SELECT DISTINCT p.table_id, p.pk::text AS pk
-FROM dbsync.parked_events p
-JOIN ROWS FROM (pg_catalog.unnest($2::int[]), pg_catalog.unnest($3::text[])) AS k(table_id, pk)
-  ON p.table_id = k.table_id AND p.pk::text = k.pk
-WHERE p.source = $1
-"""
-
-DROP_SUPERSEDED = "DELETE FROM dbsync.parked_events WHERE source = $1 AND table_id = $2 AND seq < $3"
-
-RETRY_CANDIDATES = """
-SELECT seq, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
-FROM dbsync.parked_events
-WHERE source = $1 AND (table_id, pk::text) IN (
-    SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = $1 AND retry_requested)
-ORDER BY seq
-"""
-
-UNPARK = "DELETE FROM dbsync.parked_events WHERE source = $1 AND seq = ANY ($2::bigint[])"
-
-RETRY_FAILED = """
-UPDATE dbsync.parked_events SET retry_requested = false, error = $3, parked_at = pg_catalog.now()
-WHERE source = $1 AND seq = ANY ($2::bigint[])
-"""
-
-RECORD_ERROR = """
-UPDATE dbsync.apply_progress SET last_error = $2, last_error_at = pg_catalog.now() WHERE source = $1
-"""
-
-LOAD_PROGRESS = """
-INSERT INTO dbsync.apply_progress (source, prev_snapshot) VALUES ($1, $2::text::pg_snapshot)
-ON CONFLICT (source) DO NOTHING;
-"""
-
-READ_PROGRESS = """
-SELECT prev_snapshot::text AS prev_snapshot, batch_snapshot::text AS batch_snapshot,
-       batch_hi, batch_cursor, applied_seq, events_applied
-FROM dbsync.apply_progress WHERE source = $1
-"""
-
-
 def _opname(op: str) -> str:
     return {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}.get(op, op)
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    sqlstate = getattr(exc, "sqlstate", "") or ""
-    return sqlstate.startswith(("08", "57P"))

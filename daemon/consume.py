@@ -28,13 +28,14 @@ from typing import Any
 
 import asyncpg
 
-# Nothing is visible in it: the first batch takes every committed event.
-INITIAL_SNAPSHOT = "3:3:"
+from dbsync.protocol import INITIAL_SNAPSHOT, committed_between
+
+PREV = "$1::text::pg_snapshot"
 
 # One statement, one snapshot: `snap` is the statement's own snapshot, so the bounds are computed
 # over exactly the rows `snap` sees. The txid index finds the events of transactions that
 # started after `prev` and of those that were running at `prev`.
-OPEN_BATCH = """
+OPEN_BATCH = f"""
 WITH s AS (SELECT pg_catalog.pg_current_snapshot() AS snap)
 SELECT s.snap::text AS snap, b.lo, b.hi, b.events
 FROM s CROSS JOIN LATERAL (
@@ -43,8 +44,7 @@ FROM s CROSS JOIN LATERAL (
     WHERE ((l.txid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
             AND l.txid < pg_catalog.pg_snapshot_xmax(s.snap))
            OR l.txid = ANY (ARRAY(SELECT pg_catalog.pg_snapshot_xip($1::text::pg_snapshot))))
-      AND pg_catalog.pg_visible_in_snapshot(l.txid, s.snap)
-      AND NOT pg_catalog.pg_visible_in_snapshot(l.txid, $1::text::pg_snapshot)
+      AND {committed_between("l.txid", PREV, "s.snap")}
 ) b
 """
 
@@ -52,7 +52,7 @@ FROM s CROSS JOIN LATERAL (
 # at most $6 bytes of stored row images. next_seq on the last row says whether more follow.
 # Only the last event of each key in the page carries its row image (unless $7): the apply
 # writes the last image per key, so the others are neither converted, sent nor held.
-READ_PAGE = """
+READ_PAGE = f"""
 SELECT seq, table_id, op, pk,
        CASE WHEN $7 OR lead(seq) OVER (PARTITION BY table_id, pk ORDER BY seq) IS NULL
             THEN dbsync.image_json(row_image)::text END AS row_image,
@@ -67,8 +67,7 @@ FROM (
         SELECT seq, table_id, op::text AS op, dbsync.image_json(pk)::text AS pk, row_image, captured_at
         FROM dbsync.sync_log
         WHERE seq > $3 AND seq <= $4
-          AND pg_catalog.pg_visible_in_snapshot(txid, $2::text::pg_snapshot)
-          AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
+          AND {committed_between("txid", PREV, "$2::text::pg_snapshot")}
         ORDER BY seq
         LIMIT $5 + 1
     ) l
@@ -80,7 +79,7 @@ ORDER BY seq
 
 
 @dataclass(frozen=True)
-class Progress:
+class ApplyProgress:
     """What the Agent DB has applied; mirrors a row of dbsync.apply_progress."""
 
     prev_snapshot: str = INITIAL_SNAPSHOT
@@ -101,7 +100,7 @@ class Page:
     more: bool
 
 
-async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Progress, int, str]:
+async def open_batch(site: asyncpg.Connection, progress: ApplyProgress) -> tuple[ApplyProgress, int, str]:
     """Take a new snapshot; returns the progress with the batch opened, its event count, and
     the snapshot itself.
 
@@ -112,14 +111,12 @@ async def open_batch(site: asyncpg.Connection, progress: Progress) -> tuple[Prog
     assert row is not None
     if row["lo"] is None:
         return progress, 0, row["snap"]
-    opened = replace(
-        progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1
-    )
+    opened = replace(progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1)
     return opened, int(row["events"]), row["snap"]
 
 
 async def read_page(
-    site: asyncpg.Connection, progress: Progress, limit: int, max_bytes: int, *, every_image: bool = False
+    site: asyncpg.Connection, progress: ApplyProgress, limit: int, max_bytes: int, *, every_image: bool = False
 ) -> Page:
     """The page at the progress's cursor. Row images come only with the last event of each key,
     or with every event when `every_image` (event-by-event apply); the page is the same."""
@@ -138,22 +135,18 @@ async def read_page(
     return Page(events=list(rows), more=more)
 
 
-def advance(progress: Progress, page: Page) -> Progress:
+def advance(progress: ApplyProgress, page: Page) -> ApplyProgress:
     """The progress once `page` is applied: the cursor moves on, or the batch closes."""
     applied = max([progress.applied_seq, *(e["seq"] for e in page.events)])
     counted = progress.events_applied + len(page.events)
     if page.more:
-        return replace(
-            progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted
-        )
+        return replace(progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted)
     assert progress.batch_snapshot is not None
-    return Progress(
-        prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted
-    )
+    return ApplyProgress(prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted)
 
 
-def progress_from_row(row: Any) -> Progress:
-    return Progress(
+def progress_from_row(row: Any) -> ApplyProgress:
+    return ApplyProgress(
         prev_snapshot=row["prev_snapshot"],
         batch_snapshot=row["batch_snapshot"],
         batch_hi=row["batch_hi"],

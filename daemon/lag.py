@@ -1,6 +1,6 @@
 """How far behind the Agent DB is, measured by the daemon itself, on a connection of its own.
 
-The count is `dbsync status`'s query (dbsync.status.PENDING), fed the daemon's in-memory
+The count is `dbsync status`'s query (dbsync.protocol.PENDING), fed the daemon's in-memory
 progress instead of the Agent DB's row, so it costs the Agent DB nothing. It runs on its own
 Site connection: lag is worth most exactly when the replication connections are failing.
 """
@@ -8,33 +8,20 @@ Site connection: lag is worth most exactly when the replication connections are 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import asyncpg
 
 from dbsync.daemon import pg
-from dbsync.daemon.consume import Progress
+from dbsync.daemon.consume import ApplyProgress
 from dbsync.db import first_line
 from dbsync.errors import DbsyncError
-from dbsync.status import PENDING
+from dbsync.protocol import PENDING
 
 log = logging.getLogger("dbsync.daemon")
 
 # An answer slower than this is as good as none.
 QUERY_TIMEOUT = 5.0
-
-
-def positional(query: str, names: tuple[str, ...]) -> str:
-    """A psycopg query with %(name)s parameters, for asyncpg ($1, $2, ...)."""
-    for i, name in enumerate(names, start=1):
-        query = query.replace(f"%({name})s", f"${i}")
-    if re.search(r"%\(\w+\)s", query):
-        raise ValueError("positional(): a parameter was not named")
-    return query
-
-
-PENDING_ASYNCPG = positional(PENDING, ("prev", "batch", "cursor"))
 
 
 @dataclass(frozen=True)
@@ -54,7 +41,7 @@ class LagProbe:
     def site_reachable(self) -> bool:
         return self.error is None and self.conn is not None
 
-    async def measure(self, progress: Progress | None) -> Lag | None:
+    async def measure(self, progress: ApplyProgress | None) -> Lag | None:
         """The lag behind `progress`; with None, only checks that the Site DB answers."""
         try:
             conn = await self._connection()
@@ -63,7 +50,7 @@ class LagProbe:
                 self.error = None
                 return None
             row = await conn.fetchrow(
-                PENDING_ASYNCPG,
+                PENDING.asyncpg,
                 progress.prev_snapshot,
                 progress.batch_snapshot,
                 progress.batch_cursor,
@@ -81,14 +68,7 @@ class LagProbe:
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
-            conn = await pg.connect(self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"})
-            try:
-                # PENDING passes snapshots as text; asyncpg's own codec wants a tuple.
-                await conn.set_type_codec("pg_snapshot", schema="pg_catalog", encoder=str, decoder=str, format="text")
-            except BaseException:
-                conn.terminate()
-                raise
-            self.conn = conn
+            self.conn = await pg.connect(self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"})
         return self.conn
 
     async def close(self) -> None:

@@ -14,7 +14,10 @@ from dbsync.db import SAFE_SESSION, first_line
 from dbsync.errors import ConnectError
 from dbsync.pooler import BACKEND_PID, check_own_session
 
-# Errors that mean "the connection is gone or unusable": reconnect, nothing is wrong with the data.
+# Errors that mean "the connection is gone or unusable, or the statement was cut short":
+# reconnect and retry, nothing is wrong with the data. Class 57 includes 57014 query_canceled on
+# purpose: a statement_timeout, an operator's pg_cancel_backend and the cancel asyncpg sends at
+# io_timeout say nothing about the row being written, so it is retried, never parked as bad.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -25,6 +28,17 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,
     ConnectError,
 )
+# The same, by SQLSTATE class: 08 connection exception, 57 operator intervention.
+TRANSIENT_CLASSES = ("08", "57")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Retry `exc` on a new connection (never park an event for it, never call it stuck)?"""
+    if isinstance(exc, CONNECTION_ERRORS):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(TRANSIENT_CLASSES)
+
 
 async def connect(
     dsn: str, role: str, server_settings: dict[str, str] | None = None, io_timeout: float = 30.0

@@ -12,15 +12,7 @@ import time
 
 import asyncpg
 
-PRUNE = """
-WITH doomed AS (
-    SELECT seq FROM dbsync.sync_log
-    WHERE pg_catalog.pg_visible_in_snapshot(txid, $1::text::pg_snapshot)
-    ORDER BY seq
-    LIMIT $2
-)
-DELETE FROM dbsync.sync_log l USING doomed d WHERE l.seq = d.seq
-"""
+from dbsync.protocol import PRUNE
 
 
 class Retention:
@@ -41,7 +33,7 @@ class Retention:
         deadline = now + self.budget
         deleted = 0
         while True:
-            status = await site.execute(PRUNE, prev_snapshot, self.chunk)
+            status = await site.execute(PRUNE.asyncpg, prev_snapshot, self.chunk)
             n = int(status.split()[-1])
             deleted += n
             if n < self.chunk or time.monotonic() > deadline:

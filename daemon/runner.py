@@ -10,7 +10,7 @@ and in dbsync.apply_progress.last_error) until someone fixes its cause, unless t
 Only one daemon applies a source at a time: it holds a session advisory lock on the Agent DB
 for as long as its Agent connection lives. Others wait as standbys and take over when the lock
 is released (the holder's connection closes when the process dies). The progress row's guard
-(see apply.SAVE_PROGRESS) makes a double apply impossible even if two ever overlapped.
+(see dbsync.protocol.SAVE_PROGRESS) makes a double apply impossible even if two ever overlapped.
 
 The loop calls `on_tick` whenever it has made progress or finished a slice of a normal wait
 (never more than `tick_interval` apart while waiting); the service turns that into systemd's
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 from collections import Counter
@@ -33,11 +32,11 @@ import asyncpg
 
 from dbsync.config import Settings
 from dbsync.daemon import pg
-from dbsync.daemon.apply import LOAD_PROGRESS, READ_PROGRESS, RECORD_ERROR, Applier, Catalog
+from dbsync.daemon.apply import Applier, Catalog
+from dbsync.daemon.backoff import Backoff
 from dbsync.daemon.consume import (
-    INITIAL_SNAPSHOT,
+    ApplyProgress,
     Page,
-    Progress,
     advance,
     open_batch,
     progress_from_row,
@@ -47,11 +46,27 @@ from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
 from dbsync.db import display_name
 from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, SchemaError
+from dbsync.protocol import (
+    AGENT_SCHEMA_MARK,
+    CHANNEL,
+    CLAIM,
+    HOLDER,
+    INITIAL_SNAPSHOT,
+    LOAD_PROGRESS,
+    LOCK_CLASS,
+    PARKED_IN_PAGE,
+    READ_PROGRESS,
+    RECORD_ERROR,
+    RETRY_REQUESTED,
+    SCHEMA_EXISTS,
+    SITE_SCHEMA_MARK,
+    TRY_LOCK,
+    no_schema,
+)
 from dbsync.rls import LOCATE_ASYNCPG, RowSecurityError, error_table, from_error, is_rls_error, refusal
 
 log = logging.getLogger("dbsync.daemon")
 
-CHANNEL = "dbsync"
 # Stored (possibly compressed) row-image bytes per page past its first event; with batch_size
 # it bounds memory.
 PAGE_BYTES = 8 * 1024 * 1024
@@ -63,18 +78,6 @@ LINGER = 0.01
 # Any role may NOTIFY the channel, as often as it likes: the notifications that arrive within
 # this long of the previous look are one wake-up, so a flood costs at most one look per interval.
 WAKE_INTERVAL = 0.02
-# Advisory lock space: (LOCK_CLASS, hashtext(source)).
-LOCK_CLASS = 0x64627379  # "dbsy"
-
-TRY_LOCK = "SELECT pg_catalog.pg_try_advisory_lock($1::int4, pg_catalog.hashtext($2))"
-CLAIM = """
-UPDATE dbsync.apply_progress SET active_holder = $2, active_since = pg_catalog.now() WHERE source = $1
-"""
-RETRY_REQUESTED = "SELECT EXISTS (SELECT 1 FROM dbsync.parked_events WHERE source = $1 AND retry_requested)"
-PARKED_IN_PAGE = """
-SELECT table_name, op, count(*) AS n FROM dbsync.parked_events
-WHERE source = $1 AND seq = ANY ($2::bigint[]) GROUP BY table_name, op
-"""
 
 # Server-side keepalives on the Agent connection: if this host vanishes without closing the
 # socket, the server drops the session (and the lock) in about 6 s, so a standby can take over.
@@ -108,24 +111,6 @@ STARTING, STANDBY, APPLYING, RECONNECTING = "starting", "standby", "applying", "
 STUCK = "stuck"  # a problem_state, not a state: the loop is reconnecting to retry it
 
 
-class Backoff:
-    """Capped exponential backoff with jitter; the caller sleeps, so tests can shrink it."""
-
-    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-        self.rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * (2**self.attempt))
-        self.attempt += 1
-        return self.rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 def holder_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -153,8 +138,8 @@ class Replicator:
         self.stats = Stats()
         self.site: asyncpg.Connection | None = None
         self.agent: asyncpg.Connection | None = None
-        self.progress = Progress()
-        self._persisted = Progress()
+        self.progress = ApplyProgress()
+        self._persisted = ApplyProgress()
         self._problem: str | None = None
         self._problem_state = RECONNECTING
         self.active = False
@@ -178,15 +163,15 @@ class Replicator:
         agent = await pg.connect(self.settings.agent_dsn, "Agent", io_timeout=self.settings.io_timeout)
         self.agent = agent
         await agent.execute(AGENT_KEEPALIVES)
-        if not await agent.fetchval("SELECT to_regclass('dbsync.apply_progress') IS NOT NULL"):
-            raise SchemaError("the Agent DB has no dbsync schema: run `dbsync migrate` first")
+        if not await agent.fetchval(SCHEMA_EXISTS.asyncpg, AGENT_SCHEMA_MARK):
+            raise SchemaError(no_schema("Agent"))
         await self._become_active(agent)
         if self.stop.is_set():
             return
         site = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
         self.site = site
-        if not await site.fetchval("SELECT to_regclass('dbsync.sync_log') IS NOT NULL"):
-            raise SchemaError("the Site DB has no dbsync schema: run `dbsync migrate` first")
+        if not await site.fetchval(SCHEMA_EXISTS.asyncpg, SITE_SCHEMA_MARK):
+            raise SchemaError(no_schema("Site"))
         # Replicated rows must not fire the Agent DB's own triggers and foreign keys.
         try:
             await agent.execute("SET session_replication_role = replica")
@@ -195,7 +180,7 @@ class Replicator:
                 "the Agent role may not set session_replication_role; Agent DB triggers and foreign keys "
                 "fire on replicated rows"
             )
-        row = await agent.fetchrow(READ_PROGRESS, self.settings.source)
+        row = await agent.fetchrow(READ_PROGRESS.asyncpg, self.settings.source)
         self.progress = self._persisted = progress_from_row(row)
         self.progress_known = True
         self.catalog.forget()
@@ -210,19 +195,17 @@ class Replicator:
 
     async def _become_active(self, agent: asyncpg.Connection) -> None:
         """Take the source's advisory lock, waiting as a standby while another daemon holds it."""
-        await agent.execute(LOAD_PROGRESS, self.settings.source, INITIAL_SNAPSHOT)
+        await agent.execute(LOAD_PROGRESS.asyncpg, self.settings.source, INITIAL_SNAPSHOT)
         announced = False
         while not self.stop.is_set():
-            if await agent.fetchval(TRY_LOCK, LOCK_CLASS, self.settings.source):
-                await agent.execute(CLAIM, self.settings.source, holder_name())
+            if await agent.fetchval(TRY_LOCK.asyncpg, LOCK_CLASS, self.settings.source):
+                await agent.execute(CLAIM.asyncpg, self.settings.source, holder_name())
                 self.active = True
                 if announced:
                     log.info("the active daemon is gone; taking over source %r", self.settings.source)
                 return
             if not announced:
-                holder = await agent.fetchval(
-                    "SELECT active_holder FROM dbsync.apply_progress WHERE source = $1", self.settings.source
-                )
+                holder = await agent.fetchval(HOLDER.asyncpg, self.settings.source)
                 log.info("standby: source %r is applied by %s; waiting to take over", self.settings.source, holder)
                 await self._check_site()
                 announced = True
@@ -383,7 +366,7 @@ class Replicator:
             self.on_report(PageReport(applied, parked, time.monotonic() - started))
         return True
 
-    async def _page(self, progress: Progress) -> Page:
+    async def _page(self, progress: ApplyProgress) -> Page:
         """The page at the progress's cursor: read ahead by the previous step, or read now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (progress.batch_snapshot, progress.batch_cursor):
@@ -391,7 +374,7 @@ class Replicator:
             return ahead[2]
         return await self._read(progress)
 
-    async def _read(self, progress: Progress, *, every_image: bool = False) -> Page:
+    async def _read(self, progress: ApplyProgress, *, every_image: bool = False) -> Page:
         assert self.site is not None
         return await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES, every_image=every_image)
 
@@ -400,11 +383,11 @@ class Replicator:
         assert self.site and self.agent
         out: Counter[tuple[str, str]] = Counter()
         for ev in events:
-            target = await self.catalog.target(self.site, self.agent, ev["table_id"])  # cached by the apply
-            out[target.label, ev["op"]] += 1
+            table = await self.catalog.table(self.site, self.agent, ev["table_id"])  # cached by the apply
+            out[table.label, ev["op"]] += 1
         if parked:
             seqs = [ev["seq"] for ev in events]
-            for row in await self.agent.fetch(PARKED_IN_PAGE, self.settings.source, seqs):
+            for row in await self.agent.fetch(PARKED_IN_PAGE.asyncpg, self.settings.source, seqs):
                 out[row["table_name"], row["op"]] -= row["n"]
         return +out  # drops zero counts
 
@@ -432,7 +415,7 @@ class Replicator:
         assert self.site and self.agent
         if not self.applier.parked:
             return
-        if not await self.agent.fetchval(RETRY_REQUESTED, self.settings.source):
+        if not await self.agent.fetchval(RETRY_REQUESTED.asyncpg, self.settings.source):
             return
         done, failed = await self.applier.retry_parked(self.site, self.agent)
         log.info("retry of parked events: %d applied, %d failed again", done, failed)
@@ -521,7 +504,7 @@ class Replicator:
         if not isinstance(exc, (ApplyError, SchemaError)) or self.agent is None or self.agent.is_closed():
             return
         try:
-            await self.agent.execute(RECORD_ERROR, self.settings.source, str(exc)[:2000])
+            await self.agent.execute(RECORD_ERROR.asyncpg, self.settings.source, str(exc)[:2000])
         except (asyncpg.PostgresError, *pg.CONNECTION_ERRORS):
             pass
 
@@ -530,7 +513,7 @@ class Replicator:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, DbsyncError):
             message = f"{type(exc).__name__}: {message}"
-        self._problem_state = RECONNECTING if isinstance(exc, pg.CONNECTION_ERRORS) else STUCK
+        self._problem_state = RECONNECTING if pg.is_transient(exc) else STUCK
         if message != self._problem:
             log.error("%s; retrying", message)
             self._problem = message
@@ -540,3 +523,8 @@ class Replicator:
         # fails again right after every reconnect, and that is one incident, not one per attempt.
         if self._problem is None:
             log.info("connected to the Site and Agent DBs; replicating")
+
+
+async def run_once(settings: Settings) -> None:
+    """Apply everything committed by now in this process, then return (catch-up's --apply)."""
+    await Replicator(settings).run(once=True)

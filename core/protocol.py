@@ -1,0 +1,385 @@
+"""The Site/Agent protocol, written once: what the daemon, the library and the CLI agree on.
+
+The daemon (asyncpg) and the library and CLI (psycopg) read and write the same rows: the sync
+log on the Site DB, the progress row and the parked events on the Agent DB, the advisory lock
+that makes one daemon the active one. Their statements live here, each written once with
+psycopg's named placeholders; `Statement.asyncpg` is the same text for asyncpg, numbered in the
+order the statement declares its parameters.
+
+The visibility rule (dbsync.daemon.consume explains it): an event belongs to the batch of
+snapshot `snap` when its transaction is committed in `snap` and was not in `prev`; it is
+applied once its transaction is visible in the stored prev_snapshot, or visible in the open
+batch's snapshot with seq <= the batch cursor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dbsync.db import display_name
+
+# Advisory lock space of the active daemon: (LOCK_CLASS, hashtext(source)), a session lock on
+# the Agent DB.
+LOCK_CLASS = 0x64627379  # "dbsy"
+# The doorbell channel on the Site DB (sql/site: the log's statement trigger notifies it).
+CHANNEL = "dbsync"
+# Nothing is visible in it: the first batch takes every committed event.
+INITIAL_SNAPSHOT = "3:3:"
+# A relation each side's migration creates: when it is missing, so is the schema.
+SITE_SCHEMA_MARK = "dbsync.sync_log"
+AGENT_SCHEMA_MARK = "dbsync.apply_progress"
+
+
+@dataclass(frozen=True)
+class ReplicatedTable:
+    """A table dbsync replicates, as the Site's registry (dbsync.replicated_tables) names it.
+
+    Each use adds its own facts around it: the apply path's ApplyTable (the Agent table's
+    columns and types), reconcile's ComparedTable (each side's key types), and `columns` here
+    when `tables add` has read the Site table's columns."""
+
+    table_id: int
+    schema: str
+    name: str
+    keys: tuple[str, ...]
+    columns: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return display_name(self.schema, self.name)
+
+
+_NAMED = re.compile(r"%\((\w+)\)s|%%|%")
+
+
+class Statement:
+    """One SQL statement written with %(name)s placeholders, for psycopg and asyncpg alike.
+
+    `names` is the asyncpg parameter order ($1 is names[0]); every placeholder must be one of
+    them, and each of them must be used. A literal % is written %%, as psycopg wants it.
+    """
+
+    __slots__ = ("asyncpg", "names", "psycopg")
+
+    def __init__(self, text: str, *names: str) -> None:
+        self.psycopg = text
+        self.names = names
+        self.asyncpg = to_asyncpg(text, names)
+
+    def __repr__(self) -> str:
+        return f"Statement({self.psycopg!r}, {', '.join(map(repr, self.names))})"
+
+
+def to_asyncpg(text: str, names: tuple[str, ...]) -> str:
+    """`text` with %(name)s as $n (n: the name's place in `names`) and %% as %."""
+    numbers = {name: i for i, name in enumerate(names, start=1)}
+    if len(numbers) != len(names):
+        raise ValueError(f"a parameter is declared twice: {names}")
+    used: set[str] = set()
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            if match.group(0) == "%%":
+                return "%"
+            raise ValueError(f"a lone % (write %% for a literal one) in: {text.strip()[:60]}")
+        if name not in numbers:
+            raise ValueError(f"parameter {name!r} is not declared in: {text.strip()[:60]}")
+        used.add(name)
+        return f"${numbers[name]}"
+
+    out = _NAMED.sub(number, text)
+    unused = [n for n in names if n not in used]
+    if unused:
+        raise ValueError(f"declared parameter(s) {', '.join(unused)} not used in: {text.strip()[:60]}")
+    return out
+
+
+def visible(txid: str, snapshot: str) -> str:
+    """SQL: the transaction `txid` is committed in `snapshot` (both SQL expressions)."""
+    return f"pg_catalog.pg_visible_in_snapshot({txid}, {snapshot})"
+
+
+def committed_between(txid: str, prev: str, snap: str) -> str:
+    """SQL, the visibility rule: committed in `snap`, and not in `prev`."""
+    return f"{visible(txid, snap)} AND NOT {visible(txid, prev)}"
+
+
+def _snapshot(name: str) -> str:
+    return f"%({name})s::text::pg_catalog.pg_snapshot"
+
+
+# Events of `l` not yet applied behind the progress (prev, batch, cursor): not visible in prev,
+# and not already applied as part of the open batch (visible in batch with seq <= cursor). The
+# xmin bound lets the txid index skip what prev has long seen.
+NOT_APPLIED = f"""l.txid >= pg_catalog.pg_snapshot_xmin({_snapshot("prev")})
+  AND NOT {visible("l.txid", _snapshot("prev"))}
+  AND NOT ({_snapshot("batch")} IS NOT NULL
+           AND {visible("l.txid", _snapshot("batch"))}
+           AND l.seq <= %(cursor)s::bigint)"""
+
+# Events of `l` whose transactions `snap` does not see (still running at it, or later).
+NOT_IN_SNAPSHOT = f"""l.txid >= pg_catalog.pg_snapshot_xmin({_snapshot("snap")})
+  AND NOT {visible("l.txid", _snapshot("snap"))}"""
+
+SCHEMA_EXISTS = Statement("SELECT pg_catalog.to_regclass(%(rel)s::text) IS NOT NULL", "rel")
+
+
+def no_schema(role: str) -> str:
+    """The one line when `role`'s DB (Site or Agent) lacks dbsync's schema."""
+    return f"the {role} DB has no dbsync schema: run `dbsync migrate` first"
+
+
+# -- the sync log (Site) -----------------------------------------------------------------------
+
+# Committed events not yet applied, with the age of the oldest (`dbsync status`, the daemon's
+# lag probe).
+PENDING = Statement(
+    f"""
+SELECT count(*) AS events,
+       min(l.captured_at) AS oldest,
+       extract(epoch FROM pg_catalog.clock_timestamp() - min(l.captured_at))::float8 AS seconds
+FROM dbsync.sync_log l
+WHERE {NOT_APPLIED}
+""",
+    "prev",
+    "batch",
+    "cursor",
+)
+
+# The same, per table, among the events visible in %(upto)s (the current snapshot when null).
+PENDING_BY_TABLE = Statement(
+    f"""
+SELECT l.table_id, count(*), extract(epoch FROM pg_catalog.clock_timestamp() - min(l.captured_at))::float8
+FROM dbsync.sync_log l
+WHERE {NOT_APPLIED}
+  AND (%(upto)s::text IS NULL OR {visible("l.txid", _snapshot("upto"))})
+  AND (%(tables)s::int[] IS NULL OR l.table_id = ANY (%(tables)s::int[]))
+GROUP BY l.table_id
+""",
+    "prev",
+    "batch",
+    "cursor",
+    "upto",
+    "tables",
+)
+
+# -- the progress row (Agent) ------------------------------------------------------------------
+
+# Creates the source's row on first use.
+LOAD_PROGRESS = Statement(
+    """
+INSERT INTO dbsync.apply_progress (source, prev_snapshot) VALUES (%(source)s, %(prev)s::text::pg_snapshot)
+ON CONFLICT (source) DO NOTHING;
+""",
+    "source",
+    "prev",
+)
+
+# What the consumer needs to resume.
+READ_PROGRESS = Statement(
+    """
+SELECT prev_snapshot::text AS prev_snapshot, batch_snapshot::text AS batch_snapshot,
+       batch_hi, batch_cursor, applied_seq, events_applied
+FROM dbsync.apply_progress WHERE source = %(source)s
+""",
+    "source",
+)
+
+# What `dbsync status` shows; the first three columns are the progress (prev, batch, cursor).
+PROGRESS_REPORT = Statement(
+    """
+SELECT prev_snapshot::text, batch_snapshot::text, batch_cursor, applied_seq, events_applied,
+       last_captured_at, updated_at, active_holder, last_error, last_error_at
+FROM dbsync.apply_progress WHERE source = %(source)s
+""",
+    "source",
+)
+# The progress of a source that has never run.
+NO_PROGRESS = (INITIAL_SNAPSHOT, None, None)
+
+# The WHERE clause makes a second consumer's write fail instead of applying twice.
+SAVE_PROGRESS = Statement(
+    """
+UPDATE dbsync.apply_progress SET
+    prev_snapshot = %(prev)s::text::pg_snapshot,
+    batch_snapshot = %(batch)s::text::pg_snapshot,
+    batch_hi = %(hi)s,
+    batch_cursor = %(cursor)s,
+    applied_seq = %(applied_seq)s,
+    events_applied = %(events_applied)s,
+    last_captured_at = coalesce(%(last_captured_at)s, last_captured_at),
+    updated_at = pg_catalog.now(),
+    last_error = NULL,
+    last_error_at = NULL
+WHERE source = %(source)s
+  AND prev_snapshot::text = %(was_prev)s
+  AND batch_cursor IS NOT DISTINCT FROM %(was_cursor)s
+""",
+    "source",
+    "prev",
+    "batch",
+    "hi",
+    "cursor",
+    "applied_seq",
+    "events_applied",
+    "last_captured_at",
+    "was_prev",
+    "was_cursor",
+)
+
+RECORD_ERROR = Statement(
+    """
+UPDATE dbsync.apply_progress SET last_error = %(error)s, last_error_at = pg_catalog.now() WHERE source = %(source)s
+""",
+    "source",
+    "error",
+)
+
+# -- the active daemon (Agent) -----------------------------------------------------------------
+
+TRY_LOCK = Statement(
+    "SELECT pg_catalog.pg_try_advisory_lock(%(cls)s::int4, pg_catalog.hashtext(%(source)s))", "cls", "source"
+)
+
+# Is the source's lock held, by anyone (a two-key advisory lock has objsubid 2)?
+LOCK_HELD = Statement(
+    """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND objsubid = 2
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND classid = %(cls)s::int4::oid AND objid = hashtext(%(source)s)::oid)
+""",
+    "cls",
+    "source",
+)
+
+CLAIM = Statement(
+    """
+UPDATE dbsync.apply_progress SET active_holder = %(holder)s, active_since = pg_catalog.now() WHERE source = %(source)s
+""",
+    "source",
+    "holder",
+)
+
+HOLDER = Statement("SELECT active_holder FROM dbsync.apply_progress WHERE source = %(source)s", "source")
+
+# -- parked events (Agent) ---------------------------------------------------------------------
+
+COUNT_PARKED = Statement("SELECT count(*) FROM dbsync.parked_events WHERE source = %(source)s", "source")
+
+PARKED_BY_TABLE = Statement(
+    "SELECT table_id, count(*) FROM dbsync.parked_events WHERE source = %(source)s GROUP BY 1", "source"
+)
+
+PARK = Statement(
+    """
+INSERT INTO dbsync.parked_events (source, seq, table_id, table_name, op, pk, row_image, captured_at, error)
+VALUES (%(source)s, %(seq)s, %(table_id)s, %(table_name)s, %(op)s, %(pk)s::text::json, %(row_image)s::text::json,
+        %(captured_at)s, %(error)s)
+ON CONFLICT (source, seq) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_catalog.now()
+""",
+    "source",
+    "seq",
+    "table_id",
+    "table_name",
+    "op",
+    "pk",
+    "row_image",
+    "captured_at",
+    "error",
+)
+
+# Which of the given (table_id, pk) keys have an event parked.
+PARKED_KEYS = Statement(
+    """
+SELECT DISTINCT p.table_id, p.pk::text AS pk
+FROM dbsync.parked_events p
+JOIN ROWS FROM (pg_catalog.unnest(%(table_ids)s::int[]), pg_catalog.unnest(%(pks)s::text[])) AS k(table_id, pk)
+  ON p.table_id = k.table_id AND p.pk::text = k.pk
+WHERE p.source = %(source)s
+""",
+    "source",
+    "table_ids",
+    "pks",
+)
+
+# A TRUNCATE at seq supersedes whatever was parked for the table before it.
+DROP_SUPERSEDED = Statement(
+    "DELETE FROM dbsync.parked_events WHERE source = %(source)s AND table_id = %(table_id)s AND seq < %(seq)s",
+    "source",
+    "table_id",
+    "seq",
+)
+
+# `dbsync retry` flags events; the daemon re-applies every parked event of a flagged key.
+REQUEST_RETRY = Statement(
+    """
+UPDATE dbsync.parked_events SET retry_requested = true
+WHERE source = %(source)s AND (%(table)s::text IS NULL OR table_name = %(table)s)
+""",
+    "source",
+    "table",
+)
+
+RETRY_REQUESTED = Statement(
+    "SELECT EXISTS (SELECT 1 FROM dbsync.parked_events WHERE source = %(source)s AND retry_requested)", "source"
+)
+
+COUNT_RETRY_REQUESTED = Statement(
+    "SELECT count(*) FROM dbsync.parked_events WHERE source = %(source)s AND retry_requested", "source"
+)
+
+RETRY_CANDIDATES = Statement(
+    """
+SELECT seq, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
+FROM dbsync.parked_events
+WHERE source = %(source)s AND (table_id, pk::text) IN (
+    SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = %(source)s AND retry_requested)
+ORDER BY seq
+""",
+    "source",
+)
+
+UNPARK = Statement(
+    "DELETE FROM dbsync.parked_events WHERE source = %(source)s AND seq = ANY (%(seqs)s::bigint[])", "source", "seqs"
+)
+
+RETRY_FAILED = Statement(
+    """
+UPDATE dbsync.parked_events SET retry_requested = false, error = %(error)s, parked_at = pg_catalog.now()
+WHERE source = %(source)s AND seq = ANY (%(seqs)s::bigint[])
+""",
+    "source",
+    "seqs",
+    "error",
+)
+
+# Of the given seqs (one page), the parked ones by table and op.
+PARKED_IN_PAGE = Statement(
+    """
+SELECT table_name, op, count(*) AS n FROM dbsync.parked_events
+WHERE source = %(source)s AND seq = ANY (%(seqs)s::bigint[]) GROUP BY table_name, op
+""",
+    "source",
+    "seqs",
+)
+
+# -- retention (Site) --------------------------------------------------------------------------
+
+# Up to %(chunk)s applied events (visible in the Agent's prev_snapshot), deleted.
+PRUNE = Statement(
+    f"""
+WITH doomed AS (
+    SELECT seq FROM dbsync.sync_log l
+    WHERE {visible("l.txid", _snapshot("prev"))}
+    ORDER BY seq
+    LIMIT %(chunk)s
+)
+DELETE FROM dbsync.sync_log l USING doomed d WHERE l.seq = d.seq
+""",
+    "prev",
+    "chunk",
+)
