@@ -19,9 +19,16 @@ import pytest
 
 from dbsync import migrations
 from dbsync.embedded import LocalCluster
-from tests.helpers import DbPair, Server, dbname
+from tests.helpers import DbPair, Server, close_poll_connections, dbname
 
 _counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _close_poll_connections() -> Iterator[None]:
+    """same() keeps a connection per database between polls; none outlives its test."""
+    yield
+    close_poll_connections()
 
 
 @pytest.fixture(scope="session")
