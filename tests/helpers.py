@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -201,6 +202,16 @@ def same(pair: DbPair, tables: Iterable[str] = WHATSAPP_TABLES) -> bool:
     if site[0] == agent[0] and site[1] != agent[1]:
         return False
     return all(rows_of(pair.site_dsn, t) == rows_of(pair.agent_dsn, t) for t in tables)
+
+
+SEED_ENV = "DBSYNC_TEST_SEED"
+
+
+def pick_seed() -> int:
+    """The seed of a randomised test: $DBSYNC_TEST_SEED when set (to replay a failure exactly),
+    else a new random one. Use it through the `seed` fixture, which reports it when the test fails."""
+    value = os.environ.get(SEED_ENV, "").strip()
+    return int(value) if value else random.SystemRandom().randrange(1 << 31)
 
 
 def count(dsn: str, table: str) -> int:

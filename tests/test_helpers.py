@@ -1,9 +1,17 @@
-"""The comparison the other tests rely on: same() tells equal tables from unequal ones exactly as
-rows_of does, though it polls on fingerprints computed in each database."""
+"""The helpers the other tests rely on: same() tells equal tables from unequal ones exactly as
+rows_of does, though it polls on fingerprints computed in each database; a randomised test's
+seed can be given, and a failure names it."""
 
 from __future__ import annotations
 
-from tests.helpers import DbPair, assert_same, replicate, rows_of, same
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SEED_ENV, DbPair, assert_same, pick_seed, replicate, rows_of, same
 
 T = "public.fp"
 
@@ -51,3 +59,26 @@ def test_same_tells_equal_from_unequal_tables(pair: DbPair) -> None:
     assert not same(pair, [T])
     agent.execute("INSERT INTO fp (a, b, x, t) VALUES (500, 500 % 3, 500 / 7.0, 'row 500')")
     assert same(pair, [T])
+
+
+@pytest.mark.unit
+def test_seed_comes_from_the_environment_or_at_random(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SEED_ENV, "4242")
+    assert pick_seed() == 4242
+    monkeypatch.delenv(SEED_ENV)
+    drawn = {pick_seed() for _ in range(5)}
+    assert len(drawn) > 1 and all(0 <= s < 1 << 31 for s in drawn)
+
+
+@pytest.mark.unit
+def test_a_failed_randomised_test_names_its_seed(tmp_path: Path) -> None:
+    """The `seed` fixture's report: the failure shows the seed and the command that replays it."""
+    (tmp_path / "test_draw.py").write_text("def test_draw(seed):\n    assert seed == -1\n")
+    env = {**os.environ, SEED_ENV: "31337"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), str(tmp_path / "test_draw.py")],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"replay with: {SEED_ENV}=31337 python -m pytest 'test_draw.py::test_draw'" in out.stdout, out.stdout
