@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,9 +19,39 @@ import pytest
 
 from dbsync import migrations
 from dbsync.embedded.cluster import LocalCluster
-from tests.helpers import DbPair, Server, dbname
+from tests.helpers import SEED_ENV, DbPair, Server, close_poll_connections, dbname, pick_seed
 
 _counter = itertools.count()
+_seed_key = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a randomised test (tests.helpers.pick_seed); printed, and named in the report
+    of a failure with the command that replays it."""
+    value = pick_seed()
+    request.node.stash[_seed_key] = value
+    print(f"{SEED_ENV}={value}")
+    return value
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that drew a seed says how to replay it, whichever phase failed."""
+    report: pytest.TestReport = yield
+    value = item.stash.get(_seed_key, None)
+    if value is not None and report.failed:
+        report.sections.append(("seed", f"replay with: {SEED_ENV}={value} python -m pytest '{item.nodeid}'"))
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _close_poll_connections() -> Iterator[None]:
+    """same() keeps a connection per database between polls; none outlives its test."""
+    yield
+    close_poll_connections()
 
 
 @pytest.fixture(scope="session")

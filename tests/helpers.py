@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,8 +129,89 @@ def assert_same(pair: DbPair, tables: Iterable[str] = WHATSAPP_TABLES) -> None:
             )
 
 
+# For each table (by oid): its name and its columns in rows_of's order.
+_SHAPES = """
+SELECT u.oid::regclass::text,
+       (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attname) FROM pg_attribute
+        WHERE attrelid = u.oid AND attnum > 0 AND NOT attisdropped)
+FROM unnest(%s::oid[]) WITH ORDINALITY u(oid, ord) ORDER BY u.ord
+"""
+
+
+# same() polls through one connection per database, kept between calls (a new backend costs more
+# than the fingerprint of a few thousand rows); close_poll_connections() closes them after each test.
+_poll_conns: dict[str, psycopg.Connection] = {}
+_poll_lock = threading.Lock()
+
+
+def close_poll_connections() -> None:
+    with _poll_lock:
+        for conn in _poll_conns.values():
+            conn.close()
+        _poll_conns.clear()
+
+
+def _fingerprints(dsn: str, tables: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The server's version and encoding and, per table, its row count and the sum of the hashes
+    of rows_of's text of each row, computed in the database: two numbers a table come back."""
+    with _poll_lock:
+        for retry in (False, True):
+            conn = _poll_conns.get(dsn)
+            kept = conn is not None and not conn.closed and not conn.broken
+            if conn is None or not kept:
+                conn = _poll_conns[dsn] = psycopg.connect(dsn, autocommit=True)
+            try:
+                return _fingerprints_on(conn, tables)
+            except psycopg.OperationalError:
+                if not conn.broken:
+                    raise
+                conn.close()
+                del _poll_conns[dsn]
+                if retry or not kept:
+                    raise  # a new connection failed: the server is down, as rows_of would find
+        raise AssertionError("unreachable")
+
+
+def _fingerprints_on(conn: psycopg.Connection, tables: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    # As in rows_of: names resolve in the test's search_path, the rest runs in pg_catalog alone.
+    conn.execute("RESET search_path")
+    oids, encoding = conn.execute(
+        "SELECT array_agg(t::regclass::oid ORDER BY ord), current_setting('server_encoding') "
+        "FROM unnest(%s::text[]) WITH ORDINALITY u(t, ord)",
+        (tables,),
+    ).fetchone()  # type: ignore[misc]
+    conn.execute(
+        "SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3; SET TimeZone = 'UTC'; "
+        "SET IntervalStyle = 'postgres'; SET DateStyle = 'ISO, YMD'; SET bytea_output = 'hex'"
+    )
+    parts = [
+        f'SELECT {i}, count(*), coalesce(sum(hashtext(ROW({cols})::text COLLATE "C")), 0) FROM {table} t'
+        for i, (table, cols) in enumerate(conn.execute(_SHAPES, (oids,)).fetchall())
+    ]
+    rows = conn.execute(" UNION ALL ".join(parts) + " ORDER BY 1").fetchall()
+    return f"{conn.info.server_version} {encoding}", [(int(n), int(h)) for _, n, h in rows]
+
+
 def same(pair: DbPair, tables: Iterable[str] = WHATSAPP_TABLES) -> bool:
+    """Whether the tables are identical on both sides (rows_of's exact comparison), cheap enough to
+    poll every few milliseconds: fingerprints computed in each database first (equal rows give
+    equal fingerprints on servers of one version and encoding), and the rows are fetched and compared only once
+    those agree."""
+    tables = list(tables)
+    site, agent = _fingerprints(pair.site_dsn, tables), _fingerprints(pair.agent_dsn, tables)
+    if site[0] == agent[0] and site[1] != agent[1]:
+        return False
     return all(rows_of(pair.site_dsn, t) == rows_of(pair.agent_dsn, t) for t in tables)
+
+
+SEED_ENV = "DBSYNC_TEST_SEED"
+
+
+def pick_seed() -> int:
+    """The seed of a randomised test: $DBSYNC_TEST_SEED when set (to replay a failure exactly),
+    else a new random one. Use it through the `seed` fixture, which reports it when the test fails."""
+    value = os.environ.get(SEED_ENV, "").strip()
+    return int(value) if value else random.SystemRandom().randrange(1 << 31)
 
 
 def count(dsn: str, table: str) -> int:

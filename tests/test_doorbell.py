@@ -73,17 +73,61 @@ def test_idle_daemon_is_woken_by_notify_not_by_polling(pair: DbPair) -> None:
     assert_same(pair)
 
 
+# The daemon's Agent backend waits on a lock (the test's).
+DAEMON_BLOCKED = """
+SELECT count(*) = 1 FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'dbsync' AND wait_event_type = 'Lock'
+"""
+
+
+def rings(listener: psycopg.Connection, site: psycopg.Connection) -> int:
+    """Notifications on 'dbsync' before a marker sent now: all earlier commits are delivered first."""
+    site.execute("SELECT pg_notify('dbsync', 'marker')")
+    for count, note in enumerate(listener.notifies(timeout=10)):
+        if note.payload == "marker":
+            return count
+    raise AssertionError("the marker notification did not arrive")
+
+
 def test_busy_daemon_disarms_so_writers_skip_notify(pair: DbPair) -> None:
-    site = pair.site()
-    stop = threading.Event()
+    site, agent = pair.site(), pair.agent()
+    listener = psycopg.connect(pair.site_dsn, autocommit=True)
+    listener.execute("LISTEN dbsync")
 
-    def writer() -> None:
-        with psycopg.connect(pair.site_dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                conn.execute("INSERT INTO conversations (phone_number) VALUES ('+4915100')")
+    def commit_writes(tag: str) -> None:
+        for i in range(5):  # five transactions: an insert, an update, a delete
+            with site.transaction():
+                site.execute("INSERT INTO conversations (phone_number) VALUES (%s)", (f"+{tag}{i}",))
+            site.execute(
+                "UPDATE conversations SET unread_count = unread_count + 1 WHERE phone_number = %s", (f"+{tag}{i}",)
+            )
+        site.execute("DELETE FROM conversations WHERE phone_number = %s", (f"+{tag}0",))
 
+    # A busy daemon, held busy: a backlog whose first page an Agent lock blocks.
+    blocker = psycopg.connect(pair.agent_dsn)  # not autocommit: the lock lasts until rollback
+    blocker.execute("LOCK TABLE conversations IN SHARE MODE")
+    site.execute("INSERT INTO conversations (phone_number) SELECT '+4915' || g FROM generate_series(1, 50) g")
     with Daemon(pair):
+        wait_until(lambda: agent.execute(DAEMON_BLOCKED).fetchone() == (True,), 20, 0.02, "the daemon to be busy")
+        assert not armed(site), "the busy daemon left the doorbell armed"
+        commit_writes("busy")
+        assert rings(listener, site) == 0, "writers notified while the daemon was busy"
+        assert agent.execute(DAEMON_BLOCKED).fetchone() == (True,) and not armed(site)  # busy all along
+        blocker.rollback()
+        blocker.close()
+        wait_until(lambda: same(pair), 30, 0.05, "the daemon to catch up")
         wait_until(lambda: armed(site), 20, 0.02, "the idle daemon to arm the doorbell")
+        commit_writes("idle")
+        assert rings(listener, site) >= 1, "writers did not notify the idle daemon"
+
+        # Under a steady load the armed daemon disarms by itself, and arms again once idle.
+        stop = threading.Event()
+
+        def writer() -> None:
+            with psycopg.connect(pair.site_dsn, autocommit=True) as conn:
+                while not stop.is_set():
+                    conn.execute("INSERT INTO conversations (phone_number) VALUES ('+4915100')")
+
         threads = [threading.Thread(target=writer) for _ in range(4)]
         for t in threads:
             t.start()
@@ -95,6 +139,7 @@ def test_busy_daemon_disarms_so_writers_skip_notify(pair: DbPair) -> None:
                 t.join()
         wait_until(lambda: same(pair), 30, 0.05, "the daemon to catch up")
         wait_until(lambda: armed(site), 20, 0.02, "the daemon, idle again, to re-arm")
+    listener.close()
     assert_same(pair)
 
 

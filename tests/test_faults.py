@@ -50,6 +50,11 @@ SOURCE = "site"
 MESSAGE_STATUSES = ("sent", "delivered", "read", "failed")
 
 # -- load ----------------------------------------------------------------------------------
+def _uuid(rng: random.Random) -> uuid.UUID:
+    """A random UUID from the writer's generator, so that a replayed seed writes the same keys."""
+    return uuid.UUID(int=rng.getrandbits(128), version=4)
+
+
 @dataclass
 class _Rows:
     """What one writer thread created and still owns (no two writers touch the same row)."""
@@ -67,7 +72,7 @@ class Load:
     outcome: the rows it touched are marked uncertain and left out of the counter check.
     """
 
-    def __init__(self, dsn: str, threads: int = 2, pace: float = 0.003, seed: int | None = None) -> None:
+    def __init__(self, dsn: str, seed: int | str, threads: int = 2, pace: float = 0.003) -> None:
         self.dsn = dsn
         self.pace = pace
         self.ops = 0
@@ -80,9 +85,11 @@ class Load:
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
-        seed = random.randrange(1 << 30) if seed is None else seed
+        # Each writer's choices (and the keys it makes) follow from the test's seed alone.
         self._threads = [
-            threading.Thread(target=self._writer, args=(random.Random(seed + i),), name=f"writer-{i}", daemon=True)
+            threading.Thread(
+                target=self._writer, args=(random.Random(f"{seed}:writer-{i}"),), name=f"writer-{i}", daemon=True
+            )
             for i in range(threads)
         ]
 
@@ -154,13 +161,13 @@ class Load:
                 lead = conn.execute(
                     "INSERT INTO leads (phone_number, name, conversation_id, attributes) "
                     "VALUES (%s, %s, %s, %s) RETURNING id",
-                    (f"lead-{uuid.uuid4()}", "lead", conv, json.dumps({"n": rng.randrange(100)})),
+                    (f"lead-{_uuid(rng)}", "lead", conv, json.dumps({"n": rng.randrange(100)})),
                 ).fetchone()[0]  # type: ignore[index]
                 msgs = [
                     conn.execute(
                         "INSERT INTO whatsapp_messages (message_id, conversation_id, phone_number, direction, content) "
                         "VALUES (%s, %s, '+1', %s, 'm') RETURNING id",
-                        (str(uuid.uuid4()), conv, rng.choice(("inbound", "outbound"))),
+                        (str(_uuid(rng)), conv, rng.choice(("inbound", "outbound"))),
                     ).fetchone()[0]  # type: ignore[index]
                     for _ in range(rng.randint(1, 3))
                 ]
@@ -338,8 +345,9 @@ def rss_peak_kb(pid: int) -> int:
 class Kit:
     """Daemons, loads and proxies of one test; whatever is left is stopped at teardown."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, seed: int) -> None:
         self.tmp_path = tmp_path
+        self.seed = seed  # the test's (conftest.py `seed`): DBSYNC_TEST_SEED replays it
         self.daemons: list[Daemon] = []
         self.loads: list[Load] = []
         self.proxies: list[Proxy] = []
@@ -350,7 +358,7 @@ class Kit:
         return d
 
     def load(self, pair: DbPair, **kwargs: Any) -> Load:
-        load = Load(pair.site_dsn, **kwargs)
+        load = Load(pair.site_dsn, f"{self.seed}:load-{len(self.loads)}", **kwargs)
         self.loads.append(load)
         return load.start()
 
@@ -378,8 +386,8 @@ class Kit:
 
 
 @pytest.fixture
-def kit(tmp_path: Path) -> Iterator[Kit]:
-    k = Kit(tmp_path)
+def kit(tmp_path: Path, seed: int) -> Iterator[Kit]:
+    k = Kit(tmp_path, seed)
     try:
         yield k
     finally:
@@ -462,7 +470,7 @@ def test_link_cut_repeatedly(pair: DbPair, kit: Kit, small_pages: None, side: st
     proxy = kit.proxy(dsn)
     d = kit.daemon(routed(pair, **{side: proxy}))
     load = kit.load(pair)
-    rng = random.Random()
+    rng = random.Random(f"{kit.seed}:cuts")
     for _ in range(6):
         load.wait_ops(rng.randint(20, 200))  # a random amount of work between cuts
         wait_applying(pair)  # connected and in the middle of the work
@@ -644,7 +652,7 @@ def test_server_ends_idle_session(pair: DbPair, kit: Kit, side: str) -> None:
 def test_sigkill_at_random_moments(pair: DbPair, kit: Kit, small_pages: None) -> None:
     """f: the daemon is SIGKILLed five times at random moments under load; no write is lost or
     applied twice in effect."""
-    rng = random.Random()
+    rng = random.Random(f"{kit.seed}:kills")
     load = kit.load(pair)
     while_active = 0
     for _ in range(5):
