@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import catchup, code, latency, report, triggercpu, writecost
+from bench import catchup, code, designs, latency, report, triggercpu, writecost
 from bench.env import BENCH_DIR, DURABLE, FAST, World, machine_facts, world
 
-SECTIONS = ("writecost", "triggercpu", "profile", "latency", "catchup")
+SECTIONS = ("writecost", "triggercpu", "designs", "profile", "latency", "catchup")
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, help="latency seconds per rep (default 30, --quick 10)")
     p.add_argument("--rate", type=float, default=1000.0, help="latency: row changes/s (default 1000)")
     p.add_argument("--writers", type=int, default=8, help="latency: writer connections (default 8)")
+    p.add_argument("--bulk-rows", type=int, default=200_000, help="designs: rows per bulk statement (default 200k)")
     p.add_argument("--big-every", type=int, default=1000, help="catch-up: every Nth message has a 100 kB body")
     p.add_argument(
         "--loop-transactions", type=int, default=3000, help="triggercpu: transactions per timed loop (default 3000)"
@@ -199,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
                     "triggercpu",
                     lambda: res.__setitem__(
                         "triggercpu", triggercpu.run(w, args.loop_transactions, 2 * args.reps + 1, log)
+                    ),
+                )
+            if "designs" in args.only:
+                section(
+                    "designs",
+                    lambda: res.__setitem__(
+                        "designs", designs.run(w, args.loop_transactions, args.bulk_rows, 2 * args.reps + 1, log)
                     ),
                 )
             if "latency" in args.only:
