@@ -1,7 +1,9 @@
 """Catch-up throughput (and the daemon's peak memory while it catches up).
 
-The same WhatsApp backlog (bench.backlog, deterministic) is written to two fresh Site
-databases while nothing consumes:
+The same backlog is written to two fresh Site databases while nothing consumes. Two workloads:
+`whatsapp` (bench.backlog, deterministic: small transactions, every Nth message with a 100 kB
+body) and `bulk` (bulk statements: messages inserted 10,000 rows per statement, one UPDATE of
+the status of half of them, one DELETE of a tenth):
 
 * native: tables without dbsync triggers, a publication, and on the Agent a subscription
   created disabled with copy_data = false, so its slot exists before the backlog is written
@@ -73,6 +75,40 @@ def write_backlog(dsn: str, events: int, big_every: int, timeout: float) -> tupl
         conn.execute("VACUUM (ANALYZE)")
     assert row is not None
     return int(row[0]), elapsed
+
+
+BULK_CHUNK = 10_000
+BULK_INSERT = """
+INSERT INTO public.whatsapp_messages (id, message_id, phone_number, direction, content)
+SELECT g, 'wamid.bulk.' || g, bench.phone(1 + g % 1000), 'inbound', bench.text_for(g)
+FROM pg_catalog.generate_series(%(lo)s::bigint, %(hi)s::bigint) g
+"""
+BULK_UPDATE = "UPDATE public.whatsapp_messages SET status = 'delivered', delivered_at = now() WHERE id % 2 = 0"
+BULK_DELETE = "DELETE FROM public.whatsapp_messages WHERE id % 10 = 1"
+BULK_SENTINEL = """
+INSERT INTO public.whatsapp_messages (id, message_id, conversation_id, phone_number, direction, content)
+VALUES (0, 'bench-sentinel', 1, bench.phone(1), 'outbound', 'end of backlog')
+"""
+
+
+def write_bulk_backlog(dsn: str, events: int, timeout: float) -> tuple[int, float]:
+    """The bulk-statement backlog of about `events` row changes: inserts of N rows in statements
+    of 10,000, an UPDATE of N/2, a DELETE of N/10 (1.6 N in all), then the sentinel.
+    Returns (row changes written, seconds)."""
+    rows = max(BULK_CHUNK, round(events / 1.6 / BULK_CHUNK) * BULK_CHUNK)
+    with connect(dsn) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout * 1000))))
+        started = time.monotonic()
+        written = 0
+        for lo in range(1, rows + 1, BULK_CHUNK):
+            written += conn.execute(BULK_INSERT, {"lo": lo, "hi": lo + BULK_CHUNK - 1}).rowcount
+        written += conn.execute(BULK_UPDATE).rowcount
+        written += conn.execute(BULK_DELETE).rowcount
+        written += conn.execute(BULK_SENTINEL).rowcount
+        elapsed = time.monotonic() - started
+        conn.execute("VACUUM (ANALYZE)")
+    return written, elapsed
 
 
 def _sentinel_seen(agent: psycopg.Connection) -> bool:
@@ -202,7 +238,14 @@ def setup_dbsync(w: World, site_db: str, agent_db: str) -> tuple[str, str]:
 
 # -- one side, one rep ----------------------------------------------------------------------------
 def _one(
-    w: World, side: str, events: int, big_every: int, workdir: Path, rep: int, log: Callable[[str], None]
+    w: World,
+    side: str,
+    events: int,
+    big_every: int,
+    workdir: Path,
+    rep: int,
+    log: Callable[[str], None],
+    workload: str = "whatsapp",
 ) -> dict[str, Any]:
     site_db, agent_db = f"{SITE_DB}_{side}", f"{AGENT_DB}_{side}"
     write_timeout = 120 + events / 500
@@ -212,8 +255,13 @@ def _one(
     else:
         site_dsn, agent_dsn = setup_dbsync(w, site_db, agent_db)
     try:
-        written, write_s = write_backlog(site_dsn, events, big_every, write_timeout)
-        log(f"  catch-up rep {rep + 1} {side:<6}: backlog of {written} row changes written in {write_s:.1f}s")
+        if workload == "bulk":
+            written, write_s = write_bulk_backlog(site_dsn, events, write_timeout)
+        else:
+            written, write_s = write_backlog(site_dsn, events, big_every, write_timeout)
+        log(
+            f"  catch-up {workload} rep {rep + 1} {side:<6}: backlog of {written} row changes written in {write_s:.1f}s"
+        )
         out: dict[str, Any] = {"side": side, "rep": rep, "events": written, "write_s": write_s}
         if side == "dbsync":
             with connect(site_dsn) as conn:
@@ -239,7 +287,7 @@ def _one(
         out["agent_row_writes"] = _agent_row_writes(agent_dsn)
         _verify(site_dsn, agent_dsn, side)
         log(
-            f"  catch-up rep {rep + 1} {side:<6}: drained in {out['drain_s']:.1f}s "
+            f"  catch-up {workload} rep {rep + 1} {side:<6}: drained in {out['drain_s']:.1f}s "
             f"= {out['events_per_s']:,.0f} events/s"
             + (f", peak RSS {out['ru_maxrss_kb'] / 1024:.0f} MB" if side == "dbsync" else "")
         )
@@ -252,12 +300,20 @@ def _one(
             w.site.drop_db(site_db)
 
 
-def run(w: World, events: int, big_every: int, reps: int, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def run(
+    w: World,
+    events: int,
+    big_every: int,
+    reps: int,
+    workdir: Path,
+    log: Callable[[str], None],
+    workload: str = "whatsapp",
+) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for rep in range(reps):
         order = ("native", "dbsync") if rep % 2 == 0 else ("dbsync", "native")
         for side in order:
-            runs.append(_one(w, side, events, big_every, workdir, rep, log))
+            runs.append(_one(w, side, events, big_every, workdir, rep, log, workload))
     by = {s: [r for r in runs if r["side"] == s] for s in ("native", "dbsync")}
     ratios = []
     for rep in range(reps):
@@ -266,6 +322,7 @@ def run(w: World, events: int, big_every: int, reps: int, workdir: Path, log: Ca
         ratios.append(round(d["events_per_s"] / n["events_per_s"], 4))
     dbsync_runs = by["dbsync"]
     return {
+        "workload": workload,
         "runs": runs,
         "events": runs[0]["events"],
         "big_every": big_every,

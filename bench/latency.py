@@ -236,6 +236,12 @@ def _teardown(w: World, side: str) -> None:
         w.site.drop_db(site_db)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     consumer: Consumer, rate: float, duration: float, warmup: float, base_id: int, conns: int
 ) -> dict[str, Any]:
@@ -250,8 +256,12 @@ def measure(
     try:
         if not ready.wait(30):
             raise BenchError("the latency observer did not start")
+        pid = consumer.proc.pid if consumer.proc is not None else None
+        cpu0, wall0 = (_cpu_seconds(pid) if pid else 0.0), time.monotonic()
         writer.start()
         written = _collect(wr_out, writer, duration + 120, "writer")
+        # The daemon's own CPU over the writing (its share of one core).
+        cpu_share = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0) if pid else None
         # Wait for the tail: until every tracked write has arrived, or 30 s.
         tracked = {(mid, rank) for mid, rank, _, _ in written["writes"]}
         deadline = time.monotonic() + 30
@@ -261,7 +271,7 @@ def measure(
     finally:
         stop.set()
     arrivals = _collect(obs_out, observer, 60, "observer")
-    return summarize(written, arrivals, warmup)
+    return {**summarize(written, arrivals, warmup), "daemon_cpu_share": cpu_share}
 
 
 def _all_arrived(agent_dsn: str, tracked: set[tuple[int, int]]) -> bool:
@@ -345,6 +355,11 @@ def run(
                 log(
                     f"  latency rep {rep + 1}/{reps} {side:<6}: {result['achieved_changes_per_s']:.0f} changes/s, "
                     f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, lost {result['lost']}"
+                    + (
+                        f", daemon CPU {result['daemon_cpu_share']:.0%}"
+                        if result.get("daemon_cpu_share") is not None
+                        else ""
+                    )
                 )
     finally:
         for side, consumer in consumers.items():
@@ -359,5 +374,7 @@ def run(
             key: median([r[key] for r in mine if r[key] is not None])
             for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "achieved_changes_per_s", "writer_lag_p99_ms")
         }
+        shares = [r["daemon_cpu_share"] for r in mine if r.get("daemon_cpu_share") is not None]
+        out[side]["daemon_cpu_share"] = round(median(shares), 3) if shares else None
         out[side]["lost"] = sum(r["lost"] for r in mine)
     return out

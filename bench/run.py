@@ -27,7 +27,7 @@ from typing import Any
 from bench import catchup, code, designs, latency, report, triggercpu, writecost
 from bench.env import BENCH_DIR, DURABLE, FAST, World, machine_facts, world
 
-SECTIONS = ("writecost", "triggercpu", "designs", "profile", "latency", "catchup")
+SECTIONS = ("writecost", "triggercpu", "designs", "profile", "latency", "catchup", "catchup-bulk")
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                 section(
                     "catchup",
                     lambda: res.__setitem__("catchup", catchup.run(w, events, args.big_every, args.reps, workdir, log)),
+                )
+            if "catchup-bulk" in args.only:
+                section(
+                    "catchup-bulk",
+                    lambda: res.__setitem__(
+                        "catchup_bulk", catchup.run(w, events, args.big_every, args.reps, workdir, log, "bulk")
+                    ),
                 )
     finally:
         res["meta"]["duration_s"] = round(time.monotonic() - started, 1)

@@ -87,8 +87,19 @@ CREATE FUNCTION dbsync.with_key(anyelement, {t}) RETURNS anyelement
 """
 
 
+# The function the capture triggers of public.whatsapp_messages call: generated per table since
+# 0006_site_key_capture (dbsync.capture_t<id>()), dbsync.capture() before.
+CAPTURE_FUNCTION = """
+SELECT coalesce(
+    (SELECT t.tgfoid FROM pg_trigger t WHERE t.tgrelid = 'public.whatsapp_messages'::regclass
+        AND t.tgname IN ('dbsync_capture_insert', 'dbsync_capture') LIMIT 1),
+    'dbsync.capture()'::regprocedure)
+"""
+
+
 def _capture_source(conn: psycopg.Connection) -> str:
-    return str(conn.execute("SELECT pg_get_functiondef('dbsync.capture()'::regprocedure)").fetchone()[0])  # type: ignore[index]
+    fn = conn.execute(CAPTURE_FUNCTION).fetchone()[0]  # type: ignore[index]
+    return str(conn.execute("SELECT pg_get_functiondef(%s)", (fn,)).fetchone()[0])  # type: ignore[index]
 
 
 def _rewrite(*patches: Callable[[str], str]) -> Callable[[psycopg.Connection], None]:

@@ -1,25 +1,29 @@
 """The apply path: one Agent DB transaction per page, rows and progress together.
 
-A page is coalesced to the last image per key (the Agent DB holds state, not history), then
-written with one statement per table and kind: a set-based DELETE and a set-based upsert, both
-fed the row images as one JSON array that PostgreSQL expands with json_populate_recordset. Row
-images pass through Python as text and are never decoded, except the last one per table, whose
-column names are checked against the Agent table (schema drift).
+The log says which keys changed; each event arrives with its row as it stands at the batch's
+snapshot, or with none when the key is absent there (dbsync.daemon.consume). A page is
+coalesced to one write per key (the Agent DB holds state, not history), then written with one
+statement per table and kind: a set-based DELETE of the keys absent at the snapshot and a
+set-based upsert of the rows present, both fed as one JSON array that PostgreSQL expands with
+json_to_recordset. Row images pass through Python as text and are never decoded, except the
+last one per table, whose column names are checked against the Agent table (schema drift).
 
-If the set-based statements fail, the page is retried event by event in log order. That path
-succeeds where coalescing reordered writes that a unique constraint cares about, and otherwise
-pins the failure on one event (table, key, seq) for the report.
+Every row of a page is as it stood at one snapshot, which satisfies the Site's unique
+constraints; the Agent may still hold an older value that a page's row now takes (two rows
+swapping a unique value). If the set-based statements fail, the page is written again as
+"delete every key of the page, then insert its rows"; if that fails too, key by key, which pins
+the failure on one key (table, key, seq) for the report, or parks it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from dbsync.daemon.consume import ApplyProgress
+from dbsync.daemon.consume import ApplyProgress, Event
 from dbsync.daemon.pg import is_transient
 from dbsync.db import display_name, quote_ident
 from dbsync.errors import ApplyError, DriftError, SchemaError
@@ -231,23 +235,27 @@ class TablePlan:
 
     table: ApplyTable
     truncate: bool = False
-    last: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # pk text -> (op, image)
+    last: dict[str, str | None] = field(default_factory=dict)  # pk text -> row image, None when absent
     columns: list[str] = field(default_factory=list)  # what the upsert writes, from the last image
 
-    def add(self, op: str, pk: str | None, image: str | None) -> None:
-        if op == "T":
+    def add(self, ev: Event) -> None:
+        if ev.op == "T":
+            # A row present at the snapshot was inserted after the TRUNCATE, so logged after it.
             self.truncate = True
             self.last.clear()
         else:
-            assert pk is not None
-            self.last.pop(pk, None)  # keep dict order = order of last write
-            self.last[pk] = (op, image)
+            assert ev.pk is not None
+            self.last.pop(ev.pk, None)  # keep dict order = order of last write
+            self.last[ev.pk] = ev.image
+
+    def keys(self) -> list[str]:
+        return list(self.last)
 
     def deletes(self) -> list[str]:
-        return [pk for pk, (op, _) in self.last.items() if op == "D"]
+        return [pk for pk, image in self.last.items() if image is None]
 
     def upserts(self) -> list[str]:
-        return [img for op, img in self.last.values() if op != "D" and img is not None]
+        return [image for image in self.last.values() if image is not None]
 
 
 def json_array(items: Iterable[str]) -> str:
@@ -288,14 +296,14 @@ class Applier:
         return self.parked
 
     async def _plans(
-        self, site: asyncpg.Connection, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]
+        self, site: asyncpg.Connection, agent: asyncpg.Connection, events: Sequence[Event]
     ) -> list[TablePlan]:
         plans: dict[int, TablePlan] = {}
         for ev in events:
-            plan = plans.get(ev["table_id"])
+            plan = plans.get(ev.table_id)
             if plan is None:
-                plan = plans[ev["table_id"]] = TablePlan(await self.catalog.table(site, agent, ev["table_id"]))
-            plan.add(ev["op"], ev["pk"], ev["row_image"])
+                plan = plans[ev.table_id] = TablePlan(await self.catalog.table(site, agent, ev.table_id))
+            plan.add(ev)
         for plan in plans.values():
             upserts = plan.upserts()
             if upserts:
@@ -308,12 +316,16 @@ class Applier:
                     plan.columns = image_columns(plan.table, upserts[-1])
         return list(plans.values())
 
-    async def _write_coalesced(self, agent: asyncpg.Connection, plans: Sequence[TablePlan]) -> None:
+    async def _write_coalesced(
+        self, agent: asyncpg.Connection, plans: Sequence[TablePlan], *, delete_all: bool = False
+    ) -> None:
+        """Truncates, then deletes, then upserts, each set-based per table. With `delete_all`
+        every key of the page is deleted first, so the upserts insert into room the page made."""
         for plan in plans:
             if plan.truncate:
                 await agent.execute(plan.table.truncate_sql())
         for plan in plans:
-            deletes = plan.deletes()
+            deletes = plan.keys() if delete_all else plan.deletes()
             if deletes:
                 await agent.execute(plan.table.delete_sql(), json_array(deletes))
         for plan in plans:
@@ -321,30 +333,36 @@ class Applier:
             if upserts:
                 await agent.execute(plan.table.upsert_sql(plan.columns), json_array(upserts))
 
-    async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record) -> None:
-        table = await self.catalog.table(site, agent, ev["table_id"])
-        if ev["op"] == "T":
+    async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: Event) -> None:
+        table = await self.catalog.table(site, agent, ev.table_id)
+        if ev.op == "T":
             await agent.execute(table.truncate_sql())
             # A TRUNCATE supersedes whatever was parked for the table before it.
-            await agent.execute(DROP_SUPERSEDED.asyncpg, self.source, ev["table_id"], ev["seq"])
-        elif ev["op"] == "D":
-            await agent.execute(table.delete_sql(), json_array([ev["pk"]]))
+            await agent.execute(DROP_SUPERSEDED.asyncpg, self.source, ev.table_id, ev.seq)
+        elif ev.image is None:
+            assert ev.pk is not None
+            await agent.execute(table.delete_sql(), json_array([ev.pk]))
         else:
-            cols = image_columns(table, ev["row_image"])
-            await agent.execute(table.upsert_sql(cols), json_array([ev["row_image"]]))
+            cols = image_columns(table, ev.image)
+            await agent.execute(table.upsert_sql(cols), json_array([ev.image]))
 
-    async def _write_one_by_one(
+    async def _write_key_by_key(
         self,
         site: asyncpg.Connection,
         agent: asyncpg.Connection,
-        events: Sequence[asyncpg.Record],
-        held: set[tuple[int, str]],
+        events: Sequence[Event],
+        held: set[tuple[int, str | None]],
     ) -> int:
-        """Apply in log order; returns how many events were parked."""
-        parked = 0
+        """Write each key's state alone, in the order of its last event (TRUNCATEs in place);
+        returns how many events were parked."""
+        last: dict[tuple[int, str | None], Event] = {}
         for ev in events:
-            key = (ev["table_id"], ev["pk"])
-            if ev["op"] != "T" and key in held:
+            key = (ev.table_id, ev.pk) if ev.op != "T" else (ev.table_id, f"T{ev.seq}")
+            last.pop(key, None)
+            last[key] = ev
+        parked = 0
+        for ev in last.values():
+            if ev.op != "T" and ev.key in held:
                 await self._park(site, agent, ev, "held back: an earlier event for this key is parked")
                 parked += 1
                 continue
@@ -358,37 +376,30 @@ class Applier:
                 # Row-level security is the configuration, not this event: never park for it.
                 if is_transient(exc) or is_rls_error(exc):
                     raise
-                table = await self.catalog.table(site, agent, ev["table_id"])
+                table = await self.catalog.table(site, agent, ev.table_id)
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
                 if not self.park:
                     raise ApplyError(
-                        f"the Agent DB rejected event seq {ev['seq']} ({_opname(ev['op'])} on {table.label}"
-                        f"{' key ' + ev['pk'] if ev['pk'] else ''}): {reason}"
+                        f"the Agent DB rejected event seq {ev.seq} ({_opname(ev)} on {table.label}"
+                        f"{' key ' + ev.pk if ev.pk else ''}): {reason}"
                     ) from exc
                 await self._park(site, agent, ev, reason)
-                held.add(key)
+                held.add(ev.key)
                 parked += 1
         return parked
 
-    async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: asyncpg.Record, error: str) -> None:
-        table = await self.catalog.table(site, agent, ev["table_id"])
+    async def _park(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: Event, error: str) -> None:
+        table = await self.catalog.table(site, agent, ev.table_id)
+        # Parked as what applying it means: the row at the snapshot, or a delete where there is none.
+        op = ev.op if ev.op == "T" or ev.image is not None else "D"
         await agent.execute(
-            PARK.asyncpg,
-            self.source,
-            ev["seq"],
-            ev["table_id"],
-            table.label,
-            ev["op"],
-            ev["pk"],
-            ev["row_image"],
-            ev["captured_at"],
-            error,
+            PARK.asyncpg, self.source, ev.seq, ev.table_id, table.label, op, ev.pk, ev.image, ev.captured_at, error
         )
 
-    async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[asyncpg.Record]) -> set[tuple[int, str]]:
+    async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[Event]) -> set[tuple[int, str | None]]:
         if not self.parked:
             return set()
-        keyed = [(e["table_id"], e["pk"]) for e in events if e["pk"] is not None]
+        keyed = [(e.table_id, e.pk) for e in events if e.pk is not None]
         rows = await agent.fetch(PARKED_KEYS.asyncpg, self.source, [k[0] for k in keyed], [k[1] for k in keyed])
         return {(r["table_id"], r["pk"]) for r in rows}
 
@@ -396,41 +407,36 @@ class Applier:
         self,
         site: asyncpg.Connection,
         agent: asyncpg.Connection,
-        events: Sequence[asyncpg.Record],
+        events: Sequence[Event],
         before: ApplyProgress,
         after: ApplyProgress,
         *,
         planned: Callable[[], None] | None = None,
-        site_free: Callable[[], Awaitable[None]] | None = None,
-        every_image: Callable[[], Awaitable[Sequence[asyncpg.Record]]] | None = None,
     ) -> int:
         """Apply `events` and move the stored progress from `before` to `after`, atomically.
 
-        Returns the number of events parked. `planned` is called once the coalesced write no
-        longer needs the Site connection (the caller may then read ahead on it); should the
-        write fall back to event by event, `site_free` is awaited before the Site is used again.
-        `events` may carry row images on the last event of each key only; `every_image` then
-        returns the same events with all of them, which applying event by event needs.
+        Returns the number of events parked. `planned` is called once the write no longer needs
+        the Site connection `site` (the caller may then read ahead on its own).
         """
         held = await self._held_keys(agent, events)
         if not held:
             plans = await self._plans(site, agent, events)
             if planned is not None:
                 planned()
-            try:
-                async with agent.transaction():
-                    await self._write_coalesced(agent, plans)
-                    await self._save(agent, before, after, events)
-                return 0
-            except asyncpg.PostgresError as exc:
-                if is_transient(exc) or is_rls_error(exc):
-                    raise
-            if site_free is not None:
-                await site_free()
-        if every_image is not None:
-            events = await every_image()
+                planned = None
+            for delete_all in (False, True):
+                try:
+                    async with agent.transaction():
+                        await self._write_coalesced(agent, plans, delete_all=delete_all)
+                        await self._save(agent, before, after, events)
+                    return 0
+                except asyncpg.PostgresError as exc:
+                    if is_transient(exc) or is_rls_error(exc):
+                        raise
+        elif planned is not None:
+            planned()
         async with agent.transaction():
-            parked = await self._write_one_by_one(site, agent, events, held)
+            parked = await self._write_key_by_key(site, agent, events, held)
             await self._save(agent, before, after, events)
         if parked:
             self.parked += parked
@@ -442,12 +448,13 @@ class Applier:
         Returns (events applied, events still parked after a new failure).
         """
         rows = await agent.fetch(RETRY_CANDIDATES.asyncpg, self.source)
-        groups: dict[tuple[int, str], list[asyncpg.Record]] = {}
+        groups: dict[tuple[int, str | None], list[Event]] = {}
         for row in rows:
-            groups.setdefault((row["table_id"], row["pk"]), []).append(row)
+            ev = Event(row["seq"], row["table_id"], row["op"], row["pk"], row["captured_at"], row["row_image"])
+            groups.setdefault(ev.key, []).append(ev)
         done = failed = 0
         for evs in groups.values():
-            seqs = [e["seq"] for e in evs]
+            seqs = [e.seq for e in evs]
             try:
                 async with agent.transaction():
                     for ev in evs:
@@ -468,9 +475,9 @@ class Applier:
             await self._save(agent, before, after, [])
 
     async def _save(
-        self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress, events: Sequence[asyncpg.Record]
+        self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress, events: Sequence[Event]
     ) -> None:
-        last_captured = events[-1]["captured_at"] if events else None
+        last_captured = events[-1].captured_at if events else None
         status = await agent.execute(
             SAVE_PROGRESS.asyncpg,
             self.source,
@@ -495,5 +502,7 @@ class ConcurrentConsumerError(ApplyError):
     """Another consumer moved the progress row: this daemon's batch is void."""
 
 
-def _opname(op: str) -> str:
-    return {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}.get(op, op)
+def _opname(ev: Event) -> str:
+    if ev.op == "T":
+        return "truncate"
+    return "delete" if ev.image is None else {"I": "insert", "U": "update"}.get(ev.op, "upsert")

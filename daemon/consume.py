@@ -24,6 +24,7 @@ bounded by count and bytes, and the page cursor is stored with the applied rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -48,34 +49,24 @@ FROM s CROSS JOIN LATERAL (
 ) b
 """
 
-# The next page of the open batch, in seq order, at most $5 events and, past the first event,
-# at most $6 bytes of stored row images. next_seq on the last row says whether more follow.
-# Only the last event of each key in the page carries its row image (unless $7): the apply
-# writes the last image per key, so the others are neither converted, sent nor held.
+# The next page of the open batch, in seq order, at most $5 events (one more says whether more
+# follow). The log holds keys; the rows come from the tables (READ_ROWS).
 READ_PAGE = f"""
-SELECT seq, table_id, op, pk,
-       CASE WHEN $7 OR lead(seq) OVER (PARTITION BY table_id, pk ORDER BY seq) IS NULL
-            THEN dbsync.image_json(row_image)::text END AS row_image,
-       captured_at, next_seq
-FROM (
-    SELECT l.*,
-           row_number() OVER w AS rn,
-           lead(l.seq) OVER w AS next_seq,
-           sum(coalesce(pg_catalog.pg_column_size(l.row_image), 0)) OVER w
-             - coalesce(pg_catalog.pg_column_size(l.row_image), 0) AS bytes_before
-    FROM (
-        SELECT seq, table_id, op::text AS op, dbsync.image_json(pk)::text AS pk, row_image, captured_at
-        FROM dbsync.sync_log
-        WHERE seq > $3 AND seq <= $4
-          AND {committed_between("txid", PREV, "$2::text::pg_snapshot")}
-        ORDER BY seq
-        LIMIT $5 + 1
-    ) l
-    WINDOW w AS (ORDER BY l.seq)
-) p
-WHERE rn <= $5 AND (rn = 1 OR bytes_before <= $6)
+SELECT seq, table_id, op::text AS op, dbsync.key_json(pk)::text AS pk, captured_at
+FROM dbsync.sync_log
+WHERE seq > $3 AND seq <= $4
+  AND {committed_between("txid", PREV, "$2::text::pg_snapshot")}
 ORDER BY seq
+LIMIT $5 + 1
 """
+
+# The rows of some keys of one table at the transaction's snapshot (0006_site_key_capture): the
+# position of each key present and its row image, JSON of text values.
+READ_ROWS = "SELECT ord, image::text FROM dbsync.read_rows($1, $2::text::json)"
+
+# Keys per read_rows call at most; fewer once rows turn out large (see read_page).
+READ_GROUP = 1000
+FIRST_GROUP = 100
 
 
 @dataclass(frozen=True)
@@ -95,14 +86,31 @@ class ApplyProgress:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One change in the log, with the row as it stands at the batch's snapshot."""
+
+    seq: int
+    table_id: int
+    op: str  # I, U, D or T, as captured; the apply goes by `image`
+    pk: str | None  # JSON object of the key's text values; None for a TRUNCATE
+    captured_at: datetime
+    image: str | None = None  # the row at the snapshot; None when the key is absent there
+
+    @property
+    def key(self) -> tuple[int, str | None]:
+        return self.table_id, self.pk
+
+
+@dataclass(frozen=True)
 class Page:
-    events: list[asyncpg.Record]
+    events: list[Event]
     more: bool
 
 
 async def open_batch(site: asyncpg.Connection, progress: ApplyProgress) -> tuple[ApplyProgress, int, str]:
     """Take a new snapshot; returns the progress with the batch opened, its event count, and
-    the snapshot itself.
+    the snapshot itself. Run first in the batch's REPEATABLE READ transaction, whose snapshot it
+    then is: the pages are read, rows included, at that snapshot.
 
     When nothing new is visible the progress comes back unchanged (with no batch): there is
     nothing to record, and `prev` still describes exactly what has been applied.
@@ -115,32 +123,57 @@ async def open_batch(site: asyncpg.Connection, progress: ApplyProgress) -> tuple
     return opened, int(row["events"]), row["snap"]
 
 
-async def read_page(
-    site: asyncpg.Connection, progress: ApplyProgress, limit: int, max_bytes: int, *, every_image: bool = False
-) -> Page:
-    """The page at the progress's cursor. Row images come only with the last event of each key,
-    or with every event when `every_image` (event-by-event apply); the page is the same."""
+async def read_page(site: asyncpg.Connection, progress: ApplyProgress, limit: int, max_bytes: int) -> Page:
+    """The page at the progress's cursor, each event with its row read at the transaction's
+    snapshot: at most `limit` events and, past the first group of keys read, about `max_bytes`
+    of row images. Keys are read in groups sized from the rows seen so far, so a page of large
+    rows stops early instead of being held whole."""
     assert progress.in_batch
     rows = await site.fetch(
-        READ_PAGE,
-        progress.prev_snapshot,
-        progress.batch_snapshot,
-        progress.batch_cursor,
-        progress.batch_hi,
-        limit,
-        max_bytes,
-        every_image,
+        READ_PAGE, progress.prev_snapshot, progress.batch_snapshot, progress.batch_cursor, progress.batch_hi, limit
     )
-    more = bool(rows) and rows[-1]["next_seq"] is not None
-    return Page(events=list(rows), more=more)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    events: list[Event] = []
+    size = 0
+    group = FIRST_GROUP
+    start = 0
+    while start < len(rows):
+        part = rows[start : start + group]
+        images = await _read_rows(site, part)
+        for r in part:
+            image = images.get((r["table_id"], r["pk"]))
+            events.append(Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], image))
+        size += sum(len(i) for i in images.values())
+        start += len(part)
+        if start < len(rows) and size >= max_bytes:
+            more = True
+            break
+        average = size / max(1, len(events))
+        group = max(1, min(READ_GROUP, int((max_bytes - size) / average) if average else READ_GROUP))
+    return Page(events=events, more=more)
+
+
+async def _read_rows(site: asyncpg.Connection, rows: list[asyncpg.Record]) -> dict[tuple[int, str], str]:
+    """(table id, pk) -> row image, for the keys of `rows` present at the snapshot."""
+    keys: dict[int, dict[str, None]] = {}
+    for r in rows:
+        if r["pk"] is not None:
+            keys.setdefault(r["table_id"], {})[r["pk"]] = None
+    images: dict[tuple[int, str], str] = {}
+    for table_id, pks in keys.items():
+        ordered = list(pks)
+        for found in await site.fetch(READ_ROWS, table_id, "[" + ",".join(ordered) + "]"):
+            images[table_id, ordered[found["ord"] - 1]] = found["image"]
+    return images
 
 
 def advance(progress: ApplyProgress, page: Page) -> ApplyProgress:
     """The progress once `page` is applied: the cursor moves on, or the batch closes."""
-    applied = max([progress.applied_seq, *(e["seq"] for e in page.events)])
+    applied = max([progress.applied_seq, *(e.seq for e in page.events)])
     counted = progress.events_applied + len(page.events)
     if page.more:
-        return replace(progress, batch_cursor=page.events[-1]["seq"], applied_seq=applied, events_applied=counted)
+        return replace(progress, batch_cursor=page.events[-1].seq, applied_seq=applied, events_applied=counted)
     assert progress.batch_snapshot is not None
     return ApplyProgress(prev_snapshot=progress.batch_snapshot, applied_seq=applied, events_applied=counted)
 

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.transaction import Transaction
 
 from dbsync.config import Settings
 from dbsync.daemon import pg
@@ -36,6 +37,7 @@ from dbsync.daemon.apply import Applier, Catalog
 from dbsync.daemon.backoff import Backoff
 from dbsync.daemon.consume import (
     ApplyProgress,
+    Event,
     Page,
     advance,
     open_batch,
@@ -67,8 +69,8 @@ from dbsync.rls import LOCATE_ASYNCPG, RowSecurityError, error_table, from_error
 
 log = logging.getLogger("dbsync.daemon")
 
-# Stored (possibly compressed) row-image bytes per page past its first event; with batch_size
-# it bounds memory.
+# Row-image bytes (JSON text) per page past its first group of keys; with batch_size it bounds
+# memory.
 PAGE_BYTES = 8 * 1024 * 1024
 # Under a steady stream of writes every batch is small, and each costs a Site snapshot, a read
 # and an Agent commit whatever its size. After a batch smaller than one page the daemon waits
@@ -121,7 +123,7 @@ class Replicator:
         settings: Settings,
         *,
         stop: asyncio.Event | None = None,
-        on_page: Callable[[Sequence[asyncpg.Record]], None] | None = None,
+        on_page: Callable[[Sequence[Event]], None] | None = None,
     ) -> None:
         settings.require("site_dsn", "agent_dsn")
         self.settings = settings
@@ -137,6 +139,10 @@ class Replicator:
         self.applier = Applier(settings.source, self.catalog, park=settings.poison_policy == "park")
         self.stats = Stats()
         self.site: asyncpg.Connection | None = None
+        # The batch's pages are read on their own Site connection, in a REPEATABLE READ
+        # transaction whose snapshot is the batch's (dbsync.daemon.consume).
+        self.reader: asyncpg.Connection | None = None
+        self._batch_tx: Transaction | None = None
         self.agent: asyncpg.Connection | None = None
         self.progress = ApplyProgress()
         self._persisted = ApplyProgress()
@@ -172,6 +178,7 @@ class Replicator:
         self.site = site
         if not await site.fetchval(SCHEMA_EXISTS.asyncpg, SITE_SCHEMA_MARK):
             raise SchemaError(no_schema("Site"))
+        self.reader = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
         # Replicated rows must not fire the Agent DB's own triggers and foreign keys.
         try:
             await agent.execute("SET session_replication_role = replica")
@@ -229,13 +236,14 @@ class Replicator:
     async def _disconnect(self) -> None:
         self.active = False
         self._ahead = None
-        for conn in (self.site, self.agent):
+        self._batch_tx = None
+        for conn in (self.reader, self.site, self.agent):
             if conn is not None and not conn.is_closed():
                 try:
                     await asyncio.wait_for(conn.close(), timeout=2)
                 except Exception:  # noqa: BLE001 - closing a broken link (TimeoutError included)
                     conn.terminate()
-        self.site = self.agent = None
+        self.site = self.reader = self.agent = None
 
     def _on_notify(self, *_: object) -> None:
         self.stats.notifications += 1
@@ -296,12 +304,27 @@ class Replicator:
     # -- one step --------------------------------------------------------------------------
     async def step(self) -> bool:
         """Apply one page. Returns True when more may be waiting (do not sleep)."""
-        assert self.site and self.agent
+        assert self.site and self.reader and self.agent
         progress = self.progress
+        if progress.in_batch and self._batch_tx is None:
+            # A batch left open by an earlier connection: its snapshot cannot be read at any
+            # more. Open it again from `prev`, at a new snapshot; the pages already applied are
+            # applied again, which writes the same keys with rows at least as new.
+            progress = ApplyProgress(
+                prev_snapshot=progress.prev_snapshot,
+                applied_seq=progress.applied_seq,
+                events_applied=progress.events_applied,
+            )
         if not progress.in_batch:
             self.stats.looks += 1
-            progress, count, self._last_snapshot = await open_batch(self.site, progress)
+            self._batch_tx = self.reader.transaction(isolation="repeatable_read", readonly=True)
+            await self._batch_tx.start()
+            progress, count, self._last_snapshot = await open_batch(self.reader, progress)
             if not progress.in_batch:
+                await self._end_batch()
+                if self._persisted.in_batch:
+                    await self.applier.save(self.agent, self._persisted, progress)
+                    self.progress = self._persisted = progress
                 self._stepped()
                 return False
             log.debug("batch opened: %d events", count)
@@ -316,30 +339,12 @@ class Replicator:
         def read_ahead() -> None:
             nonlocal ahead
             if page.more:
-                assert self.site is not None
                 ahead = asyncio.ensure_future(self._read(after))
-
-        async def site_free() -> None:
-            if ahead is not None:
-                await asyncio.wait([ahead])
-
-        async def every_image() -> Sequence[asyncpg.Record]:
-            full = await self._read(progress, every_image=True)
-            if [e["seq"] for e in full.events] != [e["seq"] for e in page.events]:
-                raise ApplyError("the sync log changed under an open batch: the page read again differs")
-            return full.events
 
         try:
             if page.events:
                 parked = await self.applier.apply(
-                    self.site,
-                    self.agent,
-                    page.events,
-                    self._persisted,
-                    after,
-                    planned=read_ahead,
-                    site_free=site_free,
-                    every_image=every_image,
+                    self.site, self.agent, page.events, self._persisted, after, planned=read_ahead
                 )
                 if parked:
                     self.stats.parked += parked
@@ -355,6 +360,8 @@ class Replicator:
                 await asyncio.wait([ahead])
             if ahead is not None and not ahead.cancelled():
                 ahead.exception()  # retrieved: a failed read-ahead was raised above or is moot
+        if not after.in_batch:
+            await self._end_batch()
         self.stats.events += len(page.events)
         self.stats.batches += 1
         self.stats.last_apply_at = time.time()
@@ -366,6 +373,12 @@ class Replicator:
             self.on_report(PageReport(applied, parked, time.monotonic() - started))
         return True
 
+    async def _end_batch(self) -> None:
+        """Close the batch's read transaction (it only read)."""
+        tx, self._batch_tx = self._batch_tx, None
+        if tx is not None:
+            await tx.commit()
+
     async def _page(self, progress: ApplyProgress) -> Page:
         """The page at the progress's cursor: read ahead by the previous step, or read now."""
         ahead, self._ahead = self._ahead, None
@@ -374,19 +387,19 @@ class Replicator:
             return ahead[2]
         return await self._read(progress)
 
-    async def _read(self, progress: ApplyProgress, *, every_image: bool = False) -> Page:
-        assert self.site is not None
-        return await read_page(self.site, progress, self.settings.batch_size, PAGE_BYTES, every_image=every_image)
+    async def _read(self, progress: ApplyProgress) -> Page:
+        assert self.reader is not None
+        return await read_page(self.reader, progress, self.settings.batch_size, PAGE_BYTES)
 
-    async def _applied_by_table(self, events: Sequence[asyncpg.Record], parked: int) -> Counter[tuple[str, str]]:
+    async def _applied_by_table(self, events: Sequence[Event], parked: int) -> Counter[tuple[str, str]]:
         """Events of a committed page by (table, op), less those that were parked."""
         assert self.site and self.agent
         out: Counter[tuple[str, str]] = Counter()
         for ev in events:
-            table = await self.catalog.table(self.site, self.agent, ev["table_id"])  # cached by the apply
-            out[table.label, ev["op"]] += 1
+            table = await self.catalog.table(self.site, self.agent, ev.table_id)  # cached by the apply
+            out[table.label, ev.op] += 1
         if parked:
-            seqs = [ev["seq"] for ev in events]
+            seqs = [ev.seq for ev in events]
             for row in await self.agent.fetch(PARKED_IN_PAGE.asyncpg, self.settings.source, seqs):
                 out[row["table_name"], row["op"]] -= row["n"]
         return +out  # drops zero counts

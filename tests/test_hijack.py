@@ -75,8 +75,16 @@ NAMES = [
     "defined",
     "key_image",
     "row_image",
+    "read_rows",
+    "install_capture",
+    "drop_capture",
+    "capture_function",
+    "output_is_fixed",
+    "record_image_ne",
+    "record_image_eq",
     "with_key",
     "image_json",
+    "key_json",
     "doorbell_armed",
     "key_operator",
     "key_compare",
@@ -145,7 +153,7 @@ SIGNATURES = [
     "public.wtext",
 ]
 
-OPERATORS = ["=", "<>", "<", ">", "<=", ">=", "*=", "->", "->>", "#=", "||", "@>", "?", "~"]
+OPERATORS = ["=", "<>", "<", ">", "<=", ">=", "*=", "*<>", "->", "->>", "#=", "||", "@>", "?", "~"]
 OPERAND_PAIRS = [
     ("public.attacked", "public.attacked"),
     ("public.hstore", "public.hstore"),

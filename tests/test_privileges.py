@@ -15,6 +15,7 @@ GRANT SELECT, DELETE ON dbsync.sync_log TO {role};
 GRANT SELECT ON dbsync.replicated_tables TO {role};
 GRANT SELECT ON SEQUENCE dbsync.sync_log_seq TO {role};
 GRANT SELECT, UPDATE ON dbsync.doorbell TO {role};
+GRANT EXECUTE ON FUNCTION dbsync.read_rows(integer, json) TO {role};
 """
 
 AGENT_GRANTS = """

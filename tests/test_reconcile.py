@@ -458,7 +458,7 @@ def test_resync_delete_cannot_overtake_a_concurrent_insert(pair: DbPair) -> None
     thread.join(10)
     assert result["value"] == ({"updated": 1, "deleted": 0},)
     events = watcher.execute(
-        "SELECT op FROM dbsync.sync_log WHERE dbsync.image_json(pk)->>'id' = '77' ORDER BY seq"
+        "SELECT op FROM dbsync.sync_log WHERE dbsync.key_json(pk)->>'id' = '77' ORDER BY seq"
     ).fetchall()
     assert events == [("I",), ("U",)]
     sync_once(pair)
@@ -477,8 +477,8 @@ def test_resync_reads_the_row_after_a_concurrent_update(pair: DbPair) -> None:
     writer.execute("COMMIT")
     thread.join(10)
     rows = watcher.execute(
-        "SELECT op, dbsync.image_json(row_image)->>'contact_name' FROM dbsync.sync_log "
-        "WHERE dbsync.image_json(pk)->>'id' = '78' ORDER BY seq"
+        "SELECT op, dbsync.key_json(row_image)->>'contact_name' FROM dbsync.sync_log "
+        "WHERE dbsync.key_json(pk)->>'id' = '78' ORDER BY seq"
     ).fetchall()
     assert rows == [("I", None), ("U", "new"), ("U", "new")]
     sync_once(pair)

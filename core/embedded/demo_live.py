@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 import psycopg
 
 from dbsync.config import Settings
+from dbsync.daemon.consume import Event
 from dbsync.daemon.runner import Replicator
 from dbsync.db import connect, first_line
 from dbsync.embedded.demo_report import percentile
@@ -47,9 +48,9 @@ class LagMeter:
     window_ms: list[float] = field(default_factory=list)
     applied: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def on_page(self, events: Sequence[Mapping[str, Any]]) -> None:
+    def on_page(self, events: Sequence[Event]) -> None:
         now = time.time()
-        lags = [(now - e["captured_at"].timestamp()) * 1000.0 for e in events]
+        lags = [(now - e.captured_at.timestamp()) * 1000.0 for e in events]
         self.lags_ms.extend(lags)
         self.window_ms.extend(lags)
         self.applied.set()
