@@ -113,9 +113,10 @@ def test_rejected_page_while_the_next_is_read_ahead(pair: DbPair, policy: str) -
         assert_same(pair, [ITEMS])
 
 
-def test_parked_events_keep_their_own_images_when_only_the_last_was_read(pair: DbPair) -> None:
-    """A page is read with the last image per key only; when it is applied event by event (here
-    to park a rejected key), every event's own image must be read again and parked with it."""
+def test_a_rejected_key_is_parked_with_its_row_at_the_snapshot(pair: DbPair) -> None:
+    """The log holds keys; a key the Agent DB rejects is parked once per page, with its row as it
+    stands at the batch's snapshot (what a retry writes), and a later change of the same key is
+    held back behind it, in order; the rest of the page is applied."""
     replicate(pair, ITEMS_DDL, ITEMS, agent_ddl=ITEMS_AGENT_DDL)
     site = pair.site()
     with site.transaction():
@@ -124,9 +125,20 @@ def test_parked_events_keep_their_own_images_when_only_the_last_was_read(pair: D
         site.execute("UPDATE public.items SET qty = -2 WHERE id = 5")
         site.execute("UPDATE public.items SET qty = 70 WHERE id = 7")
     replicator = sync_once(pair, poison_policy="park")
-    assert replicator.stats.parked == 2  # the rejected update and the one after it
-    parked = pair.agent().execute(
-        "SELECT op, row_image->>'qty' FROM dbsync.parked_events ORDER BY seq"
-    ).fetchall()
-    assert parked == [("U", "-1"), ("U", "-2")]
-    assert rows_of(pair.agent_dsn, ITEMS)[4:7] == ["(5,5)", "(6,6)", "(7,70)"]
+    assert replicator.stats.parked == 1
+    parked = "SELECT op, row_image->>'qty' FROM dbsync.parked_events ORDER BY seq"
+    assert pair.agent().execute(parked).fetchall() == [("U", "-2")]
+    assert rows_of(pair.agent_dsn, ITEMS)[3:6] == ["(4,4)", "(6,6)", "(7,70)"]
+
+    site.execute("UPDATE public.items SET qty = -3 WHERE id = 5")
+    site.execute("UPDATE public.items SET qty = 8 WHERE id = 8")
+    assert sync_once(pair, poison_policy="park").stats.parked == 1  # held back
+    assert pair.agent().execute(parked).fetchall() == [("U", "-2"), ("U", "-3")]
+    assert rows_of(pair.agent_dsn, ITEMS)[6] == "(8,8)"
+
+    # Once the Agent accepts the row, a retry writes the parked rows in order: the last one stays.
+    pair.agent().execute("ALTER TABLE public.items DROP CONSTRAINT items_qty_check")
+    pair.agent().execute("UPDATE dbsync.parked_events SET retry_requested = true")
+    sync_once(pair, poison_policy="park")
+    assert pair.agent().execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
+    assert_same(pair, [ITEMS])
