@@ -25,6 +25,8 @@ from dbsync.protocol import (
 from dbsync.tables import partition_drift
 
 NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync_log_seq"
+# Every consumer the Agent DB has progress for.
+SOURCES = "SELECT source FROM dbsync.apply_progress ORDER BY source"
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,12 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
         lag_threshold=lag_threshold,
         problems=problems,
     )
+
+
+def read_every_status(
+    site: psycopg.Connection, agent: psycopg.Connection, fallback: str, lag_threshold: float = 5.0
+) -> list[Status]:
+    """The status of every source the Agent DB has progress for (`fallback` alone until one has)."""
+    require_schema(site, agent)
+    sources = [str(row[0]) for row in agent.execute(SOURCES).fetchall()] or [fallback]
+    return [read_status(site, agent, source, lag_threshold) for source in sources]
