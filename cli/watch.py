@@ -1,8 +1,10 @@
 """`dbsync status --watch`: every source's status, redrawn in place until Ctrl-C.
 
 The numbers are dbsync.status's, read again every refresh over connections kept open between
-refreshes; the rate is the change of `events_applied` between two refreshes. Only the first
-read may fail the command: later failures are shown in the view, which keeps retrying.
+refreshes; the rate is the change of `events_applied` between two refreshes. The configured
+source is measured against the Site DB at hand; the Agent DB's other sources (other Site DBs)
+show what the Agent DB knows of them, without a lag. Only the first read may fail the command:
+later failures are shown in the view, which keeps retrying.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import psycopg
 from dbsync.config import Settings, describe_dsn, redact_dsn
 from dbsync.db import connect, first_line
 from dbsync.errors import DbsyncError
-from dbsync.status import Status, read_every_status, read_status
+from dbsync.status import Consumer, Status, read_consumers, read_status
 
 # Cursor home, then clear the screen: on a terminal each frame replaces the one before.
 CLEAR = "\x1b[H\x1b[2J"
@@ -26,10 +28,35 @@ COLUMNS = ("source", "behind", "lag", "rate", "active daemon", "parked", "health
 
 
 @dataclass(frozen=True)
+class Row:
+    """One source in the view."""
+
+    source: str
+    behind: str  # "-": not measured (another Site DB's source)
+    lag: str
+    events_applied: int
+    active_daemon: str | None
+    parked_events: int
+    problems: Sequence[str]
+
+    @classmethod
+    def of(cls, item: Status | Consumer) -> Row:
+        return cls(
+            source=item.source,
+            behind=f"{item.events_behind} events" if isinstance(item, Status) else "-",
+            lag=f"{item.seconds_behind:.1f} s" if isinstance(item, Status) else "-",
+            events_applied=item.events_applied,
+            active_daemon=item.active_daemon,
+            parked_events=item.parked_events,
+            problems=item.problems,
+        )
+
+
+@dataclass(frozen=True)
 class Sample:
     at: float  # time.monotonic() of the read
     wall: datetime
-    statuses: Sequence[Status]
+    statuses: Sequence[Row]
 
 
 def rates(before: Sample | None, now: Sample) -> dict[str, float | None]:
@@ -61,16 +88,18 @@ def render(header: str, sample: Sample | None, rate: dict[str, float | None], er
         rows.append(
             (
                 st.source,
-                f"{st.events_behind} events",
-                f"{st.seconds_behind:.1f} s",
+                st.behind,
+                st.lag,
                 "-" if r is None else f"{r:.1f} events/s",
                 st.active_daemon or "none",
                 str(st.parked_events),
-                "ok" if st.healthy else "UNHEALTHY",
+                "UNHEALTHY" if st.problems else "ok",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    if any(st.behind == "-" for st in sample.statuses):
+        lines.append("(-: another Site DB's source; `dbsync status --source NAME` with its --site-dsn has its lag)")
     problems = [f"{st.source}: {'; '.join(st.problems)}" for st in sample.statuses if st.problems]
     if problems:
         lines += ["", *problems]
@@ -93,12 +122,11 @@ class Watch:
             self.site = connect(self.settings.site_dsn, "Site")
         if self.agent is None:
             self.agent = connect(self.settings.agent_dsn, "Agent")
-        threshold = self.settings.lag_threshold
-        if self.source is not None:
-            statuses = [read_status(self.site, self.agent, self.source, threshold)]
-        else:
-            statuses = read_every_status(self.site, self.agent, self.settings.source, threshold)
-        return Sample(time.monotonic(), datetime.now(UTC), statuses)
+        here = read_status(self.site, self.agent, self.source or self.settings.source, self.settings.lag_threshold)
+        items: list[Status | Consumer] = [here]
+        if self.source is None:
+            items += [c for c in read_consumers(self.agent) if c.source != here.source]
+        return Sample(time.monotonic(), datetime.now(UTC), [Row.of(item) for item in items])
 
     def close(self) -> None:
         for conn in (self.site, self.agent):

@@ -5,6 +5,7 @@ with stdout a pipe, an unreachable database and invalid SECONDS."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -97,27 +98,37 @@ def test_watch_redraws_in_a_terminal_until_ctrl_c(pair: DbPair, tmp_path: Path) 
             ).fetchone()[0],  # type: ignore[index]
             what="the daemon to take the source",
         )
+        # The consumer of another Site DB, which no daemon applies: listed, without a lag.
+        agent.execute(
+            "INSERT INTO dbsync.apply_progress (source, prev_snapshot, events_applied) "
+            "VALUES ('branch2', pg_current_snapshot(), 42)"
+        )
         term = Terminal(["status", "--watch", "0.5"], watch_env(pair))
         try:
             text = term.read_until(lambda t: t.count(CLEAR) >= 2 and t.count(HEADER) >= 2, what="two frames")
             first = text.split(CLEAR)[1]
             assert "source" in first and "active daemon" in first and "parked" in first
             assert holder and holder in first and "0 events" in first
+            site_row, other_row = [line for line in first.splitlines() if line.startswith(("site ", "branch2 "))]
+            assert site_row.split()[:3] == ["site", "0", "events"] and site_row.rstrip().endswith("ok"), first
+            assert other_row.split()[:3] == ["branch2", "-", "-"] and "UNHEALTHY" in other_row, first
+            assert "branch2: no active daemon" in first and "another Site DB's source" in first
             assert "Traceback" not in text
 
             # Rows applied between two refreshes show as a rate.
             site = pair.site()
+            at = len(term.text)
             with site.transaction():
                 for i in range(50):
                     site.execute("INSERT INTO leads (phone_number, name) VALUES (%s, %s)", (f"+49{i}", f"w{i}"))
             wait_until(lambda: same(pair), what="the rows to replicate")
             term.read_until(
-                lambda t: any(" events/s" in f and " 0.0 events/s" not in f for f in t.split(CLEAR)[-4:]),
-                what="a frame with a non-zero rate",
+                lambda t: any(re.search(r"^site .* [1-9][0-9.]* events/s ", f, re.M) for f in t[at:].split(CLEAR)),
+                what="a frame with a non-zero rate for the source",
             )
 
             # A refresh that fails is shown in the view; the next one reconnects.
-            at = len(term.data)
+            at = len(term.text)
             agent.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (APP,))
             term.read_until(lambda t: "refresh failed: " in t[at:], what="the failed refresh in the view")
             failed_at = term.text.rindex("refresh failed: ")
@@ -191,41 +202,36 @@ def test_watch_refuses_an_unreachable_database_and_bad_seconds(pair: DbPair) -> 
 def test_the_rate_is_the_change_between_two_reads() -> None:
     from datetime import UTC, datetime
 
-    from dbsync.cli.watch import Sample, rates, render
-    from dbsync.status import Status
+    from dbsync.cli.watch import Row, Sample, rates, render
+    from dbsync.status import Consumer, Status
 
-    def status(source: str, applied: int, **kw: object) -> Status:
+    def status(source: str, applied: int, **kw: object) -> Row:
         values: dict[str, object] = dict(
-            source=source,
-            high_water_mark=applied,
-            newest_seq=applied,
-            events_behind=0,
-            seconds_behind=0.0,
-            events_applied=applied,
-            oldest_pending_at=None,
-            last_applied_capture_at=None,
-            progress_updated_at=None,
-            batch_open=False,
-            tables=[],
-            active_daemon="h:1",
-            parked_events=0,
-            last_error=None,
-            last_error_at=None,
-            lag_threshold=5.0,
-            problems=[],
-        )
+            source=source, high_water_mark=applied, newest_seq=applied, events_behind=3, seconds_behind=0.25,
+            events_applied=applied, oldest_pending_at=None, last_applied_capture_at=None, progress_updated_at=None,
+            batch_open=False, tables=[], active_daemon="h:1", parked_events=0, last_error=None, last_error_at=None,
+            lag_threshold=5.0, problems=[],
+        )  # fmt: skip
         values.update(kw)
-        return Status(**values)  # type: ignore[arg-type]
+        return Row.of(Status(**values))  # type: ignore[arg-type]
+
+    def consumer(source: str, applied: int) -> Row:
+        return Row.of(Consumer(source, applied, None, None, 2, None, ["no active daemon", "2 parked event(s)"]))
 
     now = datetime.now(UTC)
-    a = Sample(10.0, now, [status("site", 100), status("crm", 5)])
-    b = Sample(12.0, now, [status("site", 300), status("crm", 5), status("new", 7)])
+    a = Sample(10.0, now, [status("site", 100), consumer("crm", 5)])
+    b = Sample(12.0, now, [status("site", 300), consumer("crm", 5), consumer("new", 7)])
     assert rates(None, a) == {"site": None, "crm": None}
     assert rates(a, b) == {"site": 100.0, "crm": 0.0, "new": None}
     frame = render("head", b, rates(a, b))
-    assert "100.0 events/s" in frame and "0.0 events/s" in frame
+    lines = frame.splitlines()
+    assert lines[2].split() == ["source", "behind", "lag", "rate", "active", "daemon", "parked", "health"]
+    assert lines[3].split() == ["site", "3", "events", "0.2", "s", "100.0", "events/s", "h:1", "0", "ok"]
+    assert lines[4].split() == ["crm", "-", "-", "0.0", "events/s", "none", "2", "UNHEALTHY"]
+    assert lines[5].split() == ["new", "-", "-", "-", "none", "2", "UNHEALTHY"]
+    assert "crm: no active daemon; 2 parked event(s)" in frame
     stuck = Sample(14.0, now, [status("site", 300, problems=["no active daemon"], active_daemon=None)])
-    frame = render("head", stuck, rates(b, stuck), error=None)
-    assert "UNHEALTHY" in frame and "site: no active daemon" in frame
+    frame = render("head", stuck, rates(b, stuck))
+    assert "UNHEALTHY" in frame and "site: no active daemon" in frame and "another Site DB" not in frame
     frame = render("head", stuck, {}, error="server closed the connection")
     assert "refresh failed: server closed the connection" in frame and "the last good read" in frame
