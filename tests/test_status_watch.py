@@ -85,7 +85,6 @@ class Terminal:
 def watch_env(pair: DbPair) -> dict[str, str]:
     env = pair.env()
     env["PGAPPNAME"] = APP  # its sessions can be told from the daemon's
-    env["COLUMNS"] = "200"
     return env
 
 
