@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 
 import click
+from click.core import ParameterSource
 
 from dbsync.cli.options import connection_options
 from dbsync.config import POISON_POLICIES, Settings, load_settings
-from dbsync.daemon.alerts import check_url
-from dbsync.daemon.dsn import connect_kwargs
-from dbsync.daemon.http import parse_address
+from dbsync.daemon.reload import Reloader, check
 from dbsync.daemon.service import Service
 
 log = logging.getLogger("dbsync.daemon")
@@ -53,9 +53,11 @@ def run(
     """Replicate continuously until SIGTERM or SIGINT.
 
     Under systemd (Type=notify) it reports readiness, status and watchdog pings itself.
-    SIGHUP does not reload the configuration: restart the service to apply changes.
+    SIGHUP reads the config file again: batch size, poll interval, lag threshold, log level,
+    alert webhook and poison policy change at once; other settings need a restart.
     """
-    settings = load_settings(
+    load = functools.partial(
+        load_settings,
         config_file,
         site_dsn=site_dsn,
         agent_dsn=agent_dsn,
@@ -65,18 +67,24 @@ def run(
         lag_threshold=lag_threshold,
         http=http,
         alert_webhook=alert_webhook,
-    ).require("site_dsn", "agent_dsn")
-    for name in ("site_dsn", "agent_dsn"):
-        connect_kwargs(getattr(settings, name), name)  # a parameter the daemon cannot honour stops it now
-    if settings.http:
-        parse_address(settings.http)
-    if settings.alert_webhook:
-        check_url(settings.alert_webhook)
-    asyncio.run(_serve(settings, once))
+        log_level=_log_level_flag(),
+    )
+    settings = check(load())
+    logging.getLogger().setLevel(settings.log_level.upper())
+    asyncio.run(_serve(settings, once, Reloader(load)))
 
 
-async def _serve(settings: Settings, once: bool) -> None:
+def _log_level_flag() -> str | None:
+    """`dbsync --log-level` when given (it wins over the config file), else None."""
+    parent = click.get_current_context().parent
+    if parent is None or parent.get_parameter_source("log_level") in (None, ParameterSource.DEFAULT):
+        return None
+    return str(parent.params["log_level"])
+
+
+async def _serve(settings: Settings, once: bool, reloader: Reloader) -> None:
     stop = asyncio.Event()
+    reload = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
@@ -87,12 +95,16 @@ async def _serve(settings: Settings, once: bool) -> None:
         stop.set()
 
     def on_hup() -> None:
-        log.warning("SIGHUP ignored: dbsync does not reload its configuration; restart it to apply changes")
+        if once:
+            log.warning("SIGHUP ignored: --once does not reload its configuration")
+            return
+        log.info("SIGHUP received: reading the configuration again")
+        reload.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    service = Service(settings, stop=stop)
+    service = Service(settings, stop=stop, reload=reload, reloader=reloader)
     task = asyncio.ensure_future(service.run(once=once))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -17,6 +18,15 @@ from dbsync.status import read_status
 @json_option
 @click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
 @click.option("--lag-threshold", type=float, default=None, help="Seconds of lag that count as unhealthy (default 5).")
+@click.option(
+    "--watch",
+    metavar="[SECONDS]",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    help="Redraw every SECONDS (default 2) until Ctrl-C, for every source unless --source is given.",
+)
 def status(
     config_file: str | None,
     site_dsn: str | None,
@@ -24,17 +34,26 @@ def status(
     as_json: bool,
     source: str | None,
     lag_threshold: float | None,
+    watch: float | None,
 ) -> None:
     """Show the high-water mark, the newest log sequence and the lag.
 
     Exits 1 when unhealthy (no active daemon, lag over the threshold, parked events, a failing
-    apply), so monitoring scripts can use it.
+    apply), so monitoring scripts can use it. With --watch it shows lag, apply rate, active
+    daemon and parked events live, and exits 0 on Ctrl-C.
     """
     settings = load_settings(
         config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source, lag_threshold=lag_threshold
     )
     settings.require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
+    if watch is not None:
+        if as_json:
+            raise click.UsageError("--json and --watch cannot be combined")
+        from dbsync.cli.watch import Watch
+
+        Watch(settings, watch, source, tty=sys.stdout.isatty()).run()
+        return
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
         st = read_status(site, agent, settings.source, settings.lag_threshold)
     if as_json:

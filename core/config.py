@@ -18,6 +18,8 @@ from dbsync.errors import ConfigError
 
 ENV_PREFIX = "DBSYNC_"
 POISON_POLICIES = ("stop", "park")
+# The same choices as `dbsync --log-level` (cli/main.py keeps its own copy so `--help` stays light).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Settings:
     # URL that alerts are POSTed to. Both off by default.
     http: str | None = None
     alert_webhook: str | None = None
+    # `dbsync run` only, from the file or DBSYNC_LOG_LEVEL when `dbsync --log-level` is not given.
+    log_level: str = "info"
     config_file: Path | None = field(default=None, compare=False)
 
     def require(self, *names: str) -> Settings:
@@ -88,7 +92,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     values: dict[str, Any] = {}
     path = config_file or os.environ.get(ENV_PREFIX + "CONFIG")
     if path:
-        values.update(_read_toml(Path(path)))
+        values.update(read_config_file(Path(path)))
     for name in _TYPES:
         if name == "config_file":
             continue
@@ -103,6 +107,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     settings = Settings(config_file=Path(path) if path else None, **values)
     if settings.poison_policy not in POISON_POLICIES:
         raise ConfigError(f"poison_policy must be one of {', '.join(POISON_POLICIES)}, got {settings.poison_policy!r}")
+    if settings.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {settings.log_level!r}")
     for dsn_name in ("site_dsn", "agent_dsn"):
         dsn = getattr(settings, dsn_name)
         if dsn:
@@ -110,7 +116,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     return settings
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings the TOML file itself sets, checked and typed (flags and environment aside)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

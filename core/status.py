@@ -25,6 +25,10 @@ from dbsync.protocol import (
 from dbsync.tables import partition_drift
 
 NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync_log_seq"
+# Every consumer the Agent DB has progress for.
+CONSUMERS = (
+    "SELECT source, events_applied, updated_at, active_holder, last_error FROM dbsync.apply_progress ORDER BY source"
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,56 @@ class Status:
         return out
 
 
+@dataclass(frozen=True)
+class Consumer:
+    """What the Agent DB alone says of a source. Its lag needs that source's own Site DB, which
+    may be another than the one at hand (one source per replicated Site DB)."""
+
+    source: str
+    events_applied: int
+    progress_updated_at: datetime | None
+    active_daemon: str | None
+    parked_events: int
+    last_error: str | None
+    problems: list[str]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def read_consumers(agent: psycopg.Connection) -> list[Consumer]:
+    out = []
+    for source, applied, updated, holder, last_error in agent.execute(CONSUMERS).fetchall():
+        active = agent.execute(LOCK_HELD.psycopg, {"cls": LOCK_CLASS, "source": source}).fetchone()[0]  # type: ignore[index]
+        parked = agent.execute(COUNT_PARKED.psycopg, {"source": source}).fetchone()[0]  # type: ignore[index]
+        out.append(
+            Consumer(
+                source=source,
+                events_applied=applied,
+                progress_updated_at=updated,
+                active_daemon=holder if active else None,
+                parked_events=parked,
+                last_error=last_error,
+                problems=_problems(active, parked, last_error),
+            )
+        )
+    return out
+
+
+def _problems(active: bool, parked: int, last_error: str | None, lag: str | None = None) -> list[str]:
+    problems = []
+    if not active:
+        problems.append("no active daemon")
+    if lag is not None:
+        problems.append(lag)
+    if parked:
+        problems.append(f"{parked} parked event(s)")
+    if last_error:
+        problems.append(f"apply is failing: {last_error}")
+    return problems
+
+
 def require_schema(site: psycopg.Connection, agent: psycopg.Connection) -> None:
     """Refuse, in one line, a Site or Agent DB that `dbsync migrate` has not prepared."""
     for conn, role, rel in ((site, "Site", SITE_SCHEMA_MARK), (agent, "Agent", AGENT_SCHEMA_MARK)):
@@ -85,15 +139,8 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
         ).fetchall()
     ]
     seconds = round(max(pending[2] or 0.0, 0.0), 3)
-    problems = []
-    if not active:
-        problems.append("no active daemon")
-    if seconds > lag_threshold:
-        problems.append(f"lag {seconds:.1f} s is over the threshold of {lag_threshold:g} s")
-    if parked:
-        problems.append(f"{parked} parked event(s)")
-    if last_error:
-        problems.append(f"apply is failing: {last_error}")
+    over = f"lag {seconds:.1f} s is over the threshold of {lag_threshold:g} s" if seconds > lag_threshold else None
+    problems = _problems(active, parked, last_error, over)
     problems.extend(partition_drift(site))
     return Status(
         source=source,

@@ -102,13 +102,14 @@ class Alerter:
         )
 
     async def run(self) -> None:
-        """Deliver queued messages until cancelled."""
+        """Deliver queued messages until cancelled, each to the URL of the moment (see reload)."""
         if self.url is None:
             return
         async with httpx.AsyncClient(timeout=POST_TIMEOUT, headers={"User-Agent": "dbsync"}) as client:
             while True:
                 message = await self.queue.get()
-                await self._deliver(client, self.url, message)
+                if self.url is not None:  # a reload may have turned the webhook off
+                    await self._deliver(client, self.url, message)
 
     async def _deliver(self, client: httpx.AsyncClient, url: str, message: dict[str, Any]) -> None:
         backoff = Backoff(RETRY_INITIAL, RETRY_MAX)

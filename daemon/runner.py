@@ -163,6 +163,15 @@ class Replicator:
         self.on_tick: Callable[[], None] | None = None
         self.tick_interval = float("inf")
 
+    def use_settings(self, settings: Settings) -> None:
+        """Run with these settings from now on (a reload: only dbsync.daemon.reload.LIVE differ).
+
+        Each is read where it is used, so the next page has the new batch size; a wait in
+        progress is cut short so that a shorter poll interval applies at once."""
+        self.settings = settings
+        self.applier.park = settings.poison_policy == "park"
+        self.wake.set()
+
     # -- connections -----------------------------------------------------------------------
     async def _connect(self) -> None:
         assert self.settings.site_dsn and self.settings.agent_dsn

@@ -29,6 +29,7 @@ class Notifier:
         self._last_ping = float("-inf")
         self._status: str | None = None
         self._ready = False
+        self._reloading = False
         self._failed = False
 
     def ready(self, status: str) -> None:
@@ -37,6 +38,26 @@ class Notifier:
             self.status(status)
             return
         self._ready = True
+        self._status = status
+        self._send(f"READY=1\nSTATUS={status}")
+
+    def reloading(self) -> None:
+        """RELOADING=1 with the CLOCK_MONOTONIC time in microseconds, which Type=notify-reload
+        needs to match the reload it asked for; nothing before the first READY=1 (a start that
+        is still under way is not a reload)."""
+        if not self._ready:
+            return
+        self._reloading = True
+        self._status = "reloading the configuration"
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={self._status}")
+
+    def reloaded(self, status: str) -> None:
+        """READY=1 again once a reload is over, whether it was taken or refused."""
+        if not self._reloading:
+            self.status(status)
+            return
+        self._reloading = False
         self._status = status
         self._send(f"READY=1\nSTATUS={status}")
 

@@ -1,10 +1,11 @@
 """`dbsync run` as a service: the Replicator plus what systemd and monitoring see of it.
 
-Around the replication loop run the systemd notifications (READY, STATUS, STOPPING; WATCHDOG
-comes from the loop's own ticks), a lag probe about once a second, incident alerts, and the
-optional HTTP listener. They only read the Replicator's state, so none of them can hold
-replication up; a bug in one of them stops the daemon (non-zero exit, systemd restarts it)
-rather than leaving it running blind.
+Around the replication loop run the systemd notifications (READY, STATUS, RELOADING, STOPPING;
+WATCHDOG comes from the loop's own ticks), a lag probe about once a second, incident alerts,
+configuration reloads (dbsync.daemon.reload) and the optional HTTP listener. They only read the
+Replicator's state (a reload swaps its settings), so none of them can hold replication up; a
+bug in one of them stops the daemon (non-zero exit, systemd restarts it) rather than leaving it
+running blind.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dbsync.daemon.alerts import Alerter
 from dbsync.daemon.http import Response, serve
 from dbsync.daemon.lag import Lag, LagProbe
 from dbsync.daemon.metrics import CONTENT_TYPE, Gauges, Metrics
+from dbsync.daemon.reload import Reloader
 from dbsync.daemon.runner import APPLYING, STANDBY, Replicator, holder_name
 from dbsync.daemon.sdnotify import Notifier
 from dbsync.errors import DbsyncError
@@ -33,17 +35,29 @@ LAG_INTERVAL = 1.0
 
 
 class Service:
-    def __init__(self, settings: Settings, *, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stop: asyncio.Event,
+        notifier: Notifier | None = None,
+        reload: asyncio.Event | None = None,
+        reloader: Reloader | None = None,
+    ) -> None:
         settings.require("site_dsn", "agent_dsn")
         assert settings.site_dsn
         self.settings = settings
         self.stop = stop
+        # Set (by SIGHUP) to read the settings again; `reloader` builds them.
+        self.reload = reload or asyncio.Event()
+        self.reloader = reloader
         self.replicator = r = Replicator(settings, stop=stop)
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
         self.probe = LagProbe(settings.site_dsn)
         self.alerter = Alerter(settings.alert_webhook, source=settings.source, daemon=holder_name())
         self.lag: Lag | None = None
+        self._sender: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
         self._crashed: BaseException | None = None
         r.on_report = self.metrics.record
@@ -60,11 +74,13 @@ class Service:
         if self.settings.http:
             routes = {"/metrics": self.metrics_page, "/healthz": self.liveness, "/readyz": self.readiness}
             server = await serve(self.settings.http, routes)
-        helpers = [self._helper(self._monitor(), "lag monitor"), self._helper(self.alerter.run(), "alert sender")]
+        helpers = [self._helper(self._monitor(), "lag monitor"), self._helper(self._reloads(), "config reload")]
+        self._sender = self._helper(self.alerter.run(), "alert sender")
         try:
             await self.replicator.run()
         finally:
             self.notifier.stopping()
+            helpers.append(self._sender)
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -88,6 +104,30 @@ class Service:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(done)
         return task
+
+    # -- reloads ---------------------------------------------------------------------------------
+    async def _reloads(self) -> None:
+        while True:
+            await self.reload.wait()
+            self.reload.clear()
+            self.notifier.reloading()
+            try:
+                plan = self.reloader(self.settings) if self.reloader is not None else None
+                if plan is not None:
+                    self.use_settings(plan.settings)
+            finally:
+                self.notifier.reloaded(self.status_line())
+
+    def use_settings(self, settings: Settings) -> None:
+        """Swap in reloaded settings (only dbsync.daemon.reload.LIVE may differ)."""
+        self.settings = settings
+        self.replicator.use_settings(settings)
+        logging.getLogger().setLevel(settings.log_level.upper())
+        self.alerter.url = settings.alert_webhook
+        if settings.alert_webhook and self._sender is not None and self._sender.done():
+            # It returned at start for want of a URL.
+            self._sender = self._helper(self.alerter.run(), "alert sender")
+        self._poke.set()  # the lag threshold is judged now
 
     # -- the periodic look at the daemon --------------------------------------------------------
     async def _monitor(self) -> None:

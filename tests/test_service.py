@@ -25,7 +25,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from dbsync.embedded.cluster import free_port
-from tests.helpers import Daemon, DbPair, dbsync_cmd, same, wait_until
+from tests.helpers import Daemon, DbPair, count, dbsync_cmd, same, wait_until
 
 SECRET = "s3cret-Pa55word"
 
@@ -274,9 +274,9 @@ def test_notify_ready_status_watchdog_stopping(
             assert standby.terminate() == 0
         standby_sock.wait_for(lambda m: m.get("STOPPING") == "1", timeout=5, what="the standby's STOPPING=1")
 
-        # SIGHUP is not a reload: logged, ignored, and the daemon carries on.
+        # SIGHUP without a config file: nothing to read again; said so, and the daemon carries on.
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "SIGHUP ignored" in log_text(tmp_path / "active.log"), what="the SIGHUP log line")
+        wait_until(lambda: "there is no config file" in log_text(tmp_path / "active.log"), what="the SIGHUP log line")
         insert_leads(pair, "Cem")
         after_hup = len(systemd.messages)
         systemd.wait_for(lambda m: m.get("WATCHDOG") == "1", after=after_hup, what="a ping after SIGHUP")
@@ -320,6 +320,93 @@ def test_watchdog_stops_while_the_loop_hangs(pair: DbPair, notify: Callable[...,
         systemd.wait_for(lambda m: m.get("WATCHDOG") == "1", after=resumed, what="pings after the lock is gone")
         wait_until(lambda: same(pair), what="the stuck page to apply")
         wait_until(lambda: ready(port), what="/readyz 200 again")
+
+
+def test_sighup_reloads_the_config_file(pair: DbPair, notify: Callable[..., NotifySocket], tmp_path: Path) -> None:
+    """SIGHUP: the live settings change in the running process (pages of the new batch size,
+    debug lines), the others are named as needing a restart, systemd sees RELOADING=1 and READY=1,
+    and a broken file is refused in one line while the daemon keeps replicating as before."""
+    systemd = notify("path")
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    conf = tmp_path / "dbsync.toml"
+    conf.write_text("batch_size = 1000\nlag_threshold = 5\n")
+    site = pair.site()
+
+    def pages_for(*names: str) -> float:
+        """Pages the daemon took for these leads, inserted in one transaction."""
+        before = metrics(port)
+        with site.transaction():
+            for name in names:
+                site.execute("INSERT INTO leads (phone_number, name) VALUES (%s, %s)", (f"+1{len(name)}{name}", name))
+        wait_until(lambda: same(pair), what="the new leads to replicate")
+        total = before["dbsync_batch_size_sum"] + len(names)
+        after = wait_until(
+            lambda: scrape_when(port, lambda m: m["dbsync_batch_size_sum"] == total), what="the pages' metrics"
+        )
+        return after["dbsync_batch_size_count"] - before["dbsync_batch_size_count"]
+
+    def reload(text: str, line: str) -> dict[str, str]:
+        """Write the file, SIGHUP, wait for the log line; the RELOADING=1 message."""
+        conf.write_text(text)
+        at = len(systemd.messages)
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: line in log_text(log), what=f"the log line {line!r}")
+        reloading = systemd.wait_for(lambda m: m.get("RELOADING") == "1", after=at, what="RELOADING=1")
+        systemd.wait_for(lambda m: m.get("READY") == "1", after=reloading, what="READY=1 after the reload")
+        return systemd.messages[reloading][1]
+
+    with Daemon(pair, "--config", str(conf), "--http", f"127.0.0.1:{port}", log_path=log) as daemon:
+        systemd.wait_for(lambda m: m.get("READY") == "1", what="READY=1")
+        wait_until(lambda: ready(port), what="/readyz 200")
+        assert pages_for("a1", "a2", "a3", "a4", "a5", "a6") == 1
+        assert "batch opened" not in log_text(log)  # a debug line
+
+        message = reload(
+            'batch_size = 2\nlag_threshold = 5\nlog_level = "debug"\nsource = "other"\n',
+            "configuration reloaded: batch_size=2, log_level=debug",
+        )
+        sent_at = int(message["MONOTONIC_USEC"]) / 1e6
+        assert abs(time.clock_gettime(time.CLOCK_MONOTONIC) - sent_at) < 60
+        assert "configuration reload: source changed but needs a restart" in log_text(log)
+        assert pages_for("b1", "b2", "b3", "b4", "b5", "b6") == 3
+        assert "batch opened: 6 events" in log_text(log)
+
+        reload("batch_size = 0\n", "configuration reload refused, the old settings stay in use: ")
+        refusal = [line for line in log_text(log).splitlines() if "reload refused" in line]
+        assert len(refusal) == 1 and "batch_size must be a positive int, got 0" in refusal[0], refusal
+        assert daemon.proc.poll() is None
+        assert pages_for("c1", "c2", "c3", "c4") == 2  # still the batch size of the last good file
+        assert ready(port)
+        assert daemon.terminate() == 0
+    text = log_text(log)
+    assert "Traceback" not in text and "password" not in text
+
+
+def test_sighup_switches_to_park_and_turns_the_webhook_on(
+    pair: DbPair, webhook: Callable[..., Webhook], tmp_path: Path
+) -> None:
+    """A daemon stuck on a poison event under policy stop, with no webhook: a reload to policy
+    park and a webhook parks the event, replication goes on, and the stall's recovery is POSTed."""
+    hook = webhook()
+    port = free_port()
+    log = tmp_path / "daemon.log"
+    conf = tmp_path / "dbsync.toml"
+    conf.write_text("lag_threshold = 1\n")
+    with Daemon(pair, "--config", str(conf), "--http", f"127.0.0.1:{port}", log_path=log) as daemon:
+        wait_until(lambda: ready(port), what="/readyz 200")
+        poison(pair)
+        wait_until(lambda: "alert stalled: failing for" in log_text(log), what="the stalled alert")
+        conf.write_text(f'lag_threshold = 1\npoison_policy = "park"\nalert_webhook = "{hook.url}"\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: scrape_when(port, lambda m: m["dbsync_parked_events"] == 1), what="the event to be parked")
+        wait_until(lambda: hook.messages("stalled", "resolved"), what="the recovery POSTed to the new webhook")
+        insert_leads(pair, "after")
+        wait_until(lambda: count(pair.agent_dsn, "leads") == 1, what="replication past the parked event")
+        assert daemon.terminate() == 0
+    text = log_text(log)
+    assert "configuration reloaded: poison_policy=park, alert_webhook=http://127.0.0.1:" in text
+    assert SECRET not in text
 
 
 # -- metrics and health --------------------------------------------------------------------------
