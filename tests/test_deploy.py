@@ -92,6 +92,20 @@ def exported_series(text: str) -> set[str]:
     return names
 
 
+# Labels Prometheus attaches to every scraped series (docs/operations.md's scrape configuration).
+TARGET_LABELS = frozenset({"job", "instance", "source"})
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """The labels an expression groups or matches by (`by (...)`, `on (...)`, ...)."""
+    lists = re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^()]*)\)", expr)
+    return {name.strip() for names in lists for name in names.split(",") if name.strip()}
+
+
+def exported_labels(text: str) -> set[str]:
+    return set(re.findall(r'[{,]([A-Za-z_]\w*)="', "\n".join(line for line in text.splitlines() if "{" in line)))
+
+
 def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
     exprs = []
     for panel in dashboard["panels"]:
@@ -180,6 +194,8 @@ def test_metric_names_skip_labels_functions_and_keywords() -> None:
         "x",
     }
     assert metric_names("sum(rate(a:b_total[1m:10s]))") == {"a:b_total"}
+    assert grouping_labels(expr) == {"le", "job", "op", "table", "instance"}
+    assert exported_labels('x{table="t",op="insert"} 1\ny 2\nz{le="+Inf"} 3\n') == {"table", "op", "le"}
 
 
 @pytest.mark.unit
@@ -250,9 +266,16 @@ def test_dashboard_is_importable() -> None:
 
 
 def test_dashboard_queries_only_exported_metrics(scrape: str) -> None:
-    exprs = dashboard_exprs(json.loads(DASHBOARD.read_text()))
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = dashboard_exprs(dashboard)
     assert len(exprs) >= 12
     assert missing_names(exprs, exported_series(scrape)) == {}
+    # The labels it groups by and names in legends exist too.
+    labels = exported_labels(scrape) | TARGET_LABELS
+    assert {"table", "op", "database", "le"} <= labels
+    legends = [t.get("legendFormat", "") for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = set().union(*(grouping_labels(e) for e in exprs), *(re.findall(r"\{\{(\w+)\}\}", f) for f in legends))
+    assert used - labels == set()
 
 
 # -- the alert rules -----------------------------------------------------------------------------
@@ -277,6 +300,7 @@ def test_every_rule_links_to_its_runbook_section() -> None:
 def test_rules_query_only_exported_metrics(scrape: str) -> None:
     exprs = [rule["expr"] for rule in rules_of(RULES)]
     assert missing_names(exprs, exported_series(scrape)) == {}
+    assert set().union(*(grouping_labels(e) for e in exprs)) - (exported_labels(scrape) | TARGET_LABELS) == set()
 
 
 def _promtool() -> str:
