@@ -1,5 +1,5 @@
-"""docs/operations.md's procedures for a Site whose transaction ids start again (a dump restored
-into a new cluster; a failover that lost WAL behaves alike), run as written.
+"""docs/operations.md's procedures for a Site whose transaction ids go back (a dump restored into
+a new cluster; a failover to a standby that lost WAL), run as written.
 
 The progress on the Agent DB is a Site snapshot in xid8 values: a restored cluster hands out
 small xids again, so its new transactions look applied. With the epoch step (`pg_resetwal -e`
@@ -10,6 +10,7 @@ past the stored snapshot, then `dbsync reconcile --deep --repair`) brings the Ag
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from dbsync import migrations
 from dbsync.embedded.cluster import LocalCluster
 from tests.helpers import Daemon, DbPair, Server, dbsync_cmd, same, sync_once, wait_until
 
@@ -136,3 +138,70 @@ def test_restore_without_it_is_recovered_by_the_runbook(
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr
         run(moved.site_dsn, "INSERT INTO conversations (id, phone_number) VALUES (101, '+101')")
         wait_until(lambda: same(moved), what="the Agent DB to match the restored Site")
+
+
+def standby_of(primary: LocalCluster) -> LocalCluster:
+    """A streaming standby of `primary` (pg_basebackup -R), not started."""
+    standby = LocalCluster(primary.bindir, name="standby")
+    standby.datadir.mkdir(mode=0o700)
+    standby.sockdir.mkdir()
+    if os.geteuid() == 0:  # the clusters run as the service user (LocalCluster does the same)
+        for path in (standby.root, standby.datadir, standby.sockdir):
+            os.chown(path, primary.datadir.stat().st_uid, primary.datadir.stat().st_gid)
+    basebackup = str(primary.bindir / "pg_basebackup")
+    standby._run(basebackup, "-D", str(standby.datadir), "-R", "-c", "fast", "-d", primary.dsn())
+    return standby.configure(f"port = {standby.port}\nunix_socket_directories = '{standby.sockdir}'")
+
+
+def caught_up(primary: LocalCluster) -> bool:
+    with psycopg.connect(primary.dsn(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE replay_lsn >= pg_current_wal_lsn()) FROM pg_stat_replication"
+        ).fetchone()
+    return row == (1,)
+
+
+def test_failover_that_lost_wal_is_recovered_by_the_runbook(pair: DbPair, tmp_path: Path) -> None:
+    if pair.site_server.cluster is None:
+        pytest.skip("needs the PostgreSQL binaries (pg_basebackup): not with DBSYNC_TEST_SITE_DSN")
+    primary = LocalCluster(pair.site_server.cluster.bindir, name="primary").init().start()
+    standby: LocalCluster | None = None
+    try:
+        run(primary.dsn(), "CREATE DATABASE crm")
+        old = DbPair(primary.dsn("crm"), pair.agent_dsn, Server(primary.dsn(), primary), pair.agent_server)
+        migrations.apply(old.site_dsn, "site", ["whatsapp"])
+        run(old.site_dsn, "INSERT INTO conversations (id, phone_number) SELECT g, 'x' FROM generate_series(1, 20) g")
+        standby = standby_of(primary).start()
+        wait_until(lambda: caught_up(primary), what="the standby to replay everything")
+        sync_once(old)
+        # The standby stops receiving; the primary commits more, which reaches the Agent DB, then dies.
+        standby.stop()
+        run(old.site_dsn, BURN.format(n=500))
+        run(old.site_dsn, "INSERT INTO conversations (id, phone_number) VALUES (50, 'lost with the primary')")
+        run(old.site_dsn, "UPDATE conversations SET contact_name = 'lost too' WHERE id = 1")
+        sync_once(old)
+        primary.kill()
+        standby.start()
+        standby._run(str(standby.bindir / "pg_ctl"), "-D", str(standby.datadir), "-w", "promote")
+
+        new = DbPair(standby.dsn("crm"), pair.agent_dsn, Server(standby.dsn(), standby), pair.agent_server)
+        stored = one(pair.agent_dsn, STORED_XMAX)
+        assert one(new.site_dsn, SITE_NEXT_XID) < stored  # the counter went back
+        run(new.site_dsn, "UPDATE conversations SET status = 'closed' WHERE id BETWEEN 10 AND 12")
+        sync_once(new)
+        assert one(pair.agent_dsn, "SELECT count(*) FROM conversations WHERE status = 'closed'") == 0  # skipped
+        assert reconcile(new).returncode == 1
+
+        run(new.site_dsn, BURN.format(n=stored - one(new.site_dsn, SITE_NEXT_XID) + 1))
+        with Daemon(new, log_path=tmp_path / "daemon.log"):
+            wait_until(lambda: active_daemon(new), what="the daemon to take the source")
+            repaired = reconcile(new, "--repair")
+            assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+            wait_until(lambda: same(new), what="the Agent DB to match the promoted Site")
+        # What the old primary lost is gone from the Agent DB too; what the new one wrote is there.
+        assert one(pair.agent_dsn, "SELECT count(*) FROM conversations WHERE id = 50") == 0
+        assert one(pair.agent_dsn, "SELECT count(*) FROM conversations WHERE status = 'closed'") == 3
+    finally:
+        for cluster in (standby, primary):
+            if cluster is not None:
+                cluster.destroy()
