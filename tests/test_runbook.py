@@ -32,6 +32,11 @@ UPDATE dbsync.replicated_tables
    SET relid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', schema_name, table_name))
  WHERE removed_at IS NULL
 """
+STALE_OIDS = """
+SELECT count(*) FROM dbsync.replicated_tables
+WHERE removed_at IS NULL
+  AND relid IS DISTINCT FROM pg_catalog.to_regclass(pg_catalog.format('%I.%I', schema_name, table_name))
+"""
 STORED_XMAX = """
 SELECT greatest(pg_snapshot_xmax(prev_snapshot), pg_snapshot_xmax(batch_snapshot))::text::bigint
 FROM dbsync.apply_progress
@@ -81,7 +86,9 @@ def restore(cluster: LocalCluster, dump: bytes, pair: DbPair) -> DbPair:
     dsn = cluster.dsn("crm")
     restored = subprocess.run([str(cluster.bindir / "pg_restore"), "-d", dsn], input=dump, capture_output=True)
     assert restored.returncode == 0, restored.stderr.decode()
+    assert one(dsn, STALE_OIDS) == 3  # a restore gives the tables new OIDs
     run(dsn, NEW_OIDS)
+    assert one(dsn, STALE_OIDS) == 0
     return DbPair(dsn, pair.agent_dsn, Server(cluster.dsn(), cluster), pair.agent_server)
 
 
@@ -205,3 +212,41 @@ def test_failover_that_lost_wal_is_recovered_by_the_runbook(pair: DbPair, tmp_pa
         for cluster in (standby, primary):
             if cluster is not None:
                 cluster.destroy()
+
+
+def test_pg_upgrade_keeps_the_progress(pair: DbPair, tmp_path: Path) -> None:
+    """docs/operations.md: pg_upgrade needs nothing done (the counter, the log and the OIDs stay)."""
+    if pair.site_server.cluster is None:
+        pytest.skip("needs the PostgreSQL binaries (pg_upgrade): not with DBSYNC_TEST_SITE_DSN")
+    bindir = pair.site_server.cluster.bindir
+    old_cluster = LocalCluster(bindir, name="old").init().start()
+    new_cluster = LocalCluster(bindir, name="new").init()
+    try:
+        run(old_cluster.dsn(), "CREATE DATABASE crm")
+        old = DbPair(old_cluster.dsn("crm"), pair.agent_dsn, Server(old_cluster.dsn(), old_cluster), pair.agent_server)
+        migrations.apply(old.site_dsn, "site", ["whatsapp"])
+        run(old.site_dsn, "INSERT INTO conversations (id, phone_number) SELECT g, 'x' FROM generate_series(1, 20) g")
+        sync_once(old)
+        run(old.site_dsn, "UPDATE conversations SET contact_name = 'pending at the upgrade' WHERE id <= 5")
+        old_cluster.stop()
+        # The same major version both sides (the binaries at hand); what pg_upgrade carries over is the same.
+        # The same major version on both sides (the binaries at hand): what it carries over is the same.
+        upgrade = [str(bindir / "pg_upgrade"), "-b", str(bindir), "-B", str(bindir), "-U", "postgres"]
+        upgrade += ["-d", str(old_cluster.datadir), "-D", str(new_cluster.datadir), "-s", str(new_cluster.sockdir)]
+        upgrade += ["-p", str(old_cluster.port), "-P", str(new_cluster.port)]
+        owner = new_cluster.datadir.stat()  # pg_upgrade runs as the clusters' owner, in a folder it may write
+        done = subprocess.run(
+            upgrade, cwd=new_cluster.root, user=owner.st_uid, group=owner.st_gid, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+        new_cluster.start()
+        new = DbPair(new_cluster.dsn("crm"), pair.agent_dsn, Server(new_cluster.dsn(), new_cluster), pair.agent_server)
+        assert one(new.site_dsn, SITE_NEXT_XID) >= one(pair.agent_dsn, STORED_XMAX)
+        assert one(new.site_dsn, STALE_OIDS) == 0
+        run(new.site_dsn, "UPDATE conversations SET status = 'closed' WHERE id BETWEEN 10 AND 12")
+        with Daemon(new, log_path=tmp_path / "daemon.log"):
+            wait_until(lambda: same(new), what="the upgraded Site's changes on the Agent DB")
+    finally:
+        new_cluster.destroy()
+        old_cluster.destroy()
