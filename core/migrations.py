@@ -1,4 +1,4 @@
-"""Apply the SQL migrations in sql/ with yoyo, to the Site DB or the Agent DB."""
+"""Apply the SQL migrations in sql/ with yoyo, to the Site DB or the Agent DB, or roll them back."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from yoyo.connections import parse_uri
 from dbsync.config import describe_dsn
 from dbsync.db import connect, first_line, server_version
 from dbsync.errors import MigrationError
+from dbsync.protocol import LOCK_CLASS
 
 SIDES = ("site", "agent")
 MIN_SERVER_VERSION = 130000
@@ -33,6 +34,23 @@ def migration_dirs(side: str, pack_names: list[str]) -> list[Path]:
             raise MigrationError(f"unknown pack {name!r}; available: {', '.join(packs())}")
         dirs.append(sql_root() / "packs" / name / side)
     return dirs
+
+
+# yoyo's record of what it applied, read without creating it (yoyo's backend would), in the
+# connection's own search_path as yoyo does; and whether any daemon holds a source's lock.
+HAS_RECORD = "SELECT pg_catalog.to_regclass('_yoyo_migration') IS NOT NULL"
+RECORDED_IDS = "SELECT migration_id FROM _yoyo_migration"
+HAS_SCHEMA = "SELECT pg_catalog.to_regnamespace('dbsync') IS NOT NULL"
+DAEMON_RUNNING = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_locks
+    WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid = %(cls)s::int4::oid
+      AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))
+"""
+
+
+def _ids(side: str, pack_names: list[str]) -> set[str]:
+    return {m.id for m in read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))}
 
 
 def _backend(dsn: str) -> PostgresqlPsycopgBackend:
@@ -60,15 +78,26 @@ def check(dsn: str, side: str) -> None:
 
 def apply(dsn: str, side: str, pack_names: list[str]) -> list[str]:
     """Apply what is pending on one side; returns the ids applied."""
-    role = side.capitalize()
     check(dsn, side)
+    return _run(dsn, side, pack_names, rollback=False)
+
+
+def _run(dsn: str, side: str, pack_names: list[str], *, rollback: bool) -> list[str]:
+    """Apply what is pending, or roll back what is applied (newest first), under yoyo's lock."""
     migrations = read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))
     try:
         with _backend(dsn) as backend, backend.lock():
-            todo = backend.to_apply(migrations)
-            backend.apply_migrations(todo)
+            if rollback:
+                todo = backend.to_rollback(migrations)
+                backend.rollback_migrations(todo)
+            else:
+                todo = backend.to_apply(migrations)
+                backend.apply_migrations(todo)
     except psycopg.Error as exc:
-        raise MigrationError(f"migration on the {role} DB ({describe_dsn(dsn)}) failed: {first_line(exc)}") from None
+        what = "rollback" if rollback else "migration"
+        raise MigrationError(
+            f"{what} on the {side.capitalize()} DB ({describe_dsn(dsn)}) failed: {first_line(exc)}"
+        ) from None
     return [m.id for m in todo]
 
 
@@ -76,3 +105,55 @@ def applied(dsn: str, side: str, pack_names: list[str]) -> list[str]:
     migrations = read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))
     with _backend(dsn) as backend:
         return [m.id for m in migrations if backend.is_applied(m)]
+
+
+def _recorded(dsn: str, role: str) -> tuple[set[str], bool, bool]:
+    """The migration ids yoyo recorded, whether the dbsync schema exists, and whether a daemon runs."""
+    with connect(dsn, role, safe=False) as conn:
+        ids: set[str] = set()
+        if conn.execute(HAS_RECORD).fetchone()[0]:  # type: ignore[index]
+            ids = {str(r[0]) for r in conn.execute(RECORDED_IDS)}
+        schema = bool(conn.execute(HAS_SCHEMA).fetchone()[0])  # type: ignore[index]
+        running = bool(conn.execute(DAEMON_RUNNING, {"cls": LOCK_CLASS}).fetchone()[0])  # type: ignore[index]
+    return ids, schema, running
+
+
+def check_rollback(dsn: str, side: str, pack_names: list[str]) -> bool:
+    """Whether there is anything to roll back. Refuses, changing nothing, a rollback of the wrong
+    database: one of the other side's, one with a pack applied that was not named, or an Agent DB
+    a daemon is applying to."""
+    role = side.capitalize()
+    check(dsn, side)
+    where = f"the {role} DB ({describe_dsn(dsn)})"
+    recorded, schema, running = _recorded(dsn, role)
+    other = next(s for s in SIDES if s != side)
+    theirs = recorded & _ids(other, packs())
+    if theirs and not recorded & _ids(side, packs()):
+        raise MigrationError(
+            f"{where} holds dbsync's {other.capitalize()} DB migrations ({', '.join(sorted(theirs))}), "
+            f"not the {role} DB's: is the DSN the wrong one? nothing was rolled back"
+        )
+    if schema and not recorded & _ids(side, []):
+        raise MigrationError(
+            f"{where} has a dbsync schema that `dbsync migrate` did not create (yoyo has no record of it); "
+            "nothing was rolled back"
+        )
+    for name in packs():
+        if name not in pack_names and recorded & _ids(side, [name]) - _ids(side, []):
+            raise MigrationError(
+                f"{where} also has the pack {name!r} applied: add --pack {name} to roll it back too "
+                "(that drops its tables); nothing was rolled back"
+            )
+    if running and side == "agent":
+        raise MigrationError(
+            f"a dbsync daemon is applying to {where}: stop every daemon first; nothing was rolled back"
+        )
+    return bool(recorded & _ids(side, pack_names))
+
+
+def rollback(dsn: str, side: str, pack_names: list[str]) -> list[str]:
+    """Roll back every dbsync migration applied on one side (and the packs named), newest first;
+    returns the ids rolled back."""
+    if not check_rollback(dsn, side, pack_names):
+        return []  # nothing of dbsync's here: do not let yoyo create its tables either
+    return _run(dsn, side, pack_names, rollback=True)

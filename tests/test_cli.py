@@ -175,6 +175,75 @@ def test_migrate_unknown_pack_changes_nothing(bare_pair: DbPair) -> None:
     assert not catalog_has(bare_pair.agent_dsn, "dbsync.apply_progress")
 
 
+def connection_env(pair: DbPair) -> dict[str, str]:
+    return {"DBSYNC_SITE_DSN": pair.site_dsn, "DBSYNC_AGENT_DSN": pair.agent_dsn}
+
+
+def dbsync_objects(dsn: str) -> list[str]:
+    """What dbsync leaves in a database: its schema, capture triggers, yoyo's record of its ids."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        found = [f"schema {r[0]}" for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = 'dbsync'")]
+        found += [f"trigger {r[0]}" for r in conn.execute("SELECT tgname FROM pg_trigger WHERE tgname LIKE 'dbsync%'")]
+        if conn.execute("SELECT to_regclass('_yoyo_migration') IS NOT NULL").fetchone() == (True,):
+            found += [f"recorded {r[0]}" for r in conn.execute("SELECT migration_id FROM _yoyo_migration")]
+        return found
+
+
+def test_migrate_rollback_removes_everything_and_apply_works_again(bare_pair: DbPair) -> None:
+    site, agent = bare_pair.site_dsn, bare_pair.agent_dsn
+    both = ("--site-dsn", site, "--agent-dsn", agent)
+    ok(dbsync("migrate", "--pack", "whatsapp", *both))
+    # An application table of the user's, replicated, with events in the log.
+    with psycopg.connect(site, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.items (id int PRIMARY KEY, label text)")
+        conn.execute("SELECT dbsync.add_table('public.items')")
+        conn.execute("INSERT INTO public.items VALUES (1, 'kept')")
+        conn.execute("INSERT INTO public.conversations (id, phone_number) VALUES (1, '+1')")
+    with psycopg.connect(agent, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.items (id int PRIMARY KEY, label text)")
+    before_site, before_agent = dbsync_objects(site), dbsync_objects(agent)
+
+    # A pack applied but not named, and the two DSNs swapped: refused, nothing changed.
+    assert_one_line_error(dbsync("migrate", "--rollback", *both), "pack 'whatsapp' applied", "--pack whatsapp")
+    swapped = dbsync("migrate", "--rollback", "--pack", "whatsapp", "--site-dsn", agent, "--agent-dsn", site)
+    assert_one_line_error(swapped, "holds dbsync's Agent DB migrations (", "wrong one", "nothing was rolled back")
+    assert (dbsync_objects(site), dbsync_objects(agent)) == (before_site, before_agent)
+
+    out = ok(dbsync("migrate", "--rollback", "--pack", "whatsapp", *both)).stdout.splitlines()
+    # Newest first: the pack (which depends on the core), then the core migrations in reverse.
+    assert applied_ids(out[0].replace("): rolled back ", "): "), "site") == [
+        *shipped("packs", "whatsapp", "site"),
+        *reversed(shipped("site")),
+    ]
+    assert applied_ids(out[1].replace("): rolled back ", "): "), "agent") == [
+        *shipped("packs", "whatsapp", "agent"),
+        *reversed(shipped("agent")),
+    ]
+    assert dbsync_objects(site) == [] and dbsync_objects(agent) == []
+    assert not catalog_has(site, "public.conversations") and not catalog_has(agent, "public.conversations")
+    assert count(site, "public.items") == 1  # the user's own table and rows stay; only capture is gone
+
+    again = ok(dbsync("migrate", "--rollback", *both)).stdout.splitlines()
+    assert [line.split("): ", 1)[1] for line in again] == ["nothing to roll back", "nothing to roll back"]
+
+    # Installed again from scratch: the same objects, less the user's table until it is added again.
+    ok(dbsync("migrate", "--pack", "whatsapp", *both))
+    assert sorted(dbsync_objects(agent)) == sorted(before_agent)
+    ok(dbsync("tables", "add", "public.items", "--site-dsn", site, "--agent-dsn", agent))
+    assert sorted(dbsync_objects(site)) == sorted(before_site)
+
+
+def test_migrate_rollback_refuses_while_a_daemon_applies(pair: DbPair, tmp_path: Path) -> None:
+    with Daemon(pair, log_path=tmp_path / "daemon.log"):
+        wait_until(
+            lambda: json.loads(dbsync("status", "--json", env=connection_env(pair)).stdout).get("active_daemon"),
+            what="the daemon to hold the lock",
+        )
+        proc = dbsync("migrate", "--rollback", "--pack", "whatsapp", "--agent-dsn", pair.agent_dsn)
+        assert_one_line_error(proc, "a dbsync daemon is applying to the Agent DB", "stop every daemon first")
+    assert catalog_has(pair.agent_dsn, "dbsync.apply_progress")
+
+
 def test_migrate_output_never_shows_the_password(bare_pair: DbPair) -> None:
     proc = ok(
         dbsync(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from dbsync.cli.main import COMMANDS, cli
 
@@ -42,9 +43,16 @@ def test_the_group_loads_no_driver_and_no_daemon(args: list[str]) -> None:
 
 
 def test_bare_dbsync_prints_its_usage_not_an_error() -> None:
+    """Bare `dbsync` is the --help text on stdout, exiting as click exits for a group called
+    without a command (2 since click 8.2, which treats it as a usage error; 0 before)."""
     out = subprocess.run([sys.executable, "-m", "dbsync"], capture_output=True, text=True, timeout=60)
+    helped = subprocess.run([sys.executable, "-m", "dbsync", "--help"], capture_output=True, text=True, timeout=60)
     assert "Commands:" in out.stdout
     assert "error:" not in (out.stdout + out.stderr).lower()
+    assert out.stderr == ""
+    assert out.stdout.strip() == helped.stdout.strip()
+    assert out.returncode == CliRunner().invoke(cli, []).exit_code
+    assert out.returncode in (0, 2)
 
 
 def test_a_command_loads_only_what_it_needs() -> None:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from dbsync.embedded.demo import DemoOptions
+from dbsync.embedded.demo_live import behind_text
+from dbsync.embedded.demo_report import DemoResult, TableCheck, format_summary
 from tests.helpers import dbsync_cmd
 
 TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")
@@ -99,6 +102,10 @@ def test_demo_replicates_and_cleans_up(tmpdir_env: tuple[Path, dict[str, str]]) 
         assert re.search(rf"{re.escape(table)}\s+\d+ rows\s+Site and Agent are identical: yes", out), out
     applied = re.search(r"Events applied\s+(\d+)", out)
     assert applied is not None and int(applied.group(1)) > 0, out
+    # The live lines give their units; the summary names the simulated failures and what to try next.
+    assert re.search(r"behind \d+ events?, \d+(?: ms|\.\d s)$", early[-1].rstrip("\n")), early[-1]
+    assert re.search(r"\(\d+ of them simulated WhatsApp delivery failures\)", out), out
+    assert out.rstrip().splitlines()[-2].startswith("Next: `dbsync demo --keep`"), out
     assert "Traceback" not in err
     assert clusters_in(tmp) == []
     assert postgres_processes_in(tmp) == []
@@ -139,3 +146,48 @@ def test_demo_rejects_bad_options(tmpdir_env: tuple[Path, dict[str, str]], args:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"dbsync: error: {message}"), result.stderr
     assert clusters_in(tmp) == []
+
+
+@pytest.mark.unit
+def test_behind_has_units() -> None:
+    assert behind_text(0, 0.0) == "0 events, 0 ms"
+    assert behind_text(1, 0.0034) == "1 event, 3 ms"
+    assert behind_text(250, 2.04) == "250 events, 2.0 s"
+
+
+@pytest.mark.unit
+def test_summary_names_the_simulated_failures_and_what_to_try_next(tmp_path: Path) -> None:
+    result = DemoResult(
+        options=DemoOptions(duration=3),
+        seed=7,
+        counts={"outbound": 40, "inbound": 30, "status": 100, "failed": 5, "crm": 9, "stage_changes": 2},
+        transactions=179,
+        traffic_seconds=3.0,
+        lags_ms=[1.0, 2.0, 5.0],
+        catch_up_seconds=0.1,
+        behind=0,
+        parked=0,
+        checks=[TableCheck("public.leads", 10, 10)],
+    )
+    text = format_summary(result)
+    assert "100 delivery status callbacks (5 of them simulated WhatsApp delivery failures)" in text
+    assert "failed)" not in text
+    assert text.splitlines()[-2:] == [
+        "Next: `dbsync demo --keep` leaves both clusters running, to look at them with `dbsync status`,",
+        "      `dbsync reconcile --deep` or psql; `dbsync demo --help` lists the traffic options.",
+    ]
+
+    class Kept:  # what the summary reads of a kept LocalCluster
+        def __init__(self, name: str) -> None:
+            self.bindir, self.datadir, self.root = tmp_path / "bin", tmp_path / name / "data", tmp_path / name
+
+    site, agent = (
+        "host=127.0.0.1 port=5001 dbname=crm user=postgres",
+        "host=127.0.0.1 port=5002 dbname=crm user=postgres",
+    )
+    result.kept = [(site, Kept("site")), (agent, Kept("agent"))]  # type: ignore[list-item]
+    lines = format_summary(result).splitlines()
+    status, run, psql, _ = lines[lines.index("Next, with the clusters kept:") + 1 :]
+    assert status.startswith(f"  dbsync status --site-dsn '{site}' --agent-dsn '{agent}'    # exits 1")
+    assert run.startswith(f"  dbsync run --site-dsn '{site}' --agent-dsn '{agent}'")
+    assert psql == f"  {tmp_path / 'bin' / 'psql'} '{site}'"

@@ -249,6 +249,24 @@ def test_ci_runs_the_floors_smoke_test() -> None:
     assert os.access(ROOT / "tools" / "smoke-floors", os.X_OK)
 
 
+@pytest.mark.unit
+def test_readme_links_every_doc() -> None:
+    readme = (ROOT / "README.md").read_text()
+    docs = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert len(docs) >= 5
+    for name in docs:
+        assert f"](docs/{name})" in readme, f"README.md does not link docs/{name}"
+    assert "](CHANGELOG.md)" in readme and (ROOT / "CHANGELOG.md").exists()
+
+
+@pytest.mark.unit
+def test_readme_and_design_draw_the_architecture() -> None:
+    for path in (ROOT / "README.md", ROOT / "docs" / "design.md"):
+        block = path.read_text().split("```mermaid\n", 1)[1].split("```", 1)[0]
+        for part in ("Site DB", "sync_log", "active", "standby", "Agent DB", "doorbell", "lock"):
+            assert part in block, f"{path.name}'s diagram lacks {part}"
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     """README promises one line that installs and runs the suite; .ci/run must run that line."""
     readme = (ROOT / "README.md").read_text()

@@ -99,9 +99,10 @@ class Ticker:
 
     async def show(self, now: float) -> None:
         try:
-            behind = str((await self.probe.status()).events_behind)
+            status = await self.probe.status()
+            behind = behind_text(status.events_behind, status.seconds_behind)
         except LiveError:
-            behind = "?"
+            behind = "? (the status query failed)"
         span = max(now - self.last_t, 1e-6)
         tx, events, window = self.crm.transactions, len(self.meter.lags_ms), sorted(self.meter.take_window())
         p50, p99 = (f"{percentile(window, q):6.1f}" if window else "     -" for q in (0.50, 0.99))
@@ -120,6 +121,12 @@ class Ticker:
             self.out.write("\n")
             self.out.flush()
             self.dirty = False
+
+
+def behind_text(events: int, seconds: float) -> str:
+    """How far the Agent DB is behind, with units: events not applied, and the age of the oldest."""
+    age = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+    return f"{events} event{'' if events == 1 else 's'}, {age}"
 
 
 @dataclass

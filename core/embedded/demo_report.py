@@ -98,7 +98,8 @@ def format_summary(r: DemoResult) -> str:
     seconds = max(r.traffic_seconds, 1e-9)
     kinds = (
         f"{c.get('outbound', 0)} outbound, {c.get('inbound', 0)} inbound, "
-        f"{c.get('status', 0)} status callbacks ({c.get('failed', 0)} failed), "
+        f"{c.get('status', 0)} delivery status callbacks "
+        f"({c.get('failed', 0)} of them simulated WhatsApp delivery failures), "
         f"{c.get('crm', 0)} agent actions ({c.get('stage_changes', 0)} lead stage changes)"
     )
     lines = [
@@ -126,10 +127,29 @@ def format_summary(r: DemoResult) -> str:
         )
         lines.append(f"  {check.table:<{width}}  {check.site_rows:>7} rows  Site and Agent are identical: {verdict}")
     lines.extend(_kept(r.kept))
+    lines.extend(_next(r.kept))
     return "\n".join(lines)
 
 
 _QUANTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+
+
+def _next(kept: list[tuple[str, LocalCluster]]) -> list[str]:
+    """What to try next: with the clusters kept, commands for them; otherwise how to keep them."""
+    if not kept:
+        return [
+            "Next: `dbsync demo --keep` leaves both clusters running, to look at them with `dbsync status`,",
+            "      `dbsync reconcile --deep` or psql; `dbsync demo --help` lists the traffic options.",
+        ]
+    (site, cluster), (agent, _) = kept
+    dsns = f"--site-dsn '{site}' --agent-dsn '{agent}'"
+    return [
+        "Next, with the clusters kept:",
+        f"  dbsync status {dsns}    # exits 1, 'no active daemon', until a dbsync run applies",
+        f"  dbsync run {dsns}    # applies what you change on the Site DB:",
+        f"  {cluster.bindir / 'psql'} '{site}'",
+        f"  dbsync reconcile --deep {dsns}",
+    ]
 
 
 def _kept(kept: list[tuple[str, LocalCluster]]) -> list[str]:
