@@ -343,7 +343,65 @@ def run(
     return out
 
 
+# -- the docs' table ------------------------------------------------------------------------------
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render(result: dict[str, Any] | str) -> str:
+    """The medians of one run's londiste section as markdown (docs/benchmarks.md quotes it)."""
+    if isinstance(result, str):
+        return f"Not measured in this run ({result}).\n"
+    wc, bulk, cu = result["writecost"], result["bulk"], result["catchup"]
+    key = str(wc["clients"])
+    lines = [
+        f"{result['versions']['postgres']}; {result['versions']['londiste']}, {result['versions']['pgqd']}.",
+        "",
+        f"| Site DB | WhatsApp txn, {wc['clients']} clients (tps, ratio) | server CPU per txn "
+        f"| {bulk['rows']:,}-row INSERT | UPDATE of status | DELETE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("none", "dbsync", "londiste"):
+        cell = wc["summary"][name][key]
+        ops = bulk["ratio_median"][name]
+        secs = bulk["seconds_median"][name]
+        lines.append(
+            f"| {LABELS[name]} | {cell['tps_median']:,.0f} ({_x(cell['ratio_median'])}) "
+            f"| {cell['server_cpu_us_per_tx_median'] or 0:,.0f} us "
+            + " ".join(f"| {_x(ops[op])} ({secs[op]:.2f} s)" for op in ("insert", "update", "delete"))
+            + " |"
+        )
+    lines += [
+        "",
+        f"Catch-up of the bulk-statement backlog ({cu['events']:,} row changes: {cu['backlog_rows']:,} messages "
+        "inserted in 10k-row statements, one UPDATE of half of them, one DELETE of a tenth), "
+        f"{cu['reps']} reps:",
+        "",
+        "| Consumer | drain time | events/s | ratio to native (median of per-rep) | backlog write time on the Site |",
+        "|---|---|---|---|---|",
+    ]
+    for side, label in zip(SIDES, ("native", "dbsync-daemon", "londiste-worker"), strict=True):
+        lines.append(
+            f"| {LABELS[label]} | {cu['drain_s_median'][side]:.1f} s | {cu['events_per_s_median'][side]:,.0f} "
+            f"| {_x(cu['ratio_to_native_median'][side])} | {cu['write_s_median'][side]:.1f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def backlog_rows(events: int) -> int:
     """Messages of a bulk backlog of about `events` row changes: each message is inserted, half are
     updated and a tenth deleted (1.6 changes per message), plus the 2,000-row seed."""
     return max(10_000, (events - 2000) * 10 // 16)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bench.londiste bench/results/<run>.json")
+    try:
+        section = json.loads(Path(sys.argv[1]).read_text())["londiste"]
+    except (OSError, ValueError, KeyError) as exc:
+        sys.exit(f"{sys.argv[1]}: no londiste results ({type(exc).__name__}: {exc})")
+    print(render(section), end="")
