@@ -65,57 +65,37 @@ def _agent_row_writes(agent_dsn: str) -> int:
 
 
 def write_backlog(dsn: str, events: int, big_every: int, timeout: float) -> tuple[int, float]:
-    """Returns (row changes written, seconds). Durability is irrelevant to the backlog itself."""
+    """Returns (row changes written, seconds)."""
+    return call_backlog(dsn, "CALL bench.backlog(%s, %s, NULL)", (events, big_every), timeout)
+
+
+def call_backlog(dsn: str, call: str, params: tuple[int, ...], timeout: float) -> tuple[int, float]:
+    """CALL a backlog procedure of bench/sql/site.sql (its INOUT is the row changes it wrote);
+    returns (row changes, seconds). Durability is irrelevant to the backlog itself."""
     with connect(dsn) as conn:
         conn.execute("SET synchronous_commit = off")
         conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout * 1000))))
         started = time.monotonic()
-        row = conn.execute("CALL bench.backlog(%s, %s, NULL)", (events, big_every)).fetchone()
+        row = conn.execute(call, params).fetchone()
         elapsed = time.monotonic() - started
         conn.execute("VACUUM (ANALYZE)")
     assert row is not None
     return int(row[0]), elapsed
 
 
-BULK_CHUNK = 10_000
-BULK_INSERT = """
-INSERT INTO public.whatsapp_messages (id, message_id, phone_number, direction, content)
-SELECT g, 'wamid.bulk.' || g, bench.phone(1 + g % 1000), 'inbound', bench.text_for(g)
-FROM pg_catalog.generate_series(%(lo)s::bigint, %(hi)s::bigint) g
-"""
-BULK_UPDATE = "UPDATE public.whatsapp_messages SET status = 'delivered', delivered_at = now() WHERE id % 2 = 0"
-BULK_DELETE = "DELETE FROM public.whatsapp_messages WHERE id % 10 = 1"
-BULK_SENTINEL = """
-INSERT INTO public.whatsapp_messages (id, message_id, conversation_id, phone_number, direction, content)
-VALUES (0, 'bench-sentinel', 1, bench.phone(1), 'outbound', 'end of backlog')
-"""
-
-
 def write_bulk_backlog(dsn: str, events: int, timeout: float) -> tuple[int, float]:
-    """The bulk-statement backlog of about `events` row changes: inserts of N rows in statements
-    of 10,000, an UPDATE of N/2, a DELETE of N/10 (1.6 N in all), then the sentinel.
-    Returns (row changes written, seconds)."""
-    rows = max(BULK_CHUNK, round(events / 1.6 / BULK_CHUNK) * BULK_CHUNK)
-    with connect(dsn) as conn:
-        conn.execute("SET synchronous_commit = off")
-        conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout * 1000))))
-        started = time.monotonic()
-        written = 0
-        for lo in range(1, rows + 1, BULK_CHUNK):
-            written += conn.execute(BULK_INSERT, {"lo": lo, "hi": lo + BULK_CHUNK - 1}).rowcount
-        written += conn.execute(BULK_UPDATE).rowcount
-        written += conn.execute(BULK_DELETE).rowcount
-        written += conn.execute(BULK_SENTINEL).rowcount
-        elapsed = time.monotonic() - started
-        conn.execute("VACUUM (ANALYZE)")
-    return written, elapsed
+    """The bulk-statement backlog of about `events` row changes (bench.bulk_backlog: N messages
+    inserted in statements of 10,000, an UPDATE of N/2, a DELETE of N/10, 1.6 N in all, after
+    the seed), then the sentinel. Returns (row changes written, seconds)."""
+    rows = max(10_000, round(events / 1.6 / 10_000) * 10_000)
+    return call_backlog(dsn, "CALL bench.bulk_backlog(%s, NULL)", (rows,), timeout)
 
 
-def _sentinel_seen(agent: psycopg.Connection) -> bool:
+def sentinel_seen(agent: psycopg.Connection) -> bool:
     return bool(agent.execute(SENTINEL).fetchone()[0])  # type: ignore[index]
 
 
-def _verify(site_dsn: str, agent_dsn: str, side: str) -> None:
+def verify(site_dsn: str, agent_dsn: str, side: str) -> None:
     site, agent = table_digest(site_dsn), table_digest(agent_dsn)
     if site != agent:
         diff = {t: (site[t], agent[t]) for t in TABLES if site[t] != agent[t]}
@@ -170,7 +150,7 @@ def drain_native(agent_dsn: str, timeout: float) -> float:
     with connect(agent_dsn) as agent:
         started = time.monotonic()
         agent.execute("ALTER SUBSCRIPTION bench_sub ENABLE")
-        wait_for(lambda: _sentinel_seen(agent), timeout, "native logical replication to catch up")
+        wait_for(lambda: sentinel_seen(agent), timeout, "native logical replication to catch up")
         elapsed = time.monotonic() - started
         agent.execute("ALTER SUBSCRIPTION bench_sub DISABLE")
     return elapsed
@@ -214,7 +194,7 @@ def run_daemon_once(
                     maxrss = usage.ru_maxrss
                     break
                 hwm = _vm_hwm_kb(proc.pid) or hwm
-                if agent_poll is not None and seen is None and _sentinel_seen(agent_poll):
+                if agent_poll is not None and seen is None and sentinel_seen(agent_poll):
                     seen = time.monotonic() - started
                 if time.monotonic() > deadline:
                     raise BenchError(f"dbsync run --once did not finish within {timeout:.0f}s")
@@ -227,7 +207,7 @@ def run_daemon_once(
     if proc.returncode != 0:
         tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
         raise BenchError(f"dbsync run --once exited with {proc.returncode}: {tail}")
-    if agent_poll is not None and seen is None and _sentinel_seen(agent_poll):
+    if agent_poll is not None and seen is None and sentinel_seen(agent_poll):
         seen = wall
     return {"wall_s": wall, "sentinel_s": seen, "vm_hwm_kb": hwm, "ru_maxrss_kb": maxrss}
 
@@ -285,7 +265,7 @@ def _one(
                 out["idle_ru_maxrss_kb"] = idle["ru_maxrss_kb"]
         out["events_per_s"] = written / out["drain_s"]
         out["agent_row_writes"] = _agent_row_writes(agent_dsn)
-        _verify(site_dsn, agent_dsn, side)
+        verify(site_dsn, agent_dsn, side)
         log(
             f"  catch-up {workload} rep {rep + 1} {side:<6}: drained in {out['drain_s']:.1f}s "
             f"= {out['events_per_s']:,.0f} events/s"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +60,18 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Ask a helper process (started with start_new_session) to stop; kill its group if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 @dataclass
@@ -119,8 +132,11 @@ class World:
     mode: str  # "durable" or "fast"
 
 
-def _start(name: str, mode: str) -> LocalCluster:
-    cluster = LocalCluster(name=name).init()
+def _start(name: str, mode: str, bindir: Path | None, port: int | None) -> LocalCluster:
+    cluster = LocalCluster(bindir, name=name)
+    if port is not None:
+        cluster.port = port  # before init(), which writes it into postgresql.conf
+    cluster.init()
     conf = cluster.datadir / "postgresql.conf"
     with conf.open("a") as fh:
         fh.write(f"\n# dbsync benchmark ({mode})\n")
@@ -135,12 +151,16 @@ def _start(name: str, mode: str) -> LocalCluster:
 
 
 @contextmanager
-def world(mode: str) -> Iterator[World]:
-    """Two clusters (Site, Agent) with the benchmark templates; destroyed however we leave."""
+def world(mode: str, bindir: Path | None = None, ports: tuple[int, int] | None = None) -> Iterator[World]:
+    """Two clusters (Site, Agent) with the benchmark templates; destroyed however we leave.
+
+    `bindir` picks another PostgreSQL installation than the embedded wheel's (the Londiste
+    comparison runs on Debian's PostgreSQL 15); `ports` fixes the two ports instead of free ones."""
     clusters: list[LocalCluster] = []
+    site_port, agent_port = ports if ports is not None else (None, None)
     try:
-        clusters.append(_start("bench-site", mode))
-        clusters.append(_start("bench-agent", mode))
+        clusters.append(_start("bench-site", mode, bindir, site_port))
+        clusters.append(_start("bench-agent", mode, bindir, agent_port))
         w = World(Server(clusters[0]), Server(clusters[1]), mode)
         _templates(w)
         yield w

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.catchup import setup_dbsync, setup_native, teardown_native
-from bench.env import REPO, BenchError, World, connect, wait_for
+from bench.env import REPO, BenchError, World, connect, stop_process, wait_for
 from bench.stats import median, percentile
 from dbsync.daemon.pg import connect_kwargs
 
@@ -203,13 +203,7 @@ class Consumer:
             with connect(self.agent_dsn) as conn:
                 conn.execute("ALTER SUBSCRIPTION bench_sub DISABLE")
         elif self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=10)
+            stop_process(self.proc, signal.SIGTERM)
             self.proc = None
 
 

@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import catchup, code, designs, latency, report, triggercpu, writecost
+from bench import catchup, code, designs, latency, londiste, report, triggercpu, writecost
 from bench.env import BENCH_DIR, DURABLE, FAST, World, machine_facts, world
 
-SECTIONS = ("writecost", "triggercpu", "designs", "profile", "latency", "catchup", "catchup-bulk")
+SECTIONS = ("writecost", "triggercpu", "designs", "profile", "latency", "catchup", "catchup-bulk", "londiste")
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="100k-event backlog and short runs (~15 min)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every comparison (default 3)")
-    p.add_argument("--events", type=int, help="catch-up backlog size (default 1M, --quick 100k)")
+    p.add_argument(
+        "--events", type=int, help="catch-up backlog size in row changes, also londiste's (default 1M, --quick 100k)"
+    )
     p.add_argument("--seconds", type=int, help="pgbench seconds per run (default 15, --quick 5)")
     p.add_argument("--latency-seconds", type=float, help="latency seconds per rep (default 30, --quick 10)")
     p.add_argument("--rate", type=float, default=1000.0, help="latency: row changes/s (default 1000)")
     p.add_argument("--writers", type=int, default=8, help="latency: writer connections (default 8)")
-    p.add_argument("--bulk-rows", type=int, default=200_000, help="designs: rows per bulk statement (default 200k)")
+    p.add_argument(
+        "--bulk-rows", type=int, default=200_000, help="designs, londiste: rows per bulk statement (default 200k)"
+    )
     p.add_argument("--big-every", type=int, default=1000, help="catch-up: every Nth message has a 100 kB body")
     p.add_argument(
         "--loop-transactions", type=int, default=3000, help="triggercpu: transactions per timed loop (default 3000)"
@@ -128,6 +132,19 @@ def _writecost(w: World, args: argparse.Namespace, seconds: int, workdir: Path, 
             res["profile"][other] = _profile_entry(fruns, writecost.summarize(fruns), seconds, args.reps)
 
 
+def _londiste(args: argparse.Namespace, seconds: int, events: int, workdir: Path, res: dict[str, Any]) -> None:
+    """On its own PostgreSQL 15 pair (Debian's binaries), or a note where Londiste is not installed."""
+    reason = londiste.missing()
+    if reason:
+        log(f"londiste: skipped: {reason}")
+        res["londiste"] = f"skipped: {reason}"
+        return
+    with world(args.mode, londiste.PG15_BINDIR, londiste.PORTS) as w:
+        res["londiste"] = londiste.run(
+            w, args.reps, seconds, args.bulk_rows, londiste.backlog_rows(events), workdir, log
+        )
+
+
 def _profile_entry(runs: list[dict[str, Any]], summary: dict[str, Any], seconds: int, reps: int) -> dict[str, Any]:
     order = ["none", "dbsync", "dbsync-live", *(v.name for v in writecost.PROFILE), "naive"]
     key = str(PROFILE_CLIENTS)
@@ -191,44 +208,49 @@ def main(argv: list[str] | None = None) -> int:
     log(f"results: {out_path}; logs: {workdir}")
     interrupted = False
     try:
-        with world(args.mode) as w:
-            res["meta"]["postgres_version"] = w.site.version().split(" on ")[0]
-            if {"writecost", "profile"} & set(args.only):
-                section("writecost", lambda: _writecost(w, args, seconds, workdir, res))
-            if "triggercpu" in args.only:
-                section(
-                    "triggercpu",
-                    lambda: res.__setitem__(
-                        "triggercpu", triggercpu.run(w, args.loop_transactions, 2 * args.reps + 1, log)
-                    ),
-                )
-            if "designs" in args.only:
-                section(
-                    "designs",
-                    lambda: res.__setitem__(
-                        "designs", designs.run(w, args.loop_transactions, args.bulk_rows, 2 * args.reps + 1, log)
-                    ),
-                )
-            if "latency" in args.only:
-                section(
-                    "latency",
-                    lambda: res.__setitem__(
+        if set(args.only) - {"londiste"}:
+            with world(args.mode) as w:
+                res["meta"]["postgres_version"] = w.site.version().split(" on ")[0]
+                if {"writecost", "profile"} & set(args.only):
+                    section("writecost", lambda: _writecost(w, args, seconds, workdir, res))
+                if "triggercpu" in args.only:
+                    section(
+                        "triggercpu",
+                        lambda: res.__setitem__(
+                            "triggercpu", triggercpu.run(w, args.loop_transactions, 2 * args.reps + 1, log)
+                        ),
+                    )
+                if "designs" in args.only:
+                    section(
+                        "designs",
+                        lambda: res.__setitem__(
+                            "designs", designs.run(w, args.loop_transactions, args.bulk_rows, 2 * args.reps + 1, log)
+                        ),
+                    )
+                if "latency" in args.only:
+                    section(
                         "latency",
-                        latency.run(w, args.rate, lat_s, prof.warmup_s, args.reps, args.writers, workdir, log),
-                    ),
-                )
-            if "catchup" in args.only:
-                section(
-                    "catchup",
-                    lambda: res.__setitem__("catchup", catchup.run(w, events, args.big_every, args.reps, workdir, log)),
-                )
-            if "catchup-bulk" in args.only:
-                section(
-                    "catchup-bulk",
-                    lambda: res.__setitem__(
-                        "catchup_bulk", catchup.run(w, events, args.big_every, args.reps, workdir, log, "bulk")
-                    ),
-                )
+                        lambda: res.__setitem__(
+                            "latency",
+                            latency.run(w, args.rate, lat_s, prof.warmup_s, args.reps, args.writers, workdir, log),
+                        ),
+                    )
+                if "catchup" in args.only:
+                    section(
+                        "catchup",
+                        lambda: res.__setitem__(
+                            "catchup", catchup.run(w, events, args.big_every, args.reps, workdir, log)
+                        ),
+                    )
+                if "catchup-bulk" in args.only:
+                    section(
+                        "catchup-bulk",
+                        lambda: res.__setitem__(
+                            "catchup_bulk", catchup.run(w, events, args.big_every, args.reps, workdir, log, "bulk")
+                        ),
+                    )
+        if "londiste" in args.only:
+            section("londiste", lambda: _londiste(args, seconds, events, workdir, res))
     finally:
         res["meta"]["duration_s"] = round(time.monotonic() - started, 1)
         res["meta"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]

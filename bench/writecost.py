@@ -37,7 +37,6 @@ from bench.env import (
 )
 from bench.latency import Consumer
 from bench.stats import median
-from dbsync.embedded.cluster import default_bindir
 
 SCRIPT = BENCH_DIR / "sql" / "pgbench_whatsapp.sql"
 TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
@@ -193,7 +192,7 @@ PROFILE = (
 )
 
 
-def _template_name(variant: Variant) -> str:
+def template_name(variant: Variant) -> str:
     return "bench_pgb_" + variant.name.replace("-", "_")
 
 
@@ -202,7 +201,7 @@ def prepare(site: Server, variants: tuple[Variant, ...]) -> tuple[list[Variant],
     usable: list[Variant] = []
     skipped: dict[str, str] = {}
     for variant in variants:
-        dsn = site.create_db(_template_name(variant), SITE_TEMPLATE)
+        dsn = site.create_db(template_name(variant), SITE_TEMPLATE)
         try:
             with connect(dsn) as conn:
                 if variant.setup is not None:
@@ -213,7 +212,7 @@ def prepare(site: Server, variants: tuple[Variant, ...]) -> tuple[list[Variant],
             if variant in MAIN:
                 raise
             skipped[variant.name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            site.drop_db(_template_name(variant))
+            site.drop_db(template_name(variant))
             continue
         usable.append(variant)
     return usable, skipped
@@ -259,7 +258,7 @@ def pgbench(site: Server, dbname: str, clients: int, seconds: int) -> dict[str, 
     syncs_before = _wal_fsyncs(site)
     cpu_before = _server_cpu_s(site)
     cmd = [
-        str(default_bindir() / "pgbench"),
+        str(site.cluster.bindir / "pgbench"),  # the cluster's own pgbench
         "-h",
         "127.0.0.1",
         "-p",
@@ -316,7 +315,7 @@ def _messages(dsn: str) -> int:
 
 def _one_run(w: World, variant: Variant, clients: int, seconds: int, workdir: Path) -> dict[str, Any]:
     db, agent_db = "bench_pgb_run", "bench_pgb_agent"
-    site_dsn = w.site.create_db(db, _template_name(variant))
+    site_dsn = w.site.create_db(db, template_name(variant))
     consumer: Consumer | None = None
     try:
         if variant.live_daemon:

@@ -46,6 +46,13 @@ BEGIN
 END
 $$;
 
+-- The last row of a backlog: a consumer has caught up once this message is on the Agent.
+CREATE PROCEDURE bench.sentinel(p_id bigint)
+LANGUAGE sql AS $$
+    INSERT INTO public.whatsapp_messages (id, message_id, conversation_id, phone_number, direction, content)
+    VALUES (p_id, 'bench-sentinel', 1, bench.phone(1), 'outbound', 'end of backlog')
+$$;
+
 -- The WhatsApp backlog: one small transaction per user-visible action, as the web app and
 -- its webhooks write them. Per message m:
 --   insert m + bump its conversation; every big_every-th message carries a 100 kB body, and so
@@ -108,8 +115,43 @@ BEGIN
             events := events + 1;
         END IF;
     END LOOP;
-    INSERT INTO public.whatsapp_messages (id, message_id, conversation_id, phone_number, direction, content)
-    VALUES (m + 1, 'bench-sentinel', 1, bench.phone(1), 'outbound', 'end of backlog');
+    CALL bench.sentinel(m + 1);
+    COMMIT;
+    events := events + 1;
+END
+$$;
+
+-- The bulk-statement backlog (issue 10): the seed, then p_rows messages inserted in statements
+-- of 10,000 rows, one UPDATE of the status of half of them, one DELETE of a tenth, and the
+-- sentinel; each statement its own transaction. Deterministic, like bench.backlog.
+CREATE PROCEDURE bench.bulk_backlog(p_rows integer, INOUT events bigint DEFAULT 0)
+LANGUAGE plpgsql AS $$
+DECLARE
+    seeded bigint;
+    done   integer := 0;
+    n      integer;
+BEGIN
+    CALL bench.seed(1000, seeded);
+    events := seeded;
+    WHILE done < p_rows LOOP
+        n := least(10000, p_rows - done);
+        INSERT INTO public.whatsapp_messages (id, message_id, conversation_id, phone_number, direction, content)
+        SELECT g, 'wamid.bulk.' || g, 1 + g % 1000, bench.phone(1 + g % 1000), 'inbound', bench.text_for(g)
+          FROM generate_series(done + 1, done + n) g;
+        COMMIT;
+        done := done + n;
+        events := events + n;
+    END LOOP;
+    UPDATE public.whatsapp_messages SET status = 'delivered', delivered_at = now(), updated_at = now()
+     WHERE id % 2 = 0;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    COMMIT;
+    events := events + n;
+    DELETE FROM public.whatsapp_messages WHERE id % 10 = 5;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    COMMIT;
+    events := events + n;
+    CALL bench.sentinel(p_rows + 1);
     COMMIT;
     events := events + 1;
 END
