@@ -53,12 +53,20 @@ def _ids(side: str, pack_names: list[str]) -> set[str]:
     return {m.id for m in read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))}
 
 
-def _backend(dsn: str) -> PostgresqlPsycopgBackend:
-    """A yoyo backend on our own connection, so any libpq DSN works (yoyo wants URLs)."""
+def _backend(dsn: str, *, uninstall: bool = False) -> PostgresqlPsycopgBackend:
+    """A yoyo backend on our own connection, so any libpq DSN works (yoyo wants URLs).
+
+    `uninstall`: every migration is to be rolled back, the sync log with them, so a rollback that
+    would refuse to strand waiting events (0006_site_key_capture) need not: the session says so
+    with `dbsync.uninstall = on`."""
 
     class Backend(PostgresqlPsycopgBackend):  # type: ignore[misc]  # yoyo has no type hints
         def connect(self, dburi: object) -> psycopg.Connection:
-            return connect(dsn, "target", safe=False)
+            conn = connect(dsn, "target", safe=False)
+            if uninstall:
+                conn.execute("SET dbsync.uninstall = on")
+                conn.commit()
+            return conn
 
     backend = Backend(parse_uri("postgresql+psycopg://"), "_yoyo_migration")
     backend.init_database()
@@ -86,7 +94,7 @@ def _run(dsn: str, side: str, pack_names: list[str], *, rollback: bool) -> list[
     """Apply what is pending, or roll back what is applied (newest first), under yoyo's lock."""
     migrations = read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))
     try:
-        with _backend(dsn) as backend, backend.lock():
+        with _backend(dsn, uninstall=rollback) as backend, backend.lock():
             if rollback:
                 todo = backend.to_rollback(migrations)
                 backend.rollback_migrations(todo)

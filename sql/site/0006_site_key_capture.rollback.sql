@@ -1,9 +1,11 @@
 -- Back to 0005: the row-image trigger on every registered table. Refused while the log holds
 -- key-only events (an insert or update without a row image): the daemon of 0005 would apply them
 -- as nothing. Drain the log first (stop the writers, let the daemon catch up), then roll back.
+-- Not refused when dbsync is being uninstalled (`dbsync migrate --rollback` sets dbsync.uninstall):
+-- the log goes too.
 DO $do$
 BEGIN
-    IF EXISTS (SELECT 1 FROM dbsync.sync_log l WHERE l.op IN ('I', 'U') AND l.row_image IS NULL) THEN
+    IF pg_catalog.current_setting('dbsync.uninstall', true) IS DISTINCT FROM 'on' AND EXISTS (SELECT 1 FROM dbsync.sync_log l WHERE l.op IN ('I', 'U') AND l.row_image IS NULL) THEN
         RAISE EXCEPTION 'dbsync: the sync log holds key-only events that the previous daemon cannot apply; '
             'let the daemon drain the log (with writers stopped) before rolling back 0006_site_key_capture'
             USING ERRCODE = 'object_in_use';
