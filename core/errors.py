@@ -29,6 +29,11 @@ class ApplyError(DbsyncError):
     """The Agent DB rejected a batch."""
 
 
+class ProgressError(ApplyError):
+    """The Site DB's transaction ids are behind the progress the Agent DB stores: new changes
+    would look applied (a restore from a dump, a failover that lost transactions)."""
+
+
 class MigrationError(DbsyncError):
     """A migration could not be applied."""
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import asyncpg
 
+from dbsync.errors import ProgressError
 from dbsync.protocol import INITIAL_SNAPSHOT, committed_between
 
 PREV = "$1::text::pg_snapshot"
@@ -38,7 +39,9 @@ PREV = "$1::text::pg_snapshot"
 # started after `prev` and of those that were running at `prev`.
 OPEN_BATCH = f"""
 WITH s AS (SELECT pg_catalog.pg_current_snapshot() AS snap)
-SELECT s.snap::text AS snap, b.lo, b.hi, b.events
+SELECT s.snap::text AS snap, b.lo, b.hi, b.events,
+       pg_catalog.pg_snapshot_xmax(s.snap)::text AS next_xid,
+       pg_catalog.pg_snapshot_xmax($2::text::pg_snapshot)::text AS applied_xmax
 FROM s CROSS JOIN LATERAL (
     SELECT min(l.seq) AS lo, max(l.seq) AS hi, count(*) AS events
     FROM dbsync.sync_log l
@@ -107,16 +110,28 @@ class Page:
     more: bool
 
 
-async def open_batch(site: asyncpg.Connection, progress: ApplyProgress) -> tuple[ApplyProgress, int, str]:
+async def open_batch(
+    site: asyncpg.Connection, progress: ApplyProgress, applied: str | None = None
+) -> tuple[ApplyProgress, int, str]:
     """Take a new snapshot; returns the progress with the batch opened, its event count, and
-    the snapshot itself. Run first in the batch's REPEATABLE READ transaction, whose snapshot it
+    the snapshot itself. Refuses (ProgressError) when the Site's next transaction id is below the
+    xmax of `applied` (the newest snapshot the Agent DB has applied in, `prev` by default): every
+    new transaction would then look applied. Run first in the batch's REPEATABLE READ transaction, whose snapshot it
     then is: the pages are read, rows included, at that snapshot.
 
     When nothing new is visible the progress comes back unchanged (with no batch): there is
     nothing to record, and `prev` still describes exactly what has been applied.
     """
-    row = await site.fetchrow(OPEN_BATCH, progress.prev_snapshot)
+    row = await site.fetchrow(OPEN_BATCH, progress.prev_snapshot, applied or progress.prev_snapshot)
     assert row is not None
+    if int(row["next_xid"]) < int(row["applied_xmax"]):
+        raise ProgressError(
+            f"the Site DB's transaction ids went back below what the Agent DB has applied (next xid "
+            f"{row['next_xid']}, applied up to {row['applied_xmax']}): it was restored from a dump or failed "
+            "over to a standby that lost transactions, and new changes would look applied; nothing is applied "
+            "until its counter passes the applied one (docs/operations.md, \"Recover after a failover, or a "
+            "restore without the epoch step\")"
+        )
     if row["lo"] is None:
         return progress, 0, row["snap"]
     opened = replace(progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1)

@@ -328,7 +328,8 @@ class Replicator:
             self.stats.looks += 1
             self._batch_tx = self.reader.transaction(isolation="repeatable_read", readonly=True)
             await self._batch_tx.start()
-            progress, count, self._last_snapshot = await open_batch(self.reader, progress)
+            stored = self._persisted.batch_snapshot or self._persisted.prev_snapshot
+            progress, count, self._last_snapshot = await open_batch(self.reader, progress, stored)
             if not progress.in_batch:
                 await self._end_batch()
                 if self._persisted.in_batch:

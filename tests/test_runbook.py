@@ -20,6 +20,7 @@ import pytest
 
 from dbsync import migrations
 from dbsync.embedded.cluster import LocalCluster
+from dbsync.errors import ProgressError
 from tests.helpers import Daemon, DbPair, Server, dbsync_cmd, same, sync_once, wait_until
 
 pytestmark = pytest.mark.slow
@@ -129,8 +130,10 @@ def test_restore_without_it_is_recovered_by_the_runbook(
 ) -> None:
     moved = restore(new_site, dumped, pair)
     write_after_restore(moved)
-    sync_once(moved)
-    # The symptom: the counter went back, and the new transactions' events look applied.
+    # The symptom: the counter went back, so the new transactions' events would look applied;
+    # the daemon refuses to go on, in one line, instead of skipping them.
+    with pytest.raises(ProgressError, match="transaction ids went back below what the Agent DB has applied"):
+        sync_once(moved)
     stored = one(pair.agent_dsn, STORED_XMAX)
     assert one(moved.site_dsn, SITE_NEXT_XID) < stored
     assert one(pair.agent_dsn, "SELECT count(*) FROM conversations WHERE id = 100") == 0
@@ -195,8 +198,9 @@ def test_failover_that_lost_wal_is_recovered_by_the_runbook(pair: DbPair, tmp_pa
         stored = one(pair.agent_dsn, STORED_XMAX)
         assert one(new.site_dsn, SITE_NEXT_XID) < stored  # the counter went back
         run(new.site_dsn, "UPDATE conversations SET status = 'closed' WHERE id BETWEEN 10 AND 12")
-        sync_once(new)
-        assert one(pair.agent_dsn, "SELECT count(*) FROM conversations WHERE status = 'closed'") == 0  # skipped
+        with pytest.raises(ProgressError, match="went back"):
+            sync_once(new)  # refused: these changes would look applied
+        assert one(pair.agent_dsn, "SELECT count(*) FROM conversations WHERE status = 'closed'") == 0
         assert reconcile(new).returncode == 1
 
         run(new.site_dsn, BURN.format(n=stored - one(new.site_dsn, SITE_NEXT_XID) + 1))
