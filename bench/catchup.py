@@ -245,7 +245,11 @@ def _one(
         out: dict[str, Any] = {"side": side, "rep": rep, "events": written, "write_s": write_s}
         if side == "dbsync":
             with connect(site_dsn) as conn:
-                out["sync_log_events"] = int(conn.execute("SELECT count(*) FROM dbsync.sync_log").fetchone()[0])  # type: ignore[index]
+                out["sync_log_events"] = int(
+                    conn.execute(
+                        "SELECT sum(coalesce(array_length(keys, 1), 1)) FROM dbsync.sync_log"  # keys, not log rows
+                    ).fetchone()[0]  # type: ignore[index]
+                )
             if out["sync_log_events"] != written:
                 raise BenchError(f"sync_log holds {out['sync_log_events']} events, the workload wrote {written}")
         w.site.checkpoint()

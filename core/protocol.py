@@ -137,7 +137,7 @@ def no_schema(role: str) -> str:
 # lag probe).
 PENDING = Statement(
     f"""
-SELECT count(*) AS events,
+SELECT coalesce(sum(coalesce(pg_catalog.array_length(l.keys, 1), 1)), 0)::bigint AS events,
        min(l.captured_at) AS oldest,
        extract(epoch FROM pg_catalog.clock_timestamp() - min(l.captured_at))::float8 AS seconds
 FROM dbsync.sync_log l
@@ -151,7 +151,8 @@ WHERE {NOT_APPLIED}
 # The same, per table, among the events visible in %(upto)s (the current snapshot when null).
 PENDING_BY_TABLE = Statement(
     f"""
-SELECT l.table_id, count(*), extract(epoch FROM pg_catalog.clock_timestamp() - min(l.captured_at))::float8
+SELECT l.table_id, sum(coalesce(pg_catalog.array_length(l.keys, 1), 1))::bigint,
+       extract(epoch FROM pg_catalog.clock_timestamp() - min(l.captured_at))::float8
 FROM dbsync.sync_log l
 WHERE {NOT_APPLIED}
   AND (%(upto)s::text IS NULL OR {visible("l.txid", _snapshot("upto"))})
@@ -276,13 +277,14 @@ PARKED_BY_TABLE = Statement(
 
 PARK = Statement(
     """
-INSERT INTO dbsync.parked_events (source, seq, table_id, table_name, op, pk, row_image, captured_at, error)
-VALUES (%(source)s, %(seq)s, %(table_id)s, %(table_name)s, %(op)s, %(pk)s::text::json, %(row_image)s::text::json,
-        %(captured_at)s, %(error)s)
-ON CONFLICT (source, seq) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_catalog.now()
+INSERT INTO dbsync.parked_events (source, seq, key_no, table_id, table_name, op, pk, row_image, captured_at, error)
+VALUES (%(source)s, %(seq)s, %(key_no)s, %(table_id)s, %(table_name)s, %(op)s, %(pk)s::text::json,
+        %(row_image)s::text::json, %(captured_at)s, %(error)s)
+ON CONFLICT (source, seq, key_no) DO UPDATE SET error = EXCLUDED.error, parked_at = pg_catalog.now()
 """,
     "source",
     "seq",
+    "key_no",
     "table_id",
     "table_name",
     "op",
@@ -334,26 +336,33 @@ COUNT_RETRY_REQUESTED = Statement(
 
 RETRY_CANDIDATES = Statement(
     """
-SELECT seq, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
+SELECT seq, key_no, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
 FROM dbsync.parked_events
 WHERE source = %(source)s AND (table_id, pk::text) IN (
     SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = %(source)s AND retry_requested)
-ORDER BY seq
+ORDER BY seq, key_no
 """,
     "source",
+)
+
+# Parked events are (seq, key_no) pairs: one log row may carry many keys.
+_PARKED_PAIRS = (
+    "(seq, key_no) IN (SELECT * FROM ROWS FROM (pg_catalog.unnest(%(seqs)s::bigint[]), "
+    "pg_catalog.unnest(%(key_nos)s::int[])))"
 )
 
 UNPARK = Statement(
-    "DELETE FROM dbsync.parked_events WHERE source = %(source)s AND seq = ANY (%(seqs)s::bigint[])", "source", "seqs"
+    f"DELETE FROM dbsync.parked_events WHERE source = %(source)s AND {_PARKED_PAIRS}", "source", "seqs", "key_nos"
 )
 
 RETRY_FAILED = Statement(
-    """
+    f"""
 UPDATE dbsync.parked_events SET retry_requested = false, error = %(error)s, parked_at = pg_catalog.now()
-WHERE source = %(source)s AND seq = ANY (%(seqs)s::bigint[])
+WHERE source = %(source)s AND {_PARKED_PAIRS}
 """,
     "source",
     "seqs",
+    "key_nos",
     "error",
 )
 

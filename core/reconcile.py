@@ -62,7 +62,7 @@ ORDER BY schema_name, table_name
 ESTIMATE = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = %(rel)s::regclass"
 
 # Events logged for %(table_id)s by transactions not visible in %(snap)s: changes still in flight.
-# (dbsync.key_json turns the logged key image into a JSON object of text values.)
+# (dbsync.log_keys turns each logged key into a JSON object of text values.)
 RECENT = f"""
 l.table_id = %(table_id)s
   AND {NOT_IN_SNAPSHOT}
@@ -71,8 +71,11 @@ MOVING_KEYS = """
 SELECT DISTINCT c.key
 FROM unnest(%(keys)s::text[]) AS c(key)
 CROSS JOIN LATERAL json_to_record(c.key::json) AS k({defs})
-JOIN (SELECT r.* FROM dbsync.sync_log l CROSS JOIN LATERAL json_to_record(dbsync.key_json(l.pk)) AS r({defs})
-      WHERE {recent} AND l.pk IS NOT NULL) AS r ON {match}
+JOIN (SELECT r.* FROM dbsync.sync_log l
+      JOIN dbsync.replicated_tables t ON t.table_id = l.table_id
+      CROSS JOIN LATERAL dbsync.log_keys(l.pk, l.keys, t.key_columns) AS lk
+      CROSS JOIN LATERAL json_to_record(lk.key) AS r({defs})
+      WHERE {recent}) AS r ON {match}
 """
 RECENT_TRUNCATE = "SELECT EXISTS (SELECT 1 FROM dbsync.sync_log l WHERE {recent} AND l.op = 'T')"
 

@@ -393,7 +393,17 @@ class Applier:
         # Parked as what applying it means: the row at the snapshot, or a delete where there is none.
         op = ev.op if ev.op == "T" or ev.image is not None else "D"
         await agent.execute(
-            PARK.asyncpg, self.source, ev.seq, ev.table_id, table.label, op, ev.pk, ev.image, ev.captured_at, error
+            PARK.asyncpg,
+            self.source,
+            ev.seq,
+            ev.key_no,
+            ev.table_id,
+            table.label,
+            op,
+            ev.pk,
+            ev.image,
+            ev.captured_at,
+            error,
         )
 
     async def _held_keys(self, agent: asyncpg.Connection, events: Sequence[Event]) -> set[tuple[int, str | None]]:
@@ -450,22 +460,24 @@ class Applier:
         rows = await agent.fetch(RETRY_CANDIDATES.asyncpg, self.source)
         groups: dict[tuple[int, str | None], list[Event]] = {}
         for row in rows:
-            ev = Event(row["seq"], row["table_id"], row["op"], row["pk"], row["captured_at"], row["row_image"])
+            ev = Event(
+                row["seq"], row["table_id"], row["op"], row["pk"], row["captured_at"], row["row_image"], row["key_no"]
+            )
             groups.setdefault(ev.key, []).append(ev)
         done = failed = 0
         for evs in groups.values():
-            seqs = [e.seq for e in evs]
+            seqs, key_nos = [e.seq for e in evs], [e.key_no for e in evs]
             try:
                 async with agent.transaction():
                     for ev in evs:
                         await self._write_event(site, agent, ev)
-                    await agent.execute(UNPARK.asyncpg, self.source, seqs)
+                    await agent.execute(UNPARK.asyncpg, self.source, seqs, key_nos)
                 done += len(evs)
             except (asyncpg.PostgresError, DriftError) as exc:
                 if isinstance(exc, asyncpg.PostgresError) and (is_transient(exc) or is_rls_error(exc)):
                     raise
                 reason = f"{exc.__class__.__name__}: {str(exc).strip()}"
-                await agent.execute(RETRY_FAILED.asyncpg, self.source, seqs, reason)
+                await agent.execute(RETRY_FAILED.asyncpg, self.source, seqs, key_nos, reason)
                 failed += len(evs)
         await self.count_parked(agent)
         return done, failed

@@ -43,7 +43,7 @@ SELECT s.snap::text AS snap, b.lo, b.hi, b.events,
        pg_catalog.pg_snapshot_xmax(s.snap)::text AS next_xid,
        pg_catalog.pg_snapshot_xmax($2::text::pg_snapshot)::text AS applied_xmax
 FROM s CROSS JOIN LATERAL (
-    SELECT min(l.seq) AS lo, max(l.seq) AS hi, count(*) AS events
+    SELECT min(l.seq) AS lo, max(l.seq) AS hi, sum(coalesce(pg_catalog.array_length(l.keys, 1), 1)) AS events
     FROM dbsync.sync_log l
     WHERE ((l.txid >= pg_catalog.pg_snapshot_xmax($1::text::pg_snapshot)
             AND l.txid < pg_catalog.pg_snapshot_xmax(s.snap))
@@ -52,15 +52,26 @@ FROM s CROSS JOIN LATERAL (
 ) b
 """
 
-# The next page of the open batch, in seq order, at most $5 events (one more says whether more
-# follow). The log holds keys; the rows come from the tables (READ_ROWS).
+# The next page of the open batch, in seq order: log rows while fewer than $5 keys come before
+# them (a log row of a statement carries up to 100 keys), at most $6 log rows and one more (which
+# says whether more follow). Each key is one event; rows past the cut come without their keys.
 READ_PAGE = f"""
-SELECT seq, table_id, op::text AS op, dbsync.key_json(pk)::text AS pk, captured_at
-FROM dbsync.sync_log
-WHERE seq > $3 AND seq <= $4
-  AND {committed_between("txid", PREV, "$2::text::pg_snapshot")}
-ORDER BY seq
-LIMIT $5 + 1
+SELECT p.seq, p.table_id, p.op, k.key_no, k.key::text AS pk, p.captured_at, p.upto OPERATOR(pg_catalog.-) p.n AS before
+FROM (
+    SELECT l.*, pg_catalog.sum(l.n) OVER (ORDER BY l.seq) AS upto
+    FROM (
+        SELECT seq, table_id, op::text AS op, pk, keys, captured_at,
+               coalesce(pg_catalog.array_length(keys, 1), 1) AS n
+        FROM dbsync.sync_log
+        WHERE seq > $3 AND seq <= $4
+          AND {committed_between("txid", PREV, "$2::text::pg_snapshot")}
+        ORDER BY seq
+        LIMIT $6 + 1
+    ) l
+) p
+JOIN dbsync.replicated_tables r ON r.table_id OPERATOR(pg_catalog.=) p.table_id
+LEFT JOIN LATERAL dbsync.log_keys(p.pk, p.keys, r.key_columns) AS k ON p.upto OPERATOR(pg_catalog.-) p.n < $5
+ORDER BY p.seq, k.key_no
 """
 
 # The rows of some keys of one table at the transaction's snapshot (0006_site_key_capture): the
@@ -98,6 +109,7 @@ class Event:
     pk: str | None  # JSON object of the key's text values; None for a TRUNCATE
     captured_at: datetime
     image: str | None = None  # the row at the snapshot; None when the key is absent there
+    key_no: int = 0  # the key's place in its log row (which may carry many)
 
     @property
     def key(self) -> tuple[int, str | None]:
@@ -108,6 +120,12 @@ class Event:
 class Page:
     events: list[Event]
     more: bool
+
+    @property
+    def density(self) -> float:
+        """Keys per log row: what the next page's log-row bound is sized from."""
+        rows = len({e.seq for e in self.events})
+        return len(self.events) / rows if rows else 1.0
 
 
 async def open_batch(
@@ -138,30 +156,48 @@ async def open_batch(
     return opened, int(row["events"]), row["snap"]
 
 
-async def read_page(site: asyncpg.Connection, progress: ApplyProgress, limit: int, max_bytes: int) -> Page:
+async def read_page(
+    site: asyncpg.Connection, progress: ApplyProgress, limit: int, max_bytes: int, rows_hint: int | None = None
+) -> Page:
     """The page at the progress's cursor, each event with its row read at the transaction's
-    snapshot: at most `limit` events and, past the first group of keys read, about `max_bytes`
-    of row images. Keys are read in groups sized from the rows seen so far, so a page of large
-    rows stops early instead of being held whole."""
+    snapshot: at most `limit` events (keys; a first log row of more is taken whole) and, past the
+    first group of keys read, about `max_bytes` of row images. Keys are read in groups sized from
+    the rows seen so far, so a page of large rows stops early instead of being held whole; a page
+    always ends at a log row's end. `rows_hint` bounds the log rows looked at (see
+    Page.density)."""
     assert progress.in_batch
     rows = await site.fetch(
-        READ_PAGE, progress.prev_snapshot, progress.batch_snapshot, progress.batch_cursor, progress.batch_hi, limit
+        READ_PAGE,
+        progress.prev_snapshot,
+        progress.batch_snapshot,
+        progress.batch_cursor,
+        progress.batch_hi,
+        limit,
+        rows_hint or limit,
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
+    seqs = list(dict.fromkeys(r["seq"] for r in rows))
+    keep = [r for r in rows if r["before"] < limit]
+    more = len(keep) < len(rows) or len(seqs) > (rows_hint or limit)
+    if len(seqs) > (rows_hint or limit):
+        keep = [r for r in keep if r["seq"] != seqs[-1]]
     events: list[Event] = []
     size = 0
     group = FIRST_GROUP
     start = 0
-    while start < len(rows):
-        part = rows[start : start + group]
+    while start < len(keep):
+        end = min(len(keep), start + group)
+        while end < len(keep) and keep[end]["seq"] == keep[end - 1]["seq"]:
+            end += 1  # a page ends at a log row's end
+        part = keep[start:end]
         images = await _read_rows(site, part)
         for r in part:
             image = images.get((r["table_id"], r["pk"]))
-            events.append(Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], image))
+            events.append(
+                Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], image, r["key_no"] or 0)
+            )
         size += sum(len(i) for i in images.values())
-        start += len(part)
-        if start < len(rows) and size >= max_bytes:
+        start = end
+        if start < len(keep) and size >= max_bytes:
             more = True
             break
         average = size / max(1, len(events))

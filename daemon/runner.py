@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import time
@@ -134,6 +135,7 @@ class Replicator:
         self.doorbell = Doorbell()
         self._last_snapshot: str | None = None
         self._batch_events = 0  # in the batch opened last
+        self._density = 1.0  # keys per log row in the last page read
         # A page read ahead: (batch snapshot, cursor it starts after, page).
         self._ahead: tuple[str | None, int | None, Page] | None = None
         self.applier = Applier(settings.source, self.catalog, park=settings.poison_policy == "park")
@@ -399,7 +401,12 @@ class Replicator:
 
     async def _read(self, progress: ApplyProgress) -> Page:
         assert self.reader is not None
-        return await read_page(self.reader, progress, self.settings.batch_size, PAGE_BYTES)
+        # Log rows to look at: enough for batch_size keys at the last page's keys per row.
+        rows = max(1, math.ceil(self.settings.batch_size / self._density))
+        page = await read_page(self.reader, progress, self.settings.batch_size, PAGE_BYTES, rows)
+        if page.events:
+            self._density = page.density
+        return page
 
     async def _applied_by_table(self, events: Sequence[Event], parked: int) -> Counter[tuple[str, str]]:
         """Events of a committed page by (table, op), less those that were parked."""

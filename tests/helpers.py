@@ -70,6 +70,19 @@ class DbPair:
             conn.close()
 
 
+# One row per logged key after a seq, in log order: (seq, txid, table_id, op, key, row image), the
+# key and the image (events written before key-only capture, and resync's) as JSON text. A log
+# row of a statement carries many keys (`keys`); a row trigger's one (`pk`); a TRUNCATE none.
+LOGGED_KEYS = """
+SELECT l.seq, l.txid::text, l.table_id, l.op::text, k.key::text, dbsync.key_json(l.row_image)::text
+FROM dbsync.sync_log l
+JOIN dbsync.replicated_tables r USING (table_id)
+LEFT JOIN LATERAL dbsync.log_keys(l.pk, l.keys, r.key_columns) AS k ON true
+WHERE l.seq > %s
+ORDER BY l.seq, k.key_no
+"""
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

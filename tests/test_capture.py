@@ -18,7 +18,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
-from tests.helpers import DbPair, assert_same, replicate, sync_once
+from tests.helpers import LOGGED_KEYS, DbPair, assert_same, replicate, sync_once
 
 ITEMS = "public.items"
 ITEMS_DDL = "CREATE TABLE public.items (id integer PRIMARY KEY, label text, qty numeric)"
@@ -39,12 +39,7 @@ class Event:
 
 
 def events(conn: psycopg.Connection, after: int = 0) -> list[Event]:
-    rows = conn.execute(
-        "SELECT seq, txid::text, table_id, op::text, dbsync.key_json(pk)::text, dbsync.key_json(row_image)::text "
-        "FROM dbsync.sync_log "
-        "WHERE seq > %s ORDER BY seq",
-        (after,),
-    ).fetchall()
+    rows = conn.execute(LOGGED_KEYS, (after,)).fetchall()
     return [
         Event(
             seq=r[0],

@@ -18,6 +18,7 @@ import psycopg
 from dbsync.catchup import CatchUp
 from dbsync.reconcile import Comparer, TableDiff, moving_keys, recheck, targets
 from tests.helpers import (
+    LOGGED_KEYS,
     Daemon,
     DbPair,
     assert_same,
@@ -457,9 +458,7 @@ def test_resync_delete_cannot_overtake_a_concurrent_insert(pair: DbPair) -> None
     writer.execute("COMMIT")
     thread.join(10)
     assert result["value"] == ({"updated": 1, "deleted": 0},)
-    events = watcher.execute(
-        "SELECT op FROM dbsync.sync_log WHERE dbsync.key_json(pk)->>'id' = '77' ORDER BY seq"
-    ).fetchall()
+    events = [(op,) for _, _, _, op, key, _ in watcher.execute(LOGGED_KEYS, (0,)) if json.loads(key)["id"] == "77"]
     assert events == [("I",), ("U",)]
     sync_once(pair)
     assert_same(pair)
@@ -476,10 +475,11 @@ def test_resync_reads_the_row_after_a_concurrent_update(pair: DbPair) -> None:
     wait_until(lambda: _blocked(watcher, pid), 10, what="resync waiting for the row lock")
     writer.execute("COMMIT")
     thread.join(10)
-    rows = watcher.execute(
-        "SELECT op, dbsync.key_json(row_image)->>'contact_name' FROM dbsync.sync_log "
-        "WHERE dbsync.key_json(pk)->>'id' = '78' ORDER BY seq"
-    ).fetchall()
+    rows = [
+        (op, json.loads(image)["contact_name"] if image else None)
+        for _, _, _, op, key, image in watcher.execute(LOGGED_KEYS, (0,))
+        if json.loads(key)["id"] == "78"
+    ]
     # The capture logs the key (no image); the resync logs the row it read after the lock.
     assert rows == [("I", None), ("U", None), ("U", "new")]
     sync_once(pair)

@@ -133,7 +133,8 @@ def test_a_prune_cut_short_resumes_with_the_same_snapshot(pair: DbPair) -> None:
     """Deletes go in chunks; a step that ran out of time leaves the rest for the next step, even
     though the snapshot has not moved."""
     site = pair.site()
-    site.execute("INSERT INTO conversations (phone_number) SELECT '+49151' || g FROM generate_series(1, 7) g")
+    for g in range(1, 8):  # seven log rows (one statement's keys would share one)
+        site.execute("INSERT INTO conversations (phone_number) VALUES (%s)", (f"+49151{g}",))
     snapshot = str(site.execute("SELECT pg_current_snapshot()::text").fetchone()[0])  # type: ignore[index]
     later, _ = insert(site, "+1 after the snapshot")
 
@@ -169,8 +170,12 @@ def test_events_of_an_open_batch_survive_retention(pair: DbPair) -> None:
     blocker = psycopg.connect(pair.agent_dsn)  # not autocommit: the lock lasts until rollback
     blocker.execute("LOCK TABLE conversations IN SHARE MODE")
     with site.transaction():  # one batch: three pages of leads, then conversations (blocked)
-        site.execute("INSERT INTO leads (phone_number) SELECT 'lead-' || g FROM generate_series(1, 30) g")
-        site.execute("INSERT INTO conversations (phone_number) SELECT '+4916' || g FROM generate_series(1, 30) g")
+        # One statement per row: one log row each (a statement's keys would share log rows).
+        site.execute(
+            "DO $$ BEGIN "
+            "FOR g IN 1..30 LOOP INSERT INTO leads (phone_number) VALUES ('lead-' || g); END LOOP; "
+            "FOR g IN 1..30 LOOP INSERT INTO conversations (phone_number) VALUES ('+4916' || g); END LOOP; END $$"
+        )
     above = "SELECT count(*) FROM dbsync.sync_log WHERE seq > %s"
     with Daemon(pair, "--batch-size", "10"):
         blocked = lambda: agent.execute(AGENT_WAITS_ON_LOCK).fetchone() == (1,)  # noqa: E731

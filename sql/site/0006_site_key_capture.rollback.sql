@@ -5,7 +5,9 @@
 -- the log goes too.
 DO $do$
 BEGIN
-    IF pg_catalog.current_setting('dbsync.uninstall', true) IS DISTINCT FROM 'on' AND EXISTS (SELECT 1 FROM dbsync.sync_log l WHERE l.op IN ('I', 'U') AND l.row_image IS NULL) THEN
+    IF pg_catalog.current_setting('dbsync.uninstall', true) IS DISTINCT FROM 'on'
+       AND EXISTS (SELECT 1 FROM dbsync.sync_log l
+                    WHERE (l.op IN ('I', 'U') AND l.row_image IS NULL) OR l.keys IS NOT NULL) THEN
         RAISE EXCEPTION 'dbsync: the sync log holds key-only events that the previous daemon cannot apply; '
             'let the daemon drain the log (with writers stopped) before rolling back 0006_site_key_capture'
             USING ERRCODE = 'object_in_use';
@@ -155,6 +157,15 @@ END
 $do$;
 
 DROP FUNCTION dbsync.read_rows(integer, json);
+DO $do$
+DECLARE
+    ext text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
+                   JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'hstore');
+BEGIN
+    EXECUTE pg_catalog.format('DROP FUNCTION dbsync.log_keys(%s.hstore, text[], text[])', ext);
+END
+$do$;
+ALTER TABLE dbsync.sync_log DROP COLUMN keys;
 DROP FUNCTION dbsync.install_capture(integer);
 DROP FUNCTION dbsync.drop_capture(regclass);
 DROP FUNCTION dbsync.capture_function(integer);

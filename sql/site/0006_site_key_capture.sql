@@ -25,6 +25,38 @@
 -- byte for byte equal (`*=`, record_image_eq) are not logged.
 -- Events written before this migration carry a row image; the daemon reads them as their key.
 
+-- A statement's keys travel in chunks: `keys` holds up to 100 keys as a two-dimensional array
+-- (one row per key, one element per key column, in key_columns order, each the column's text
+-- output); such a log row has no `pk`. Row triggers still write one key per row in `pk`.
+ALTER TABLE dbsync.sync_log ADD COLUMN keys text[];
+
+-- Every key of a log row as a JSON object of text values, numbered from 0 (`pk`) or 1 (`keys`),
+-- in the one canonical form (an hstore's JSON, so a key logged either way reads the same).
+-- Nothing for a TRUNCATE. Operators schema-qualified: it runs with its caller's search_path.
+DO $do$
+DECLARE
+    ext text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
+                   JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'hstore');
+BEGIN
+    EXECUTE pg_catalog.format($sql$
+        CREATE FUNCTION dbsync.log_keys(p_pk %1$s.hstore, p_keys text[], p_columns text[],
+                                        OUT key_no integer, OUT key json)
+        RETURNS SETOF record
+        LANGUAGE sql IMMUTABLE
+        AS $fn$
+            SELECT 0, %1$s.hstore_to_json(p_pk) WHERE p_pk IS NOT NULL
+            UNION ALL
+            SELECT i, %1$s.hstore_to_json(%1$s.hstore(p_columns,
+                       CASE WHEN pg_catalog.array_length(p_keys, 2) OPERATOR(pg_catalog.=) 1 THEN ARRAY[p_keys[i][1]]
+                            ELSE ARRAY(SELECT p_keys[i][j]
+                                         FROM pg_catalog.generate_series(1, pg_catalog.array_length(p_keys, 2)) AS j)
+                       END))
+              FROM pg_catalog.generate_series(1, pg_catalog.array_length(p_keys, 1)) AS i
+             WHERE p_keys IS NOT NULL
+        $fn$$sql$, ext);
+END
+$do$;
+
 -- A daemon (or CLI) older than this migration would read a key-only insert or update as a row
 -- to write with no row, and skip it. It reads every page through dbsync.image_json: that now
 -- stops it with one line, and nothing is skipped. What reads keys from here on calls
@@ -127,9 +159,9 @@ BEGIN
             -- The key as an hstore: names as a literal, values as each column's text output.
             v_names := pg_catalog.format('ARRAY[%%s]::text[]',
                 (SELECT string_agg(quote_literal(k), ', ') FROM unnest(v_keys) AS k));
-            SELECT pg_catalog.format('%1$s.hstore(%%s, ARRAY[%%s])', v_names,
+            SELECT pg_catalog.format('ARRAY[%%s]',
                        string_agg(pg_catalog.format('pg_catalog.format(''%%%%s'', dbsync_n.%%I)', k), ', ')),
-                   pg_catalog.format('%1$s.hstore(%%s, ARRAY[%%s])', v_names,
+                   pg_catalog.format('ARRAY[%%s]',
                        string_agg(pg_catalog.format('pg_catalog.format(''%%%%s'', dbsync_o.%%I)', k), ', ')),
                    pg_catalog.format('%1$s.hstore(%%s, ARRAY[%%s])', v_names,
                        string_agg(pg_catalog.format('pg_catalog.format(''%%%%s'', NEW.%%I)', k), ', ')),
@@ -149,7 +181,13 @@ BEGIN
                 AS $body$
                 DECLARE
                     v_rows bigint := 0;
-                    v_more bigint := 0;
+                    v_del  text[];
+                    v_ins  text[];
+                    v_upd  text[];
+                    v_keys text[];
+                    v_n    integer;
+                    v_at   integer;
+                    v_step integer;
                 BEGIN
                     IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
                         IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
@@ -165,24 +203,35 @@ BEGIN
                             INSERT INTO dbsync.sync_log (table_id, op, pk) VALUES (%%3$s, 'I', %%6$s);
                         END IF;
                         v_rows := 1;
-                    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-                        INSERT INTO dbsync.sync_log (table_id, op, pk) SELECT %%3$s, 'I', %%4$s FROM dbsync_new dbsync_n;
-                        GET DIAGNOSTICS v_rows = ROW_COUNT;
-                    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-                        INSERT INTO dbsync.sync_log (table_id, op, pk) SELECT %%3$s, 'D', %%5$s FROM dbsync_old dbsync_o;
-                        GET DIAGNOSTICS v_rows = ROW_COUNT;
                     ELSE
-                        -- Old keys that are gone (the key changed), then the new keys of changed rows.
-                        INSERT INTO dbsync.sync_log (table_id, op, pk)
-                        SELECT %%3$s, 'D', %%5$s FROM dbsync_old dbsync_o
-                         WHERE NOT EXISTS (SELECT 1 FROM dbsync_new dbsync_n WHERE %%8$s);
-                        GET DIAGNOSTICS v_rows = ROW_COUNT;
-                        INSERT INTO dbsync.sync_log (table_id, op, pk)
-                        SELECT %%3$s, CASE WHEN %%9$s THEN 'I' ELSE 'U' END, %%4$s
-                          FROM dbsync_new dbsync_n LEFT JOIN dbsync_old dbsync_o ON %%8$s
-                         WHERE %%9$s OR dbsync_o OPERATOR(pg_catalog.*<>) dbsync_n;
-                        GET DIAGNOSTICS v_more = ROW_COUNT;
-                        v_rows := v_rows OPERATOR(pg_catalog.+) v_more;
+                        -- The statement's keys, as rows of each key column's text: old keys that
+                        -- are gone (deleted, or the key changed), new keys, keys of changed rows.
+                        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+                            SELECT pg_catalog.array_agg(%%4$s) INTO v_ins FROM dbsync_new dbsync_n;
+                        ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
+                            SELECT pg_catalog.array_agg(%%5$s) INTO v_del FROM dbsync_old dbsync_o;
+                        ELSE
+                            SELECT pg_catalog.array_agg(%%5$s) INTO v_del FROM dbsync_old dbsync_o
+                             WHERE NOT EXISTS (SELECT 1 FROM dbsync_new dbsync_n WHERE %%8$s);
+                            SELECT pg_catalog.array_agg(%%4$s) FILTER (WHERE %%9$s),
+                                   pg_catalog.array_agg(%%4$s) FILTER (WHERE NOT %%9$s)
+                              INTO v_ins, v_upd
+                              FROM dbsync_new dbsync_n LEFT JOIN dbsync_old dbsync_o ON %%8$s
+                             WHERE %%9$s OR dbsync_o OPERATOR(pg_catalog.*<>) dbsync_n;
+                        END IF;
+                        -- One log row per chunk of at most 100 keys: a page can end between them.
+                        FOR v_step IN 1..3 LOOP
+                            v_keys := CASE v_step WHEN 1 THEN v_del WHEN 2 THEN v_ins ELSE v_upd END;
+                            v_n := coalesce(pg_catalog.array_length(v_keys, 1), 0);
+                            v_at := 1;
+                            WHILE v_at OPERATOR(pg_catalog.<=) v_n LOOP
+                                INSERT INTO dbsync.sync_log (table_id, op, keys)
+                                VALUES (%%3$s, (ARRAY['D', 'I', 'U'])[v_step],
+                                        v_keys[v_at:v_at OPERATOR(pg_catalog.+) 99]);
+                                v_at := v_at OPERATOR(pg_catalog.+) 100;
+                            END LOOP;
+                            v_rows := v_rows OPERATOR(pg_catalog.+) v_n;
+                        END LOOP;
                     END IF;
                     -- A doorbell, not data: one empty notification per transaction, only while the
                     -- daemon waits (0003_site_lean_capture).
@@ -408,3 +457,5 @@ $do$;
 
 REVOKE ALL ON FUNCTION dbsync.output_is_fixed(oid), dbsync.capture_function(integer), dbsync.install_capture(integer),
     dbsync.drop_capture(regclass), dbsync.read_rows(integer, json) FROM PUBLIC;
+-- dbsync.log_keys stays callable by PUBLIC: it reads nothing, and the daemon, reconcile and status
+-- call it on rows they may read.
