@@ -181,13 +181,7 @@ BEGIN
                 AS $body$
                 DECLARE
                     v_rows bigint := 0;
-                    v_del  text[];
-                    v_ins  text[];
-                    v_upd  text[];
-                    v_keys text[];
-                    v_n    integer;
-                    v_at   integer;
-                    v_step integer;
+                    v_more bigint := 0;
                 BEGIN
                     IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN
                         IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
@@ -204,34 +198,39 @@ BEGIN
                         END IF;
                         v_rows := 1;
                     ELSE
-                        -- The statement's keys, as rows of each key column's text: old keys that
-                        -- are gone (deleted, or the key changed), new keys, keys of changed rows.
+                        -- The statement's keys (each a row of each key column's text), 100 to a
+                        -- log row: old keys that are gone (deleted, or the key changed), new keys,
+                        -- keys of changed rows. Chunked in SQL, in one pass: slicing one big array
+                        -- in a loop would walk it from the start for every slice.
                         IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-                            SELECT pg_catalog.array_agg(%%4$s) INTO v_ins FROM dbsync_new dbsync_n;
+                            INSERT INTO dbsync.sync_log (table_id, op, keys)
+                            SELECT %%3$s, 'I', pg_catalog.array_agg(k.key)
+                              FROM (SELECT %%4$s AS key, pg_catalog.row_number() OVER () AS n FROM dbsync_new dbsync_n) k
+                             GROUP BY (k.n OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 100;
+                            GET DIAGNOSTICS v_rows = ROW_COUNT;
                         ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-                            SELECT pg_catalog.array_agg(%%5$s) INTO v_del FROM dbsync_old dbsync_o;
+                            INSERT INTO dbsync.sync_log (table_id, op, keys)
+                            SELECT %%3$s, 'D', pg_catalog.array_agg(k.key)
+                              FROM (SELECT %%5$s AS key, pg_catalog.row_number() OVER () AS n FROM dbsync_old dbsync_o) k
+                             GROUP BY (k.n OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 100;
+                            GET DIAGNOSTICS v_rows = ROW_COUNT;
                         ELSE
-                            SELECT pg_catalog.array_agg(%%5$s) INTO v_del FROM dbsync_old dbsync_o
-                             WHERE NOT EXISTS (SELECT 1 FROM dbsync_new dbsync_n WHERE %%8$s);
-                            SELECT pg_catalog.array_agg(%%4$s) FILTER (WHERE %%9$s),
-                                   pg_catalog.array_agg(%%4$s) FILTER (WHERE NOT %%9$s)
-                              INTO v_ins, v_upd
-                              FROM dbsync_new dbsync_n LEFT JOIN dbsync_old dbsync_o ON %%8$s
-                             WHERE %%9$s OR dbsync_o OPERATOR(pg_catalog.*<>) dbsync_n;
+                            INSERT INTO dbsync.sync_log (table_id, op, keys)
+                            SELECT %%3$s, 'D', pg_catalog.array_agg(k.key)
+                              FROM (SELECT %%5$s AS key, pg_catalog.row_number() OVER () AS n FROM dbsync_old dbsync_o
+                                     WHERE NOT EXISTS (SELECT 1 FROM dbsync_new dbsync_n WHERE %%8$s)) k
+                             GROUP BY (k.n OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 100;
+                            GET DIAGNOSTICS v_rows = ROW_COUNT;
+                            INSERT INTO dbsync.sync_log (table_id, op, keys)
+                            SELECT %%3$s, k.op, pg_catalog.array_agg(k.key)
+                              FROM (SELECT %%4$s AS key, CASE WHEN %%9$s THEN 'I' ELSE 'U' END AS op,
+                                           pg_catalog.row_number() OVER () AS n
+                                      FROM dbsync_new dbsync_n LEFT JOIN dbsync_old dbsync_o ON %%8$s
+                                     WHERE %%9$s OR dbsync_o OPERATOR(pg_catalog.*<>) dbsync_n) k
+                             GROUP BY k.op, (k.n OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog./) 100;
+                            GET DIAGNOSTICS v_more = ROW_COUNT;
+                            v_rows := v_rows OPERATOR(pg_catalog.+) v_more;
                         END IF;
-                        -- One log row per chunk of at most 100 keys: a page can end between them.
-                        FOR v_step IN 1..3 LOOP
-                            v_keys := CASE v_step WHEN 1 THEN v_del WHEN 2 THEN v_ins ELSE v_upd END;
-                            v_n := coalesce(pg_catalog.array_length(v_keys, 1), 0);
-                            v_at := 1;
-                            WHILE v_at OPERATOR(pg_catalog.<=) v_n LOOP
-                                INSERT INTO dbsync.sync_log (table_id, op, keys)
-                                VALUES (%%3$s, (ARRAY['D', 'I', 'U'])[v_step],
-                                        v_keys[v_at:v_at OPERATOR(pg_catalog.+) 99]);
-                                v_at := v_at OPERATOR(pg_catalog.+) 100;
-                            END LOOP;
-                            v_rows := v_rows OPERATOR(pg_catalog.+) v_n;
-                        END LOOP;
                     END IF;
                     -- A doorbell, not data: one empty notification per transaction, only while the
                     -- daemon waits (0003_site_lean_capture).
