@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from dbsync.config import describe_dsn
 from dbsync.db import connect, first_line, server_version
 from dbsync.errors import MigrationError
 from dbsync.protocol import LOCK_CLASS
+
+log = logging.getLogger("dbsync.migrations")
 
 SIDES = ("site", "agent")
 MIN_SERVER_VERSION = 130000
@@ -90,23 +93,40 @@ def apply(dsn: str, side: str, pack_names: list[str]) -> list[str]:
     return _run(dsn, side, pack_names, rollback=False)
 
 
+# A migration that changes capture locks the replicated tables and the sync log while the
+# application writes them, in whichever order its transactions take them, so it can lose a
+# deadlock to a writer. Each migration is one transaction: the one that lost rolled back whole,
+# and is run again (the ones before it stay applied).
+DEADLOCK_RETRIES = 5
+
+
 def _run(dsn: str, side: str, pack_names: list[str], *, rollback: bool) -> list[str]:
     """Apply what is pending, or roll back what is applied (newest first), under yoyo's lock."""
     migrations = read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))
+    done: list[str] = []
     try:
-        with _backend(dsn, uninstall=rollback) as backend, backend.lock():
-            if rollback:
-                todo = backend.to_rollback(migrations)
-                backend.rollback_migrations(todo)
-            else:
-                todo = backend.to_apply(migrations)
-                backend.apply_migrations(todo)
+        for attempt in range(DEADLOCK_RETRIES + 1):
+            try:
+                with _backend(dsn, uninstall=rollback) as backend, backend.lock():
+                    todo = backend.to_rollback(migrations) if rollback else backend.to_apply(migrations)
+                    for migration in todo:
+                        one = todo.filter(lambda m, mid=migration.id: m.id == mid)
+                        if rollback:
+                            backend.rollback_migrations(one)
+                        else:
+                            backend.apply_migrations(one)
+                        done.append(migration.id)
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == DEADLOCK_RETRIES:
+                    raise
+                log.warning("a migration lost a deadlock to the writers and rolled back whole; running it again")
     except psycopg.Error as exc:
         what = "rollback" if rollback else "migration"
         raise MigrationError(
             f"{what} on the {side.capitalize()} DB ({describe_dsn(dsn)}) failed: {first_line(exc)}"
         ) from None
-    return [m.id for m in todo]
+    return done
 
 
 def applied(dsn: str, side: str, pack_names: list[str]) -> list[str]:
