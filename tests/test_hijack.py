@@ -85,6 +85,8 @@ NAMES = [
     "with_key",
     "image_json",
     "key_json",
+    "log_keys",
+    "row_number",
     "doorbell_armed",
     "key_operator",
     "key_compare",
