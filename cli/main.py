@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reconcile": ("dbsync.cli.reconcile:reconcile", "Check that the Agent DB matches the Site DB."),
     "retry": ("dbsync.cli.retry:retry", "Re-apply parked events, key by key in log order."),
     "run": ("dbsync.cli.run:run", "Replicate continuously until SIGTERM or SIGINT."),
+    "schema": (
+        "dbsync.cli.schema:schema_group",
+        "Compare the replicated tables' definitions on the Site DB and the Agent DB.",
+    ),
     "status": ("dbsync.cli.status:status", "Show the high-water mark, the newest log sequence and the lag."),
     "tables": ("dbsync.cli.tables:tables", "Install or remove capture on Site DB tables."),
 }

@@ -1,0 +1,434 @@
+"""`dbsync schema diff`: what the Agent DB's replicated tables need to take the Site DB's rows.
+
+Both sides' catalogs are read (types through format_type, so typmods, arrays, domains and
+schema-qualified, quoted names come out as PostgreSQL writes them), compared column by column,
+and every difference becomes a Change: the statement the Agent needs and whether `--apply` may
+run it. Only additions are safe (a missing table, a missing column): they never drop, retype or
+rewrite a value the Agent holds. Everything else is printed for a person to review and run.
+
+The daemon names the columns it writes (dbsync.daemon.apply), so a column only the Agent has is
+harmless as long as the Agent can fill it itself (nullable, a default, generated or identity):
+such a column is a note, not a difference. One that cannot be filled refuses every new row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+
+from dbsync import tables as registry
+from dbsync.db import display_name, first_line, quote_ident
+from dbsync.errors import SchemaError
+from dbsync.status import require_schema
+
+# Every name schema-qualified; the session's search_path is pg_catalog, pg_temp (dbsync.db), so
+# operators resolve in pg_catalog too and format_type / pg_get_expr qualify every other schema.
+TABLE_OID = """
+SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind IN ('r', 'p')
+"""
+
+# attidentity: '' none, 'a' ALWAYS, 'd' BY DEFAULT; attgenerated: '' or 's' (stored). `serial`: the
+# default comes from a sequence the column owns (serial, bigserial), which the Agent needs not have.
+COLUMNS = """
+SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text,
+       EXISTS (SELECT FROM pg_catalog.pg_depend s
+               WHERE s.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND s.refobjid = a.attrelid
+                 AND s.refobjsubid = a.attnum AND s.deptype = 'a'
+                 AND s.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass)
+FROM pg_catalog.pg_attribute a
+LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+PRIMARY_KEY = """
+SELECT con.conname, a.attname
+FROM pg_catalog.pg_constraint con
+CROSS JOIN LATERAL pg_catalog.unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+WHERE con.conrelid = %(oid)s AND con.contype = 'p'
+ORDER BY k.ord
+"""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # format_type: "character varying(20)", "public.mood[]", '"Odd"."Type"'
+    not_null: bool = False
+    default: str | None = None  # pg_get_expr of the default (or of the generation expression)
+    identity: str = ""  # "", "a" (ALWAYS) or "d" (BY DEFAULT)
+    generated: str = ""  # "" or "s" (stored)
+    serial: bool = False  # the default is nextval() of a sequence the column owns
+
+    @property
+    def own_default(self) -> str | None:
+        """The default the Agent can use: a serial's sequence and an identity stay on the Site
+        (replicated rows carry their values), a generation expression is not a default."""
+        return None if self.serial or self.identity or self.generated else self.default
+
+    @property
+    def fills_itself(self) -> bool:
+        """Whether the Agent can fill the column in a row that does not name it."""
+        return not self.not_null or self.default is not None or bool(self.identity) or bool(self.generated)
+
+
+@dataclass(frozen=True)
+class TableDef:
+    schema: str
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = ()
+    pk_name: str | None = None
+
+    @property
+    def qualified(self) -> str:
+        return quote_ident(self.schema, self.name)
+
+    def column(self, name: str) -> Column | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference of one table. `statement` is what the Agent needs (None when no statement
+    closes it); `safe` statements are the ones `--apply` runs; `differs` False is a note that
+    does not count as a difference (an Agent-only column replication does not mind)."""
+
+    table: str
+    kind: str  # missing_table, missing_column, renamed, retyped, not_null, default, identity, key,
+    # dropped, agent_only, missing_on_site
+    column: str | None
+    note: str
+    statement: str | None = None
+    safe: bool = False
+    differs: bool = True
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "table": self.table,
+            "kind": self.kind,
+            "column": self.column,
+            "statement": self.statement,
+            "safe": self.safe,
+            "differs": self.differs,
+            "note": self.note,
+        }
+
+
+@dataclass
+class TableReport:
+    table: str
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def differs(self) -> bool:
+        return any(c.differs for c in self.changes)
+
+
+# ---- statements (pure: unit-tested without a server) ----
+
+
+def column_sql(col: Column, *, not_null: bool | None = None) -> str:
+    """A column definition for CREATE TABLE or ADD COLUMN, as the Agent should have it."""
+    parts = [quote_ident(col.name), col.type]
+    if col.generated and col.default is not None:
+        parts.append(f"GENERATED ALWAYS AS ({col.default}) STORED")
+    elif col.own_default is not None:
+        parts.append(f"DEFAULT {col.own_default}")
+    if col.not_null if not_null is None else not_null:
+        parts.append("NOT NULL")
+    return " ".join(parts)
+
+
+def create_table_sql(table: TableDef) -> str:
+    lines = [column_sql(c) for c in table.columns]
+    if table.primary_key:
+        lines.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in table.primary_key)})")
+    body = ",\n    ".join(lines)
+    return f"CREATE TABLE {table.qualified} (\n    {body}\n);"
+
+
+def add_column_sql(table: TableDef, col: Column) -> tuple[str, bool]:
+    """ADD COLUMN, and whether NOT NULL had to be left out: without a default the Agent could
+    fill existing rows with, NOT NULL would refuse a table that already holds rows."""
+    deferred = col.not_null and col.own_default is None and not col.generated
+    sql = f"ALTER TABLE {table.qualified} ADD COLUMN {column_sql(col, not_null=col.not_null and not deferred)};"
+    return sql, deferred
+
+
+def alter_column_sql(table: TableDef, column: str, action: str) -> str:
+    return f"ALTER TABLE {table.qualified} ALTER COLUMN {quote_ident(column)} {action};"
+
+
+def retype_sql(table: TableDef, col: Column) -> str:
+    c = quote_ident(col.name)
+    return alter_column_sql(table, col.name, f"TYPE {col.type} USING {c}::{col.type}")
+
+
+def primary_key_sql(table: TableDef, keys: Sequence[str], existing: str | None) -> str:
+    drop = f"DROP CONSTRAINT {quote_ident(existing)}, " if existing else ""
+    return f"ALTER TABLE {table.qualified} {drop}ADD PRIMARY KEY ({', '.join(quote_ident(k) for k in keys)});"
+
+
+# ---- comparison (pure) ----
+
+BY_HAND = "not applied by --apply"
+
+
+def compare(site: TableDef, agent: TableDef | None) -> list[Change]:
+    """Every difference between a table's Site and Agent definitions, Site order."""
+    label = display_name(site.schema, site.name)
+    if agent is None:
+        return [
+            Change(
+                label,
+                "missing_table",
+                None,
+                "table is missing on the Agent DB; `--apply` creates it (types it uses must exist there)",
+                create_table_sql(site),
+                safe=True,
+            )
+        ]
+    changes: list[Change] = []
+    missing = [c for c in site.columns if agent.column(c.name) is None]
+    only_agent = [c for c in agent.columns if site.column(c.name) is None]
+    renames = _renames(site, agent, missing, only_agent)
+    for col in missing:
+        statement, deferred = add_column_sql(agent, col)
+        note = f"column {col.name} is missing on the Agent DB"
+        if col.name in renames:
+            old = renames[col.name]
+            note = (
+                f"column {col.name} is missing on the Agent DB and {old} exists only there: it looks like a "
+                f"rename on the Site DB. A rename must be done by hand on the Agent DB (keeping its values): "
+                f"ALTER TABLE {agent.qualified} RENAME COLUMN {quote_ident(old)} TO {quote_ident(col.name)}; "
+                f"`--apply` instead adds {col.name} and leaves {old}"
+            )
+        if col.serial or col.identity:
+            note += "; the Site's sequence stays on the Site (replicated rows carry the values)"
+        if deferred:
+            note += (
+                f"; added without NOT NULL (rows already on the Agent DB have no value): once "
+                f"`dbsync reconcile --repair --table {label}` has filled them, run "
+                f"{alter_column_sql(agent, col.name, 'SET NOT NULL')}"
+            )
+        changes.append(
+            Change(label, "renamed" if col.name in renames else "missing_column", col.name, note, statement, safe=True)
+        )
+    for col in site.columns:
+        other = agent.column(col.name)
+        if other is not None:
+            changes.extend(_column_changes(agent, col, other))
+    for col in only_agent:
+        changes.append(_agent_only(agent, col, renamed=col.name in renames.values()))
+    changes.extend(_key_changes(site, agent))
+    return changes
+
+
+def _renames(site: TableDef, agent: TableDef, missing: list[Column], only_agent: list[Column]) -> dict[str, str]:
+    """Site column -> Agent-only column of the same type that it looks renamed from (same
+    position preferred): a rename shows as a column gone and one new."""
+    out: dict[str, str] = {}
+    free = list(only_agent)
+    for col in missing:
+        same_type = [c for c in free if c.type == col.type]
+        if not same_type:
+            continue
+        position = site.columns.index(col)
+        at = [c for c in same_type if agent.columns.index(c) == position]
+        chosen = (at or same_type)[0]
+        out[col.name] = chosen.name
+        free.remove(chosen)
+    return out
+
+
+def _column_changes(agent: TableDef, site_col: Column, agent_col: Column) -> list[Change]:
+    label, name = display_name(agent.schema, agent.name), site_col.name
+    out: list[Change] = []
+    if site_col.type != agent_col.type:
+        out.append(
+            Change(
+                label,
+                "retyped",
+                name,
+                f"column {name} is {site_col.type} on the Site DB and {agent_col.type} on the Agent DB; {BY_HAND}: "
+                f"a type change rewrites the Agent table and can fail or change values, review it and run it by hand",
+                retype_sql(agent, site_col),
+            )
+        )
+    if site_col.not_null and not agent_col.not_null:
+        out.append(
+            Change(
+                label,
+                "not_null",
+                name,
+                f"column {name} is NOT NULL on the Site DB only; {BY_HAND}: the Agent DB already takes every Site "
+                f"row, and SET NOT NULL scans the table and fails if it holds a NULL",
+                alter_column_sql(agent, name, "SET NOT NULL"),
+            )
+        )
+    elif agent_col.not_null and not site_col.not_null:
+        out.append(
+            Change(
+                label,
+                "not_null",
+                name,
+                f"column {name} is NOT NULL on the Agent DB only: a Site row with a NULL there is refused; "
+                f"{BY_HAND} (it relaxes a constraint the Agent's own users may rely on)",
+                alter_column_sql(agent, name, "DROP NOT NULL"),
+            )
+        )
+    sequence_or_generated = site_col.serial or site_col.identity or site_col.generated or agent_col.generated
+    if not sequence_or_generated and site_col.default != agent_col.default:
+        action = f"SET DEFAULT {site_col.default}" if site_col.default is not None else "DROP DEFAULT"
+        out.append(
+            Change(
+                label,
+                "default",
+                name,
+                f"column {name} has default {site_col.default or 'none'} on the Site DB and "
+                f"{agent_col.default or 'none'} on the Agent DB, which is fine for replication: replicated rows "
+                f"carry the Site's values, a default only fills rows the Agent DB inserts itself; {BY_HAND}",
+                alter_column_sql(agent, name, action),
+                differs=False,
+            )
+        )
+    if site_col.generated != agent_col.generated or (site_col.generated and site_col.default != agent_col.default):
+        out.append(
+            Change(
+                label,
+                "generated",
+                name,
+                f"column {name} is {'generated' if site_col.generated else 'not generated'} on the Site DB and "
+                f"{'generated' if agent_col.generated else 'not'} on the Agent DB (or by another expression); "
+                f"{BY_HAND}: drop and re-create it by hand",
+            )
+        )
+    if site_col.identity != agent_col.identity and agent_col.identity != "a":
+        out.append(
+            Change(
+                label,
+                "identity",
+                name,
+                f"column {name} is {_identity(site_col)} on the Site DB and {_identity(agent_col)} on the Agent DB, "
+                f"which is fine for replication: replicated rows carry the Site's values",
+                differs=False,
+            )
+        )
+    if agent_col.identity == "a" and site_col.identity != "a":
+        out.append(
+            Change(
+                label,
+                "identity",
+                name,
+                f"column {name} is GENERATED ALWAYS AS IDENTITY on the Agent DB only: the daemon never updates such "
+                f"a column, so a Site update of it would not replicate; {BY_HAND}",
+                alter_column_sql(agent, name, "SET GENERATED BY DEFAULT"),
+            )
+        )
+    return out
+
+
+def _identity(col: Column) -> str:
+    return {"a": "GENERATED ALWAYS AS IDENTITY", "d": "GENERATED BY DEFAULT AS IDENTITY"}.get(
+        col.identity, "no identity"
+    )
+
+
+def _agent_only(agent: TableDef, col: Column, *, renamed: bool) -> Change:
+    label = display_name(agent.schema, agent.name)
+    drop = f"ALTER TABLE {agent.qualified} DROP COLUMN {quote_ident(col.name)};"
+    gone = "renamed on the Site DB, see above" if renamed else "dropped on the Site DB, or the Agent's own"
+    if col.fills_itself:
+        how = "nullable" if not col.not_null else "filled by the Agent DB"
+        return Change(
+            label,
+            "agent_only",
+            col.name,
+            f"column {col.name} exists only on the Agent DB ({gone}); it is {how}, which is fine for replication: "
+            f"the daemon names the columns it writes. Never dropped by dbsync; if nothing needs it: {drop}",
+            differs=renamed,
+        )
+    return Change(
+        label,
+        "dropped",
+        col.name,
+        f"column {col.name} exists only on the Agent DB ({gone}) and is NOT NULL without a default: every new "
+        f"replicated row is refused; {BY_HAND}: DROP NOT NULL it, give it a default, or (losing its values) {drop}",
+        alter_column_sql(agent, col.name, "DROP NOT NULL"),
+    )
+
+
+def _key_changes(site: TableDef, agent: TableDef) -> list[Change]:
+    if sorted(site.primary_key) == sorted(agent.primary_key):
+        return []
+    have = ", ".join(agent.primary_key) or "none"
+    want = ", ".join(site.primary_key) or "none"
+    statement = primary_key_sql(agent, site.primary_key, agent.pk_name) if site.primary_key else None
+    return [
+        Change(
+            display_name(site.schema, site.name),
+            "key",
+            None,
+            f"primary key is ({want}) on the Site DB and ({have}) on the Agent DB; the daemon matches rows by the "
+            f"Site's key and needs a unique index on it; {BY_HAND}: building a key locks the table and fails on "
+            f"duplicates",
+            statement,
+        )
+    ]
+
+
+# ---- catalogs ----
+
+
+def table_def(conn: psycopg.Connection, schema: str, name: str) -> TableDef | None:
+    """The table as one side defines it; None when it has no such table."""
+    row = conn.execute(TABLE_OID, {"schema": schema, "name": name}).fetchone()
+    if row is None:
+        return None
+    oid = row[0]
+    columns = tuple(
+        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]))
+        for r in conn.execute(COLUMNS, {"oid": oid}).fetchall()
+    )
+    key = conn.execute(PRIMARY_KEY, {"oid": oid}).fetchall()
+    return TableDef(schema, name, columns, tuple(r[1] for r in key), key[0][0] if key else None)
+
+
+def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableReport]:
+    """One report per replicated table, in the registry's order."""
+    require_schema(site, agent)
+    reports = []
+    for replicated in registry.listing(site):
+        label = display_name(replicated.schema, replicated.name)
+        site_def = table_def(site, replicated.schema, replicated.name)
+        if site_def is None:
+            note = "replicated, but the Site DB has no such table any more; `dbsync tables remove` it"
+            reports.append(TableReport(label, [Change(label, "missing_on_site", None, note)]))
+            continue
+        reports.append(TableReport(label, compare(site_def, table_def(agent, replicated.schema, replicated.name))))
+    return reports
+
+
+def apply(agent: psycopg.Connection, changes: Sequence[Change]) -> list[Change]:
+    """Run the safe statements on the Agent DB in one transaction: all of them, or none."""
+    chosen = [c for c in changes if c.safe and c.statement]
+    if not chosen:
+        return []
+    current = chosen[0]
+    try:
+        with agent.transaction():
+            for current in chosen:
+                assert current.statement is not None
+                agent.execute(current.statement.encode())
+    except psycopg.Error as exc:
+        raise SchemaError(
+            f"--apply failed on {current.table} ({current.kind} {current.column or ''}): {first_line(exc)}; "
+            f"nothing was applied"
+        ) from None
+    return chosen
