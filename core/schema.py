@@ -32,13 +32,21 @@ WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND c.relkind IN ('r', 'p'
 
 # attidentity: '' none, 'a' ALWAYS, 'd' BY DEFAULT; attgenerated: '' or 's' (stored). `serial`: the
 # default comes from a sequence the column owns (serial, bigserial), which the Agent needs not have.
+# `calls_out`: the default (or generation expression) calls a function, operator or cast that is
+# not built in (built-in ones are pinned and have no pg_depend row): one `--apply` does not
+# evaluate on the Agent DB, where another role may have planted a more specific overload.
 COLUMNS = """
 SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
        pg_catalog.pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text,
        EXISTS (SELECT FROM pg_catalog.pg_depend s
                WHERE s.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND s.refobjid = a.attrelid
                  AND s.refobjsubid = a.attnum AND s.deptype = 'a'
-                 AND s.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass)
+                 AND s.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass),
+       EXISTS (SELECT FROM pg_catalog.pg_depend x
+               WHERE x.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND x.objid = d.oid
+                 AND x.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass,
+                                      'pg_catalog.pg_operator'::pg_catalog.regclass,
+                                      'pg_catalog.pg_cast'::pg_catalog.regclass))
 FROM pg_catalog.pg_attribute a
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
@@ -64,6 +72,7 @@ class Column:
     identity: str = ""  # "", "a" (ALWAYS) or "d" (BY DEFAULT)
     generated: str = ""  # "" or "s" (stored)
     serial: bool = False  # the default is nextval() of a sequence the column owns
+    calls_out: bool = False  # the expression calls a function, operator or cast that is not built in
 
     @property
     def own_default(self) -> str | None:
@@ -136,7 +145,9 @@ class TableReport:
 def column_sql(col: Column, *, not_null: bool | None = None) -> str:
     """A column definition for CREATE TABLE or ADD COLUMN, as the Agent should have it."""
     parts = [quote_ident(col.name), col.type]
-    if col.generated and col.default is not None:
+    if col.calls_out:
+        pass  # see calls_out_note: the daemon writes the Site's values either way
+    elif col.generated and col.default is not None:
         parts.append(f"GENERATED ALWAYS AS ({col.default}) STORED")
     elif col.own_default is not None:
         parts.append(f"DEFAULT {col.own_default}")
@@ -156,9 +167,25 @@ def create_table_sql(table: TableDef) -> str:
 def add_column_sql(table: TableDef, col: Column) -> tuple[str, bool]:
     """ADD COLUMN, and whether NOT NULL had to be left out: without a default the Agent could
     fill existing rows with, NOT NULL would refuse a table that already holds rows."""
-    deferred = col.not_null and col.own_default is None and not col.generated
+    filled = not col.calls_out and (col.own_default is not None or bool(col.generated))
+    deferred = col.not_null and not filled
     sql = f"ALTER TABLE {table.qualified} ADD COLUMN {column_sql(col, not_null=col.not_null and not deferred)};"
     return sql, deferred
+
+
+def calls_out_note(table: TableDef, col: Column) -> str:
+    """Why a column's expression was left out, and the statement that puts it back."""
+    if col.generated:
+        return (
+            f"column {col.name}'s generation expression ({col.default}) calls a function, operator or cast that is "
+            f"not built in, so --apply never runs it on the Agent DB: it is a plain column there (the daemon writes "
+            f"the Site's values)"
+        )
+    return (
+        f"column {col.name}'s default ({col.default}) calls a function, operator or cast that is not built in, so "
+        f"--apply never runs it on the Agent DB; after checking it there: "
+        f"{alter_column_sql(table, col.name, f'SET DEFAULT {col.default}')}"
+    )
 
 
 def alter_column_sql(table: TableDef, column: str, action: str) -> str:
@@ -184,16 +211,11 @@ def compare(site: TableDef, agent: TableDef | None) -> list[Change]:
     """Every difference between a table's Site and Agent definitions, Site order."""
     label = display_name(site.schema, site.name)
     if agent is None:
-        return [
-            Change(
-                label,
-                "missing_table",
-                None,
-                "table is missing on the Agent DB; `--apply` creates it (types it uses must exist there)",
-                create_table_sql(site),
-                safe=True,
-            )
-        ]
+        note = "table is missing on the Agent DB; `--apply` creates it (types it uses must exist there)"
+        for col in site.columns:
+            if col.calls_out and col.default is not None and not col.serial:
+                note += "; " + calls_out_note(site, col)
+        return [Change(label, "missing_table", None, note, create_table_sql(site), safe=True)]
     changes: list[Change] = []
     missing = [c for c in site.columns if agent.column(c.name) is None]
     only_agent = [c for c in agent.columns if site.column(c.name) is None]
@@ -211,6 +233,8 @@ def compare(site: TableDef, agent: TableDef | None) -> list[Change]:
             )
         if col.serial or col.identity:
             note += "; the Site's sequence stays on the Site (replicated rows carry the values)"
+        elif col.calls_out and col.default is not None:
+            note += "; " + calls_out_note(agent, col)
         if deferred:
             note += (
                 f"; added without NOT NULL (rows already on the Agent DB have no value): once "
@@ -393,7 +417,7 @@ def table_def(conn: psycopg.Connection, schema: str, name: str) -> TableDef | No
         return None
     oid = row[0]
     columns = tuple(
-        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]))
+        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]), bool(r[7]))
         for r in conn.execute(COLUMNS, {"oid": oid}).fetchall()
     )
     key = conn.execute(PRIMARY_KEY, {"oid": oid}).fetchall()

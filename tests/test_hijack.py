@@ -414,3 +414,26 @@ def test_the_planted_objects_do_run_where_nothing_protects_the_call(attacked: tu
     assert "hstore(public.attacked)" in what
     assert "unnest(int2vector)" in what
     assert "cast public.wmood as text" in what
+
+
+def test_schema_diff_runs_nothing_planted(attacked: tuple[DbPair, str]) -> None:
+    """`dbsync schema diff` reads both catalogs and `--apply` alters the Agent DB; the columns use
+    the attacker's types, arrays of them, and a default that casts to the attacker's enum."""
+    pair, _ = attacked
+    site, agent = pair.site(), pair.agent()
+    for conn in (site, agent):
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+    _cli(pair, "tables", "add", "public.attacked")
+    site.execute(
+        "ALTER TABLE public.attacked ADD COLUMN extra public.wtext DEFAULT 'x', "
+        "ADD COLUMN moods public.wmood[] NOT NULL DEFAULT '{calm}', ADD COLUMN k public.wkey"
+    )
+    agent.execute("ALTER TABLE public.attacked ALTER COLUMN body TYPE varchar(10), ADD COLUMN own public.wtext")
+    for args in (("schema", "diff"), ("schema", "diff", "--json"), ("schema", "diff", "--apply")):
+        result = dbsync_cmd(*args, env=pair.env())
+        assert result.returncode == 1, result.stdout + result.stderr  # the retype is left to a person
+    out = dbsync_cmd("schema", "diff", env=pair.env()).stdout
+    assert '-- ALTER TABLE "public"."attacked" ALTER COLUMN "body" TYPE text USING "body"::text;' in out
+    assert "extra" not in out and "moods" not in out  # added
+    assert ran(site) == [], "the attacker's objects ran on the Site DB"
+    assert ran(agent) == [], "the attacker's objects ran on the Agent DB"

@@ -54,6 +54,19 @@ def test_not_null_without_a_default_is_added_nullable() -> None:
 
 
 @pytest.mark.unit
+def test_an_expression_that_calls_out_of_pg_catalog_is_never_run_by_apply() -> None:
+    col = Column("ref", "uuid", not_null=True, default="public.new_ref()", calls_out=True)
+    plain, deferred = add_column_sql(ITEMS, col)
+    assert plain == 'ALTER TABLE "public"."items" ADD COLUMN "ref" uuid;' and deferred
+    (change,) = compare(_table(col), _table())
+    assert change.safe and change.statement == plain
+    assert 'ALTER TABLE "public"."items" ALTER COLUMN "ref" SET DEFAULT public.new_ref();' in change.note
+    assert 'ALTER COLUMN "ref" SET NOT NULL' in change.note
+    generated = Column("g", "integer", default="public.f(id)", generated="s", calls_out=True)
+    assert column_sql(generated) == '"g" integer'
+
+
+@pytest.mark.unit
 def test_create_table_has_every_column_and_the_key() -> None:
     table = _table(Column("Name", "text", default="'x'::text"), schema="Sales", name="Order Lines")
     assert create_table_sql(table) == (
@@ -365,3 +378,20 @@ def test_connection_errors_are_one_line_without_the_password(pair: DbPair) -> No
     env.pop("DBSYNC_AGENT_DSN")
     result = dbsync_cmd("schema", "diff", env=env)
     assert result.returncode == 2 and "agent" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_a_default_that_calls_a_function_of_the_site_is_left_out(pair: DbPair) -> None:
+    """The Agent DB has no such function (or, worse, someone else's overload of it)."""
+    replicate(pair, "CREATE TABLE public.items (id bigint PRIMARY KEY)", "public.items")
+    site = pair.site()
+    site.execute("INSERT INTO public.items VALUES (1)")
+    sync_once(pair)
+    site.execute("CREATE FUNCTION public.new_ref() RETURNS text LANGUAGE sql AS $$ SELECT 'r' $$")
+    site.execute("ALTER TABLE public.items ADD COLUMN ref text NOT NULL DEFAULT public.new_ref()")
+    code, out, _ = _cli(pair, "schema", "diff", "--apply")
+    assert code == 0, out
+    assert 'ALTER TABLE "public"."items" ADD COLUMN "ref" text;' in out.splitlines()
+    assert "SET DEFAULT public.new_ref();" in out and 'ALTER COLUMN "ref" SET NOT NULL' in out
+    code, out, _ = _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.items")
+    assert code == 0, out
+    assert _rows(pair.agent_dsn, "SELECT id, ref FROM public.items") == [(1, "r")]
