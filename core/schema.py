@@ -46,9 +46,14 @@ SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
                WHERE x.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND x.objid = d.oid
                  AND x.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass,
                                       'pg_catalog.pg_operator'::pg_catalog.regclass,
-                                      'pg_catalog.pg_cast'::pg_catalog.regclass))
+                                      'pg_catalog.pg_cast'::pg_catalog.regclass)),
+       CASE WHEN a.attcollation <> t.typcollation
+            THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END
 FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
 WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
@@ -73,6 +78,11 @@ class Column:
     generated: str = ""  # "" or "s" (stored)
     serial: bool = False  # the default is nextval() of a sequence the column owns
     calls_out: bool = False  # the expression calls a function, operator or cast that is not built in
+    collation: str | None = None  # qualified, when not the type's own: pg_catalog."C"
+
+    @property
+    def full_type(self) -> str:
+        return f"{self.type} COLLATE {self.collation}" if self.collation else self.type
 
     @property
     def own_default(self) -> str | None:
@@ -144,7 +154,7 @@ class TableReport:
 
 def column_sql(col: Column, *, not_null: bool | None = None) -> str:
     """A column definition for CREATE TABLE or ADD COLUMN, as the Agent should have it."""
-    parts = [quote_ident(col.name), col.type]
+    parts = [quote_ident(col.name), col.full_type]
     if col.calls_out:
         pass  # see calls_out_note: the daemon writes the Site's values either way
     elif col.generated and col.default is not None:
@@ -194,7 +204,7 @@ def alter_column_sql(table: TableDef, column: str, action: str) -> str:
 
 def retype_sql(table: TableDef, col: Column) -> str:
     c = quote_ident(col.name)
-    return alter_column_sql(table, col.name, f"TYPE {col.type} USING {c}::{col.type}")
+    return alter_column_sql(table, col.name, f"TYPE {col.full_type} USING {c}::{col.type}")
 
 
 def primary_key_sql(table: TableDef, keys: Sequence[str], existing: str | None) -> str:
@@ -260,7 +270,7 @@ def _renames(site: TableDef, agent: TableDef, missing: list[Column], only_agent:
     out: dict[str, str] = {}
     free = list(only_agent)
     for col in missing:
-        same_type = [c for c in free if c.type == col.type]
+        same_type = [c for c in free if c.full_type == col.full_type]
         if not same_type:
             continue
         position = site.columns.index(col)
@@ -274,13 +284,14 @@ def _renames(site: TableDef, agent: TableDef, missing: list[Column], only_agent:
 def _column_changes(agent: TableDef, site_col: Column, agent_col: Column) -> list[Change]:
     label, name = display_name(agent.schema, agent.name), site_col.name
     out: list[Change] = []
-    if site_col.type != agent_col.type:
+    if site_col.full_type != agent_col.full_type:
         out.append(
             Change(
                 label,
                 "retyped",
                 name,
-                f"column {name} is {site_col.type} on the Site DB and {agent_col.type} on the Agent DB; {BY_HAND}: "
+                f"column {name} is {site_col.full_type} on the Site DB and {agent_col.full_type} on the Agent DB; "
+                f"{BY_HAND}: "
                 f"a type change rewrites the Agent table and can fail or change values, review it and run it by hand",
                 retype_sql(agent, site_col),
             )
@@ -417,7 +428,7 @@ def table_def(conn: psycopg.Connection, schema: str, name: str) -> TableDef | No
         return None
     oid = row[0]
     columns = tuple(
-        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]), bool(r[7]))
+        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]), bool(r[7]), r[8])
         for r in conn.execute(COLUMNS, {"oid": oid}).fetchall()
     )
     key = conn.execute(PRIMARY_KEY, {"oid": oid}).fetchall()

@@ -82,6 +82,14 @@ def test_retype_casts_with_using() -> None:
     assert retype_sql(ITEMS, Column("Amount", "numeric(12,2)")) == (
         'ALTER TABLE "public"."items" ALTER COLUMN "Amount" TYPE numeric(12,2) USING "Amount"::numeric(12,2);'
     )
+    # A collation other than the type's own is part of the column's type.
+    site, agent = _table(Column("t", "text", collation='pg_catalog."C"')), _table(Column("t", "text"))
+    (change,) = compare(site, agent)
+    assert change.kind == "retyped" and not change.safe
+    assert (
+        change.statement
+        == 'ALTER TABLE "public"."items" ALTER COLUMN "t" TYPE text COLLATE pg_catalog."C" USING "t"::text;'
+    )
 
 
 @pytest.mark.unit
@@ -293,7 +301,7 @@ CREATE TABLE "Sales"."Order Lines" (
     price numeric(10,2),
     twice numeric GENERATED ALWAYS AS (price * 2) STORED,
     moods public.mood[],
-    "Label" varchar(10) DEFAULT 'x'
+    "Label" varchar(10) COLLATE "C" DEFAULT 'x'
 );
 """
 )
@@ -316,7 +324,7 @@ def test_a_table_missing_on_the_agent_is_created(pair: DbPair) -> None:
         '    "price" numeric(10,2),\n'
         '    "twice" numeric GENERATED ALWAYS AS ((price * (2)::numeric)) STORED,\n'
         '    "moods" public.mood[],\n'
-        "    \"Label\" character varying(10) DEFAULT 'x'::character varying,\n"
+        '    "Label" character varying(10) COLLATE pg_catalog."C" DEFAULT \'x\'::character varying,\n'
         '    PRIMARY KEY ("id")\n'
         ");"
     )
