@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from dbsync.schema import Column, TableDef, add_column_sql, column_sql, compare, create_table_sql, retype_sql
-from tests.helpers import DbPair, dbsync_cmd, replicate, sync_once
+from tests.helpers import Daemon, DbPair, dbsync_cmd, replicate, sync_once, wait_until
 
 # ---- statement rendering and comparison: no server ----
 
@@ -403,3 +405,25 @@ def test_a_default_that_calls_a_function_of_the_site_is_left_out(pair: DbPair) -
     code, out, _ = _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.items")
     assert code == 0, out
     assert _rows(pair.agent_dsn, "SELECT id, ref FROM public.items") == [(1, "r")]
+
+
+def test_a_running_daemon_stopped_by_a_new_column_resumes_after_apply(pair: DbPair, tmp_path: Path) -> None:
+    replicate(pair, "CREATE TABLE public.items (id bigint PRIMARY KEY, title text)", "public.items")
+    site = pair.site()
+    query = "SELECT id, title, score FROM public.items ORDER BY id"
+    with Daemon(pair, log_path=tmp_path / "daemon.log"):
+        site.execute("INSERT INTO public.items VALUES (1, 'one')")
+        wait_until(lambda: _rows(pair.agent_dsn, "SELECT id FROM public.items") == [(1,)], what="row 1 applied")
+        site.execute("ALTER TABLE public.items ADD COLUMN score numeric(6,2) NOT NULL DEFAULT 0")
+        site.execute("INSERT INTO public.items VALUES (2, 'two', 2.5)")
+        wait_until(
+            lambda: _rows(pair.agent_dsn, "SELECT last_error FROM dbsync.apply_progress WHERE last_error IS NOT NULL"),
+            what="the daemon to stop on the new column",
+        )
+        code, out, _ = _cli(pair, "schema", "diff", "--apply")
+        assert code == 0, out
+        wait_until(
+            lambda: _rows(pair.agent_dsn, query) == _rows(pair.site_dsn, query),
+            what="the daemon to resume with the new column",
+        )
+    assert _rows(pair.agent_dsn, query) == [(1, "one", 0), (2, "two", Decimal("2.50"))]
