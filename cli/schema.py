@@ -41,7 +41,7 @@ def diff(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, a
     if as_json:
         out = {
             "in_sync": not left,
-            "tables": {r.table: [c.as_dict() for c in r.changes] for r in reports},
+            "tables": {r.table: [{**c.as_dict(), "applied": c in applied} for c in r.changes] for r in reports},
             "applied": [c.statement for c in applied],
         }
         click.echo(json.dumps(out, indent=2))

@@ -237,9 +237,10 @@ def compare(site: TableDef, agent: TableDef | None) -> list[Change]:
             old = renames[col.name]
             note = (
                 f"column {col.name} is missing on the Agent DB and {old} exists only there: it looks like a "
-                f"rename on the Site DB. A rename must be done by hand on the Agent DB (keeping its values): "
-                f"ALTER TABLE {agent.qualified} RENAME COLUMN {quote_ident(old)} TO {quote_ident(col.name)}; "
-                f"`--apply` instead adds {col.name} and leaves {old}"
+                f"rename on the Site DB. A rename must be done by hand on the Agent DB, before any --apply, to keep "
+                f"its values: ALTER TABLE {agent.qualified} RENAME COLUMN {quote_ident(old)} "
+                f"TO {quote_ident(col.name)}; "
+                f"`--apply` adds {col.name} empty and leaves {old} as it is"
             )
         if col.serial or col.identity:
             note += "; the Site's sequence stays on the Site (replicated rows carry the values)"
@@ -418,6 +419,17 @@ def _key_changes(site: TableDef, agent: TableDef) -> list[Change]:
     ]
 
 
+def _registered_key(label: str, registered: Sequence[str], primary_key: Sequence[str]) -> Change:
+    return Change(
+        label,
+        "registered_key",
+        None,
+        f"the Site's primary key ({', '.join(primary_key) or 'none'}) is not the key dbsync captures and matches "
+        f"rows by ({', '.join(registered)}), set when the table was added: once both sides have the new key, "
+        f"`dbsync tables remove` the table and `dbsync tables add` it again",
+    )
+
+
 # ---- catalogs ----
 
 
@@ -446,7 +458,10 @@ def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableRepor
             note = "replicated, but the Site DB has no such table any more; `dbsync tables remove` it"
             reports.append(TableReport(label, [Change(label, "missing_on_site", None, note)]))
             continue
-        reports.append(TableReport(label, compare(site_def, table_def(agent, replicated.schema, replicated.name))))
+        changes = compare(site_def, table_def(agent, replicated.schema, replicated.name))
+        if sorted(replicated.keys) != sorted(site_def.primary_key):
+            changes.append(_registered_key(label, replicated.keys, site_def.primary_key))
+        reports.append(TableReport(label, changes))
     return reports
 
 

@@ -427,3 +427,17 @@ def test_a_running_daemon_stopped_by_a_new_column_resumes_after_apply(pair: DbPa
             what="the daemon to resume with the new column",
         )
     assert _rows(pair.agent_dsn, query) == [(1, "one", 0), (2, "two", Decimal("2.50"))]
+
+
+def test_a_changed_primary_key_is_reported_on_both_counts(pair: DbPair) -> None:
+    replicate(pair, "CREATE TABLE public.items (id bigint PRIMARY KEY, part integer NOT NULL)", "public.items")
+    pair.site().execute("ALTER TABLE public.items DROP CONSTRAINT items_pkey, ADD PRIMARY KEY (id, part)")
+    code, out, _ = _cli(pair, "schema", "diff", "--json", "--apply")
+    assert code == 1, out
+    changes = {c["kind"]: c for c in json.loads(out)["tables"]["public.items"]}
+    assert set(changes) == {"key", "registered_key"}
+    assert changes["key"]["statement"] == (
+        'ALTER TABLE "public"."items" DROP CONSTRAINT "items_pkey", ADD PRIMARY KEY ("id", "part");'
+    )
+    assert not changes["key"]["safe"] and not changes["key"]["applied"]
+    assert "`dbsync tables remove` the table and `dbsync tables add` it again" in changes["registered_key"]["note"]
