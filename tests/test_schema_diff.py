@@ -163,6 +163,8 @@ def test_equal_definitions_have_no_change() -> None:
 TYPES = """
 CREATE DOMAIN public.posint AS integer CHECK (VALUE > 0);
 CREATE TYPE public.mood AS ENUM ('calm', 'angry');
+CREATE SCHEMA "Odd";
+CREATE TYPE "Odd"."Mood Type" AS ENUM ('a', 'b');
 """
 ITEMS_DDL = (
     TYPES
@@ -303,7 +305,8 @@ CREATE TABLE "Sales"."Order Lines" (
     price numeric(10,2),
     twice numeric GENERATED ALWAYS AS (price * 2) STORED,
     moods public.mood[],
-    "Label" varchar(10) COLLATE "C" DEFAULT 'x'
+    "Label" varchar(10) COLLATE "C" DEFAULT 'x',
+    odd "Odd"."Mood Type"[]
 );
 """
 )
@@ -314,7 +317,8 @@ def test_a_table_missing_on_the_agent_is_created(pair: DbPair) -> None:
     replicate(pair, CREATED_SITE, '"Sales"."Order Lines"', agent_ddl=CREATED_AGENT)
     site = pair.site()
     site.execute(
-        """INSERT INTO "Sales"."Order Lines" (qty, price, moods) VALUES (2, 1.50, '{calm}'), (3, NULL, NULL)"""
+        """INSERT INTO "Sales"."Order Lines" (qty, price, moods, odd) VALUES (2, 1.50, '{calm}', '{b,a}'), """
+        "(3, NULL, NULL, NULL)"
     )
     code, out, _ = _cli(pair, "schema", "diff")
     assert code == 1, out
@@ -327,6 +331,7 @@ def test_a_table_missing_on_the_agent_is_created(pair: DbPair) -> None:
         '    "twice" numeric GENERATED ALWAYS AS ((price * (2)::numeric)) STORED,\n'
         '    "moods" public.mood[],\n'
         '    "Label" character varying(10) COLLATE pg_catalog."C" DEFAULT \'x\'::character varying,\n'
+        '    "odd" "Odd"."Mood Type"[],\n'
         '    PRIMARY KEY ("id")\n'
         ");"
     )
@@ -343,7 +348,7 @@ def test_a_table_missing_on_the_agent_is_created(pair: DbPair) -> None:
     assert code == 0, out
     site.execute("""UPDATE "Sales"."Order Lines" SET price = 4 WHERE id = 2""")
     sync_once(pair)
-    query = 'SELECT id, n, qty, price, twice, moods::text, "Label" FROM "Sales"."Order Lines" ORDER BY id'
+    query = 'SELECT id, n, qty, price, twice, moods::text, "Label", odd::text FROM "Sales"."Order Lines" ORDER BY id'
     assert _rows(pair.agent_dsn, query) == _rows(pair.site_dsn, query)
     assert len(_rows(pair.agent_dsn, query)) == 2
 
