@@ -136,6 +136,8 @@ class Service:
         """Swap in reloaded settings (only dbsync.daemon.reload.LIVE may differ)."""
         self.settings = settings
         self.replicator.use_settings(settings)
+        if self.verifier is not None:
+            self.verifier.settings = settings  # read at each range
         logging.getLogger().setLevel(settings.log_level.upper())
         self.alerter.url = settings.alert_webhook
         if settings.alert_webhook and self._sender is not None and self._sender.done():

@@ -233,3 +233,32 @@ def test_writers_during_verification_make_no_false_mismatch(pair: DbPair, seed: 
         assert status_json(pair)[1]["verify_mismatches"] == 0
     assert "differs between" not in log_text(log) and "full verification: " in log_text(log)
     assert "Traceback" not in log_text(log)
+
+
+PROGRESS = "SELECT pass_started_at, table_name, last_key, last_pass_started_at FROM dbsync.verify_progress"
+
+
+def test_a_killed_daemon_resumes_its_pass(pair: DbPair, tmp_path: Path) -> None:
+    """Ranges of 10 rows at 100 rows a second: the daemon is killed inside a table, and the next
+    one goes on from the last range recorded on the Agent DB; the pass that started before the
+    kill is the one that finishes."""
+    replicate(pair, PAIRS, "public.pairs")
+    fill(pair, 300)
+    agent = pair.agent()
+    slow = ("--full-verify-interval", "3600", "--verify-rows-per-second", "100")
+    with Daemon(pair, *slow, log_path=tmp_path / "first.log") as first:
+        started, table, last_key, _ = wait_until(
+            lambda: agent.execute(PROGRESS + " WHERE table_name = 'pairs' AND last_key LIKE '{%'").fetchone(),
+            what="the pass inside public.pairs",
+        )
+        first.kill()
+    assert started is not None
+    with Daemon(pair, *slow, log_path=tmp_path / "second.log"):
+        wait_until(
+            lambda: agent.execute(PROGRESS + " WHERE last_pass_started_at IS NOT NULL").fetchone(),
+            timeout=60,
+            what="the pass to finish",
+        )
+    done = agent.execute(PROGRESS).fetchone()
+    assert done is not None and done[3] == started and done[0] is None
+    assert "pass started" not in log_text(tmp_path / "second.log")
