@@ -6,6 +6,7 @@ a false mismatch."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from dbsync.catchup import CatchUp
 from dbsync.db import connect
@@ -262,3 +264,55 @@ def test_a_killed_daemon_resumes_its_pass(pair: DbPair, tmp_path: Path) -> None:
     done = agent.execute(PROGRESS).fetchone()
     assert done is not None and done[3] == started and done[0] is None
     assert "pass started" not in log_text(tmp_path / "second.log")
+
+
+VERIFY_SITE_GRANTS = (
+    "GRANT SELECT ON public.conversations, public.leads, public.whatsapp_messages TO {role}",
+    "GRANT EXECUTE ON FUNCTION dbsync.resync_keys(regclass, json) TO {role}",
+)
+VERIFY_AGENT_GRANTS = (
+    "GRANT SELECT, INSERT, UPDATE ON dbsync.verify_progress TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON dbsync.verify_mismatches TO {role}",
+)
+
+
+def test_the_documented_grants_are_enough_to_verify_and_repair(pair: DbPair, tmp_path: Path) -> None:
+    """docs/dba.md's roles, with the verification's grants added: a tampered row is found and
+    repaired through the sync log, no privilege missing."""
+    from tests.test_privileges import AGENT_GRANTS, SITE_GRANTS
+
+    tag = f"{os.getpid()}_{abs(hash(pair.site_dsn)) % 100000}"
+    reader, applier = f"dbsync_vreader_{tag}", f"dbsync_vapplier_{tag}"
+    site, agent = pair.site(), pair.agent()
+    site.execute(f"CREATE ROLE {reader} LOGIN")
+    agent.execute(f"CREATE ROLE {applier} LOGIN")
+    try:
+        for stmt in [*SITE_GRANTS.strip().splitlines(), *VERIFY_SITE_GRANTS]:
+            site.execute(stmt.format(role=reader))
+        for stmt in [*AGENT_GRANTS.strip().splitlines(), *VERIFY_AGENT_GRANTS]:
+            agent.execute(stmt.format(role=applier))
+        fill_conversations = "INSERT INTO conversations (phone_number) SELECT '+' || g FROM generate_series(1, 50) g"
+        site.execute(fill_conversations)
+        limited = DbPair(
+            site_dsn=make_conninfo(pair.site_dsn, user=reader),
+            agent_dsn=make_conninfo(pair.agent_dsn, user=applier),
+            site_server=pair.site_server,
+            agent_server=pair.agent_server,
+        )
+        port = free_port()
+        log = tmp_path / "daemon.log"
+        with verify_daemon(limited, port, log, "--verify-repair"):
+            wait_until(lambda: serving(port), what="the HTTP listener")
+            wait_until(lambda: same(pair, ["public.conversations"]), what="the rows replicated")
+            agent.execute("UPDATE conversations SET contact_name = 'tampered' WHERE id = 7")
+            wait_until(
+                lambda: scrape_when(port, lambda m: m.get("dbsync_verify_repaired_total") == 1), what="the repair"
+            )
+            wait_until(lambda: same(pair, ["public.conversations"]), what="the row repaired")
+            assert metrics(port)["dbsync_verify_open_mismatches"] == 0
+        text = log_text(log)
+        assert "ERROR" not in text and "permission denied" not in text, text
+    finally:
+        for conn, role in ((site, reader), (agent, applier)):
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
