@@ -338,7 +338,12 @@ def check_range(
 
     The range ends at a key read on the Site DB; the last range of a table has no end, so rows
     the Agent DB has beyond the Site's last key are compared too. Candidates are rechecked by
-    `recheck`, exactly as `deep_check` does for a whole table."""
+    `recheck`, exactly as `deep_check` does for a whole table.
+
+    Each side reads the range in its own key order. Should the two orders differ (text keys
+    under different collations), consecutive ranges still cover every Agent row at least once;
+    a row placed in different ranges on the two sides is only a candidate, which the recheck
+    (by key) finds equal."""
     site_q, agent_q = comparer.queries(target)
     params: dict[str, Any] = {"after": after, "skip": rows - 1}
     with comparer.site.transaction():

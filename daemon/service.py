@@ -87,6 +87,9 @@ class Service:
             loop = asyncio.get_running_loop()
             # Every change is judged, in order: an incident repaired within a second still alerts.
             self.verifier.on_change = lambda found: loop.call_soon_threadsafe(self._evaluate_verify, found)
+            self.verifier.on_crash = lambda exc: loop.call_soon_threadsafe(
+                self._helper_failed, "full verification", exc
+            )
             self.verifier.start()
         try:
             await self.replicator.run()
@@ -111,13 +114,16 @@ class Service:
     def _helper(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         def done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
-                log.error("the %s failed; stopping", name, exc_info=task.exception())
-                self._crashed = task.exception()
-                self.stop.set()
+                self._helper_failed(name, task.exception())
 
         task = asyncio.ensure_future(coro)
         task.add_done_callback(done)
         return task
+
+    def _helper_failed(self, name: str, exc: BaseException | None) -> None:
+        log.error("the %s failed; stopping", name, exc_info=exc)
+        self._crashed = exc
+        self.stop.set()
 
     # -- reloads ---------------------------------------------------------------------------------
     async def _reloads(self) -> None:

@@ -9,8 +9,9 @@ daemon resumes it; so are the rows found differing, until a recheck finds them e
 repair through the sync log, with `verify_repair`, or by `dbsync reconcile --repair`).
 
 It runs in a thread of its own with its own connections (the comparison is psycopg code), and
-only while this daemon is the active one. It never stops replication: a failure is logged once
-and retried with backoff.
+only while this daemon is the active one. A database failure never stops replication: it is
+logged once and retried with backoff. A bug (any other exception) stops the daemon, as a failed
+helper of the service does, rather than leaving it running without its verification.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dbsync.catchup import CatchUp
 from dbsync.config import Settings
 from dbsync.daemon.backoff import Backoff
 from dbsync.db import connect, first_line
-from dbsync.errors import DbsyncError
+from dbsync.errors import DbsyncError, SchemaError
 from dbsync.reconcile import ComparedTable, Comparer, Seen, TableDiff, check_range, recheck, targets
 from dbsync.repair import repair
 
@@ -79,8 +80,10 @@ class Verifier:
         self._unsure: dict[int, set[str]] = {}  # kept changing: rechecked before they are judged
         self._rechecked_at = 0.0
         self._overran = False
-        # Called (in this thread) with the open mismatches each time they change.
+        # Called (in this thread) with the open mismatches each time they change, and with the
+        # exception that ended the thread, if a bug did.
         self.on_change: Callable[[dict[tuple[int, str], Mismatch]], object] | None = None
+        self.on_crash: Callable[[BaseException], object] | None = None
         self._thread: threading.Thread | None = None
         self._chosen: tuple[datetime | None, dict[int, ComparedTable]] | None = None
 
@@ -110,14 +113,21 @@ class Verifier:
                     log.error("full verification: %s; retrying", message)
                     self.problem = message
                 self.stop.wait(backoff.next_delay())
-            except Exception:
-                log.exception("full verification failed; retrying")
-                self.stop.wait(backoff.next_delay())
+            except Exception as exc:
+                if self.on_crash is None:
+                    raise
+                self.on_crash(exc)
+                return
 
     def _session(self) -> None:
         s = self.settings
         assert s.site_dsn and s.agent_dsn
         with connect(s.site_dsn, "Site") as site, connect(s.agent_dsn, "Agent") as agent:
+            if agent.execute(record.HAS_RECORD).fetchone() != (True,):
+                raise SchemaError(
+                    "the Agent DB lacks dbsync.verify_progress (Agent migration 0003_agent_verify): "
+                    "run `dbsync migrate`"
+                )
             comparer = Comparer(site, agent)
             try:
                 catchup = CatchUp(site, agent, s, timeout=CATCHUP_TIMEOUT)
