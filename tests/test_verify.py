@@ -177,7 +177,7 @@ def test_tampering_is_reported_then_repaired(pair: DbPair, hook: Webhook, tmp_pa
 
 def test_writers_during_verification_make_no_false_mismatch(pair: DbPair, seed: int, tmp_path: Path) -> None:
     """Inserts, updates and deletes on the Site DB while pass after pass compares the tables in
-    small ranges: not one row is reported as differing."""
+    small ranges, and across a SIGKILL of the daemon: not one row is reported as differing."""
     replicate(pair, PAIRS, "public.pairs")
     fill(pair, 600)
     port = free_port()
@@ -205,34 +205,39 @@ def test_writers_during_verification_make_no_false_mismatch(pair: DbPair, seed: 
                         site.execute("UPDATE conversations SET unread_count = unread_count + 1 WHERE id = %s", (a,))
                 writes += 1
 
-    with Daemon(
-        pair,
-        "--http",
-        f"127.0.0.1:{port}",
-        "--full-verify-interval",
-        "0.5",
-        "--verify-rows-per-second",
-        "3000",  # ranges of 300 rows: several per table
-        log_path=log,
-    ):
-        wait_until(lambda: ready(port), what="/readyz 200")
-        thread = threading.Thread(target=writer)
-        thread.start()
-        try:
+    args = ("--http", f"127.0.0.1:{port}", "--full-verify-interval", "0.5")
+    budget = ("--verify-rows-per-second", "3000")  # ranges of 300 rows: several per table
+    thread = threading.Thread(target=writer)
+    try:
+        with Daemon(pair, *args, *budget, log_path=log) as first:
+            wait_until(lambda: ready(port), what="/readyz 200")
+            thread.start()
             wait_until(
-                lambda: scrape_when(port, lambda m: m.get("dbsync_verify_passes_total", 0) >= 4),
+                lambda: scrape_when(port, lambda m: m.get("dbsync_verify_passes_total", 0) >= 2),
                 timeout=90,
-                what="four passes under writes",
+                what="two passes under writes",
             )
-        finally:
+            assert metrics(port)["dbsync_verify_mismatches_total"] == 0
+            first.kill()  # mid-pass, mid-page: its successor catches up while it verifies
+        with Daemon(pair, *args, *budget, log_path=log):
+            wait_until(lambda: serving(port), what="the new daemon's HTTP listener")
+            wait_until(
+                lambda: scrape_when(port, lambda m: m.get("dbsync_verify_passes_total", 0) >= 2),
+                timeout=90,
+                what="two more passes under writes, after the kill",
+            )
             stop.set()
             thread.join()
-        m = metrics(port)
-        assert writes > 50
-        assert m["dbsync_verify_mismatches_total"] == 0 and m["dbsync_verify_open_mismatches"] == 0
-        assert m["dbsync_verify_rows_total"] >= 4 * 600
-        wait_until(lambda: same(pair, ["public.pairs", "public.conversations"]), what="the writes replicated")
-        assert status_json(pair)[1]["verify_mismatches"] == 0
+            m = metrics(port)
+            assert writes > 50
+            assert m["dbsync_verify_mismatches_total"] == 0 and m["dbsync_verify_open_mismatches"] == 0
+            assert m["dbsync_verify_rows_total"] >= 2 * 600
+            wait_until(lambda: same(pair, ["public.pairs", "public.conversations"]), what="the writes replicated")
+            assert status_json(pair)[1]["verify_mismatches"] == 0
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
     assert "differs between" not in log_text(log) and "full verification: " in log_text(log)
     assert "Traceback" not in log_text(log)
 
