@@ -40,6 +40,9 @@ log = logging.getLogger("dbsync.verify")
 CATCHUP_TIMEOUT = 60.0
 # Rows per range: a tenth of a second's budget, within these bounds.
 MIN_RANGE, MAX_RANGE = 10, 5000
+# Every statement of the verification is small (one range, one key list): one that runs longer
+# than this is cancelled by the server, and the verification starts its session again.
+STATEMENT_TIMEOUT = "60s"
 # Rows found differing (or changing) are compared again at most this often.
 RECHECK_EVERY = 30.0
 # Keys named per log line; the rest are counted.
@@ -128,6 +131,8 @@ class Verifier:
                     "the Agent DB lacks dbsync.verify_progress (Agent migration 0003_agent_verify): "
                     "run `dbsync migrate`"
                 )
+            for conn in (site, agent):
+                conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
             comparer = Comparer(site, agent)
             try:
                 catchup = CatchUp(site, agent, s, timeout=CATCHUP_TIMEOUT)
