@@ -38,6 +38,24 @@ STOP_GRACE = 4.0
 )
 @click.option("--http", metavar="HOST:PORT", default=None, help="Serve /metrics, /healthz and /readyz (default: off).")
 @click.option("--alert-webhook", metavar="URL", default=None, help="POST alerts as JSON here (default: only log them).")
+@click.option(
+    "--full-verify-interval",
+    type=float,
+    metavar="SECONDS",
+    default=None,
+    help="Compare every replicated table with the Site DB this often (default: off).",
+)
+@click.option(
+    "--verify-rows-per-second",
+    type=int,
+    default=None,
+    help="Rows a second the full verification reads from each database (default 5000).",
+)
+@click.option(
+    "--verify-repair/--no-verify-repair",
+    default=None,
+    help="Repair rows the full verification finds differing, through the sync log (default: report only).",
+)
 def run(
     config_file: str | None,
     site_dsn: str | None,
@@ -49,6 +67,9 @@ def run(
     lag_threshold: float | None,
     http: str | None,
     alert_webhook: str | None,
+    full_verify_interval: float | None,
+    verify_rows_per_second: int | None,
+    verify_repair: bool | None,
 ) -> None:
     """Replicate continuously until SIGTERM or SIGINT.
 
@@ -67,6 +88,9 @@ def run(
         lag_threshold=lag_threshold,
         http=http,
         alert_webhook=alert_webhook,
+        full_verify_interval=full_verify_interval,
+        verify_rows_per_second=verify_rows_per_second,
+        verify_repair=verify_repair,
         log_level=_log_level_flag(),
     )
     settings = check(load())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -72,10 +73,26 @@ def status(
         ("active daemon", st.active_daemon or "none"),
         ("parked events", st.parked_events),
         ("tables", ", ".join(st.tables) or "none"),
-        ("health", "ok" if st.healthy else "UNHEALTHY: " + "; ".join(st.problems)),
     ]
+    if st.verify is not None:
+        rows += [("full verify", _verify_line(st.verify)), ("verify mismatches", st.verify_mismatches)]
+    rows.append(("health", "ok" if st.healthy else "UNHEALTHY: " + "; ".join(st.problems)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+    if st.verify is not None:
+        for item in st.verify["mismatched_keys"]:
+            click.echo(f"  {item['table']}  {item['kind']:<7}  {json.dumps(item['key'])}")
+        if st.verify_mismatches > len(st.verify["mismatched_keys"]):
+            click.echo(f"  ... and {st.verify_mismatches - len(st.verify['mismatched_keys'])} more")
     if not st.healthy:
         raise SystemExit(1)
+
+
+def _verify_line(verify: dict[str, Any]) -> str:
+    done = verify["last_pass_finished_at"]
+    line = f"last pass finished {done}" if done else "no pass finished yet"
+    if verify["pass_started_at"]:
+        where = f" at {verify['pass_table']}" if verify["pass_table"] else ""
+        line += f"; a pass is running{where} ({verify['pass_rows_checked']} rows compared)"
+    return line

@@ -47,6 +47,12 @@ class Settings:
     alert_webhook: str | None = None
     # `dbsync run` only, from the file or DBSYNC_LOG_LEVEL when `dbsync --log-level` is not given.
     log_level: str = "info"
+    # `dbsync run` only: a full verification of every replicated table starts this often
+    # (seconds; off by default), reading at most verify_rows_per_second rows a second from each
+    # database; with verify_repair, rows found differing are repaired through the sync log.
+    full_verify_interval: float | None = None
+    verify_rows_per_second: int = 5000
+    verify_repair: bool = False
     config_file: Path | None = field(default=None, compare=False)
 
     def require(self, *names: str) -> Settings:
@@ -61,8 +67,18 @@ class Settings:
 _TYPES = {f.name: f.type for f in fields(Settings)}
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
 def _coerce(name: str, value: Any, origin: str) -> Any:
-    kind = _TYPES[name]
+    kind = str(_TYPES[name]).split(" ")[0]  # "float | None": a float, when set
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{origin}: {name} must be true or false, got {value!r}")
     try:
         if kind == "int":
             if isinstance(value, bool):
@@ -83,7 +99,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
                 raise ValueError
             return value
     except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: {name} must be a positive {kind.split(' ')[0]}, got {value!r}") from None
+        raise ConfigError(f"{origin}: {name} must be a positive {kind}, got {value!r}") from None
     return value
 
 

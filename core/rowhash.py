@@ -124,6 +124,44 @@ class HashQueries:
             self.key_json, self.row_hash, self.table, raw(self.shape.key_defs), self.key_match
         )
 
+    # -- key ranges (the daemon's full verification walks a table in key order) ------------------
+    # A range is (after, upto]: keys after %(after)s and up to %(upto)s (JSON key objects; either
+    # may be absent: the table's start, its end). Bounds are read through json_to_record in a
+    # LATERAL join, so the key index serves the range as it serves ORDER BY.
+
+    def range_end(self, after: bool) -> sql.Composed:
+        """The key %(skip)s rows after %(after)s in key order (none: the range runs to the end)."""
+        return self._in_range(sql.SQL("{} AS key").format(self.key_json), after, False, ordered=True)
+
+    def range_sum(self, after: bool, upto: bool) -> sql.Composed:
+        """(rows, sum of row hashes) of the range."""
+        inner = self._in_range(sql.SQL("{} AS h").format(self.row_hash), after, upto, ordered=False)
+        return sql.SQL("SELECT count(*), coalesce(sum(r.h), 0) FROM ({}) r").format(inner)
+
+    def rows_in_range(self, after: bool, upto: bool) -> sql.Composed:
+        """(key, row hash) of every row of the range."""
+        return self._in_range(sql.SQL("{}, {}").format(self.key_json, self.row_hash), after, upto, ordered=False)
+
+    def _in_range(self, select: sql.Composable, after: bool, upto: bool, *, ordered: bool) -> sql.Composed:
+        keys = _cols(self.shape.keys)
+        bounds: list[sql.Composable] = []
+        where: list[sql.Composable] = []
+        defs = raw(self.shape.key_defs)
+        for used, alias, param, op in ((after, "a", "after", ">"), (upto, "u", "upto", "<=")):
+            if used:
+                bounds.append(
+                    sql.SQL("json_to_record(%({})s::json) AS {}({})").format(sql.SQL(param), sql.SQL(alias), defs)
+                )
+                where.append(sql.SQL("ROW({}) {} ROW({})").format(keys, sql.SQL(op), _cols(self.shape.keys, alias)))
+        body = sql.SQL("SELECT {} FROM {} t").format(select, self.table)
+        if where:
+            body += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+        if ordered:
+            body += sql.SQL(" ORDER BY {} OFFSET %(skip)s LIMIT 1").format(keys)
+        if not bounds:
+            return body
+        return sql.SQL("SELECT s.* FROM {} CROSS JOIN LATERAL ({}) s").format(sql.SQL(", ").join(bounds), body)
+
 
 def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:
     """`left.k1 = right.k1 AND ...`, each with the key type's own equality operator."""
@@ -138,8 +176,8 @@ def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:
     )
 
 
-def _cols(names: tuple[str, ...]) -> sql.Composed:
-    return sql.SQL(", ").join(sql.SQL("t.{}").format(sql_ident(n)) for n in names)
+def _cols(names: tuple[str, ...], alias: str = "t") -> sql.Composed:
+    return sql.SQL(", ").join(sql.SQL(alias + ".{}").format(sql_ident(n)) for n in names)
 
 
 # A json_to_recordset column list for the key columns of a table, in key order, with this

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ from dbsync.protocol import (
     no_schema,
 )
 from dbsync.tables import partition_drift
+from dbsync.verify import VerifyStatus, read_verify_status
 
 NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync_log_seq"
 # Every consumer the Agent DB has progress for.
@@ -50,6 +52,10 @@ class Status:
     last_error_at: datetime | None
     lag_threshold: float
     problems: list[str]
+    # Rows the daemon's full verification found differing, not yet equal again (0 when it is
+    # off, or the Agent DB predates it), and where it stands (None: never run).
+    verify_mismatches: int = 0
+    verify: dict[str, Any] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -142,6 +148,12 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
     over = f"lag {seconds:.1f} s is over the threshold of {lag_threshold:g} s" if seconds > lag_threshold else None
     problems = _problems(active, parked, last_error, over)
     problems.extend(partition_drift(site))
+    verify = read_verify_status(agent, source)
+    if verify is not None and verify.mismatches:
+        problems.append(
+            f"{verify.mismatches} row(s) differ between the Site and Agent DBs (full verification; "
+            "see docs/operations.md, Verification)"
+        )
     return Status(
         source=source,
         high_water_mark=hwm,
@@ -160,4 +172,24 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
         last_error_at=last_error_at,
         lag_threshold=lag_threshold,
         problems=problems,
+        verify_mismatches=verify.mismatches if verify is not None else 0,
+        verify=_verify_dict(verify) if verify is not None and (verify.progress or verify.mismatches) else None,
     )
+
+
+def _verify_dict(v: VerifyStatus) -> dict[str, Any]:
+    p = v.progress
+    running = p is not None and p.pass_started_at is not None
+    return {
+        "mismatched_rows": v.by_table,
+        "mismatched_keys": [{**k, "key": json.loads(k["key"])} for k in v.keys],
+        "pass_started_at": _iso(p.pass_started_at) if p else None,
+        "pass_table": display_name(p.schema, p.table) if running and p and p.schema and p.table else None,
+        "pass_rows_checked": p.rows_checked if running and p else None,
+        "last_pass_started_at": _iso(p.last_pass_started_at) if p else None,
+        "last_pass_finished_at": _iso(p.last_pass_finished_at) if p else None,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

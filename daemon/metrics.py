@@ -49,6 +49,19 @@ class Gauges:
     parked_events: int
     reconnects: int
     last_apply_at: float | None
+    verify: VerifyGauges | None = None  # None: full verification is off
+
+
+@dataclass(frozen=True)
+class VerifyGauges:
+    """The full verification's counters (dbsync.daemon.verify) when scraped."""
+
+    mismatches_found: int
+    open_mismatches: int
+    repaired: int
+    rows: int
+    passes: int
+    seconds_since_pass: float | None  # None: no pass has finished yet
 
 
 class Metrics:
@@ -81,11 +94,32 @@ class Metrics:
         out.single("dbsync_reconnects_total", "counter", "Failures that closed the connections.", g.reconnects)
         if g.last_apply_at is not None:
             out.single("dbsync_last_apply_timestamp_seconds", "gauge", "When a page last committed.", g.last_apply_at)
+        if g.verify is not None:
+            _verify(out, g.verify)
         out.single("dbsync_active", "gauge", "1 while this daemon holds the source's lock.", int(g.active))
         out.family("dbsync_connected", "gauge", "1 while the daemon's connection to the database is open.")
         out.sample("dbsync_connected", int(g.site_connected), database="site")
         out.sample("dbsync_connected", int(g.agent_connected), database="agent")
         return out.text()
+
+
+def _verify(out: _Text, v: VerifyGauges) -> None:
+    series: list[tuple[str, str, str, float | None]] = [
+        (
+            "dbsync_verify_mismatches_total",
+            "counter",
+            "Rows the full verification found differing.",
+            v.mismatches_found,
+        ),
+        ("dbsync_verify_open_mismatches", "gauge", "Rows found differing and not equal again yet.", v.open_mismatches),
+        ("dbsync_verify_repaired_total", "counter", "Differing rows repaired (verify_repair).", v.repaired),
+        ("dbsync_verify_rows_total", "counter", "Rows compared by the full verification.", v.rows),
+        ("dbsync_verify_passes_total", "counter", "Full verification passes completed.", v.passes),
+        ("dbsync_seconds_since_full_verify", "gauge", "Seconds since a full pass last finished.", v.seconds_since_pass),
+    ]
+    for name, kind, help_text, value in series:
+        if value is not None:
+            out.single(name, kind, help_text, value)
 
 
 class _Text:

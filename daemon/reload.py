@@ -20,7 +20,16 @@ from dbsync.errors import DbsyncError
 
 log = logging.getLogger("dbsync.daemon")
 
-LIVE = ("batch_size", "poll_interval", "lag_threshold", "log_level", "alert_webhook", "poison_policy")
+LIVE = (
+    "batch_size",
+    "poll_interval",
+    "lag_threshold",
+    "log_level",
+    "alert_webhook",
+    "poison_policy",
+    "verify_rows_per_second",
+    "verify_repair",
+)
 # Never shown with a value: a DSN may hold a password.
 _SECRET = ("site_dsn", "agent_dsn")
 
@@ -80,6 +89,8 @@ def show(name: str, value: Any) -> str:
         return "off"
     if name == "alert_webhook":
         return describe_url(str(value)) + "/..."  # the path is often the webhook's token
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

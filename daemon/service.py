@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import asyncpg
@@ -22,10 +22,11 @@ from dbsync.config import Settings
 from dbsync.daemon.alerts import Alerter
 from dbsync.daemon.http import Response, serve
 from dbsync.daemon.lag import Lag, LagProbe
-from dbsync.daemon.metrics import CONTENT_TYPE, Gauges, Metrics
+from dbsync.daemon.metrics import CONTENT_TYPE, Gauges, Metrics, VerifyGauges
 from dbsync.daemon.reload import Reloader
 from dbsync.daemon.runner import APPLYING, STANDBY, Replicator, holder_name
 from dbsync.daemon.sdnotify import Notifier
+from dbsync.daemon.verify import Mismatch, Verifier
 from dbsync.errors import DbsyncError
 
 log = logging.getLogger("dbsync.daemon")
@@ -57,6 +58,12 @@ class Service:
         self.probe = LagProbe(settings.site_dsn)
         self.alerter = Alerter(settings.alert_webhook, source=settings.source, daemon=holder_name())
         self.lag: Lag | None = None
+        # The full verification, in its own thread, while this daemon applies.
+        self.verifier = (
+            Verifier(settings, lambda: r.active and r.state == APPLYING)
+            if settings.full_verify_interval is not None
+            else None
+        )
         self._sender: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
         self._crashed: BaseException | None = None
@@ -76,10 +83,20 @@ class Service:
             server = await serve(self.settings.http, routes)
         helpers = [self._helper(self._monitor(), "lag monitor"), self._helper(self._reloads(), "config reload")]
         self._sender = self._helper(self.alerter.run(), "alert sender")
+        if self.verifier is not None:
+            loop = asyncio.get_running_loop()
+            # Every change is judged, in order: an incident repaired within a second still alerts.
+            self.verifier.on_change = lambda found: loop.call_soon_threadsafe(self._evaluate_verify, found)
+            self.verifier.on_crash = lambda exc: loop.call_soon_threadsafe(
+                self._helper_failed, "full verification", exc
+            )
+            self.verifier.start()
         try:
             await self.replicator.run()
         finally:
             self.notifier.stopping()
+            if self.verifier is not None:
+                await asyncio.to_thread(self.verifier.close)
             helpers.append(self._sender)
             for task in helpers:
                 task.cancel()
@@ -97,13 +114,16 @@ class Service:
     def _helper(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         def done(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
-                log.error("the %s failed; stopping", name, exc_info=task.exception())
-                self._crashed = task.exception()
-                self.stop.set()
+                self._helper_failed(name, task.exception())
 
         task = asyncio.ensure_future(coro)
         task.add_done_callback(done)
         return task
+
+    def _helper_failed(self, name: str, exc: BaseException | None) -> None:
+        log.error("the %s failed; stopping", name, exc_info=exc)
+        self._crashed = exc
+        self.stop.set()
 
     # -- reloads ---------------------------------------------------------------------------------
     async def _reloads(self) -> None:
@@ -122,6 +142,8 @@ class Service:
         """Swap in reloaded settings (only dbsync.daemon.reload.LIVE may differ)."""
         self.settings = settings
         self.replicator.use_settings(settings)
+        if self.verifier is not None:
+            self.verifier.settings = settings  # read at each range
         logging.getLogger().setLevel(settings.log_level.upper())
         self.alerter.url = settings.alert_webhook
         if settings.alert_webhook and self._sender is not None and self._sender.done():
@@ -176,6 +198,21 @@ class Service:
             self.alerter.update("lag", False, "this daemon is a standby now; the active one reports lag", details)
         stall = self._stall()
         self.alerter.update("stalled", stall is not None, stall or "replicating again", details)
+
+    def _evaluate_verify(self, open_now: Mapping[tuple[int, str], Mismatch]) -> None:
+        """One incident while any row is known to differ; it clears when rechecks find them equal."""
+        by_table: dict[str, int] = {}
+        for mismatch in open_now.values():
+            by_table[mismatch.table] = by_table.get(mismatch.table, 0) + 1
+        tables = ", ".join(f"{t} ({n})" for t, n in sorted(by_table.items()))
+        summary = (
+            f"{len(open_now)} row(s) differ between the Site and Agent DBs: {tables} "
+            "(keys in the log and `dbsync status`)"
+            if open_now
+            else "every row found differing is equal again"
+        )
+        details = {"verify_mismatches": len(open_now), "tables": by_table, "verify_repair": self.settings.verify_repair}
+        self.alerter.update("verify", bool(open_now), summary, details)
 
     def _stall(self) -> str | None:
         """Why replication is not moving, if it has not moved for longer than the lag threshold."""
@@ -248,8 +285,16 @@ class Service:
             parked_events=r.applier.parked,
             reconnects=r.stats.reconnects,
             last_apply_at=r.stats.last_apply_at,
+            verify=self._verify_gauges(),
         )
         return 200, CONTENT_TYPE, self.metrics.render(gauges)
+
+    def _verify_gauges(self) -> VerifyGauges | None:
+        v = self.verifier
+        if v is None:
+            return None
+        since = None if v.last_pass_finished_at is None else max(0.0, time.time() - v.last_pass_finished_at)
+        return VerifyGauges(v.found, len(v.open), v.repaired, v.rows, v.passes, since)
 
 
 def _is_open(conn: asyncpg.Connection | None) -> bool:

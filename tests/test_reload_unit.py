@@ -41,6 +41,8 @@ def test_live_settings_take_their_new_value() -> None:
         log_level="debug",
         alert_webhook=f"https://hooks.example.com/services/{SECRET}",
         poison_policy="park",
+        verify_rows_per_second=250,
+        verify_repair=True,
     )
     plan = diff(BASE, new)
     assert plan.settings == new
@@ -49,7 +51,7 @@ def test_live_settings_take_their_new_value() -> None:
     (line,) = plan.lines()
     assert line == (
         "configuration reloaded: batch_size=500, poll_interval=0.25, poison_policy=park, lag_threshold=30, "
-        "alert_webhook=https://hooks.example.com/..., log_level=debug"
+        "alert_webhook=https://hooks.example.com/..., log_level=debug, verify_rows_per_second=250, verify_repair=true"
     )
 
 
@@ -61,14 +63,15 @@ def test_structural_settings_keep_their_old_value_and_are_named() -> None:
         http="127.0.0.1:9187",
         io_timeout=5.0,
         batch_size=7,
+        full_verify_interval=600.0,
     )
     plan = diff(BASE, new)
     assert plan.settings == Settings(site_dsn=SITE, agent_dsn=AGENT, batch_size=7)
     assert plan.changed == {"batch_size": 7}
-    assert plan.restart == ["site_dsn", "source", "io_timeout", "http"]
+    assert plan.restart == ["site_dsn", "source", "io_timeout", "http", "full_verify_interval"]
     assert plan.lines() == [
         "configuration reloaded: batch_size=7",
-        "configuration reload: site_dsn, source, io_timeout, http changed but need a restart; "
+        "configuration reload: site_dsn, source, io_timeout, http, full_verify_interval changed but need a restart; "
         "the old value stays in use until then",
     ]
     assert not any(SECRET in line or "example.com" in line for line in plan.lines())
@@ -115,6 +118,9 @@ def test_reloader_reads_the_file_again(conf: Path, caplog: pytest.LogCaptureFixt
         ("poison_policy = 'skip'\n", "poison_policy must be one of stop, park"),
         ("alert_webhook = 'ftp://example.com/x'\n", "alert_webhook must be an http:// or https:// URL"),
         ("http = '9187'\n", "http must be host:port"),
+        ("full_verify_interval = 0\n", "full_verify_interval must be a positive float, got 0"),
+        ("verify_rows_per_second = -10\n", "verify_rows_per_second must be a positive int, got -10"),
+        ("verify_repair = 'sometimes'\n", "verify_repair must be true or false, got 'sometimes'"),
     ],
 )
 def test_an_invalid_file_is_refused_in_one_line(

@@ -1,0 +1,2 @@
+DROP TABLE dbsync.verify_mismatches;
+DROP TABLE dbsync.verify_progress;
