@@ -230,6 +230,13 @@ WHERE source = %(source)s
     "was_cursor",
 )
 
+
+def save_progress_returning(condition: str = "true") -> str:
+    """SAVE_PROGRESS for asyncpg ($1..$10 as declared), moving the row only when `condition` (SQL)
+    also holds, and returning 1 for it: the head of the apply path's one-statement page."""
+    return f"{SAVE_PROGRESS.asyncpg.rstrip()}\n  AND ({condition})\nRETURNING 1"
+
+
 RECORD_ERROR = Statement(
     """
 UPDATE dbsync.apply_progress SET last_error = %(error)s, last_error_at = pg_catalog.now() WHERE source = %(source)s
