@@ -237,6 +237,12 @@ def save_progress_returning(condition: str = "true") -> str:
     return f"{SAVE_PROGRESS.asyncpg.rstrip()}\n  AND ({condition})\nRETURNING 1"
 
 
+# A write that forces a flushed commit record (see Applier.make_durable): a transaction with an
+# xid but no WAL of its own commits asynchronously even under synchronous_commit = on.
+TOUCH_PROGRESS = Statement(
+    "UPDATE dbsync.apply_progress SET updated_at = updated_at WHERE source = %(source)s", "source"
+)
+
 RECORD_ERROR = Statement(
     """
 UPDATE dbsync.apply_progress SET last_error = %(error)s, last_error_at = pg_catalog.now() WHERE source = %(source)s

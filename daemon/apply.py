@@ -36,6 +36,7 @@ from dbsync.protocol import (
     RETRY_CANDIDATES,
     RETRY_FAILED,
     SAVE_PROGRESS,
+    TOUCH_PROGRESS,
     UNPARK,
     ReplicatedTable,
     save_progress_returning,
@@ -310,6 +311,26 @@ class Applier:
         self.parked = 0
         # Pages written as one statement (the others took a transaction).
         self.one_statement_pages = 0
+
+    async def relax_commit(self, agent: asyncpg.Connection) -> None:
+        """Commit on `agent` without waiting for the WAL flush (the runner calls it once a
+        connection is set up).
+
+        Rows and progress commit together, so an Agent crash that loses the last commits loses
+        their progress with them, and the daemon applies those pages again from the Site's log.
+        The log still holds them only if it is never pruned past what the Agent has flushed:
+        whoever calls this prunes only after make_durable.
+        """
+        await agent.execute("SET synchronous_commit = off")
+
+    async def make_durable(self, agent: asyncpg.Connection) -> None:
+        """Return once every earlier commit on the Agent DB is flushed (and on its synchronous
+        standbys): a synchronous commit flushes the WAL up to its own commit record, which
+        follows theirs. It must write a row: a transaction with an xid but no WAL of its own
+        commits asynchronously whatever synchronous_commit says (RecordTransactionCommit)."""
+        async with agent.transaction():
+            await agent.execute("SET LOCAL synchronous_commit = on")
+            await agent.execute(TOUCH_PROGRESS.asyncpg, self.source)
 
     async def count_parked(self, agent: asyncpg.Connection) -> int:
         self.parked = int(await agent.fetchval(COUNT_PARKED.asyncpg, self.source))

@@ -2,7 +2,8 @@
 
 A page without a TRUNCATE is written with its progress in one statement whose every write needs
 the progress row to move; a page that statement cannot write (keys equal under the key type's
-equality, another consumer's progress) goes the transaction's way, with today's outcome.
+equality, another consumer's progress) goes the transaction's way, with today's outcome. With
+asynchronous commit on the Agent, the Site's log is pruned only behind a flushed commit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from dbsync.daemon import pg
 from dbsync.daemon.apply import Applier, Catalog, ConcurrentConsumerError
 from dbsync.daemon.consume import ApplyProgress, Event, progress_from_row
+from dbsync.daemon.retention import Retention
 from dbsync.protocol import READ_PROGRESS
 from tests.helpers import DbPair, assert_same, replicate, sync_once
 
@@ -149,3 +151,68 @@ def test_a_moved_progress_voids_the_page_and_writes_nothing(pair: DbPair) -> Non
     with_links(pair, work)
     assert pair.agent().execute("SELECT id::text, v FROM public.nums").fetchall() == [("5", "five")]
     assert events_applied(pair) == 99
+
+
+def test_the_log_is_pruned_only_after_the_agent_is_durable(pair: DbPair) -> None:
+    site = pair.site()
+    site.execute("INSERT INTO public.conversations (phone_number) VALUES ('+1'), ('+2')")
+    sync_once(pair)
+    prev = pair.agent().execute("SELECT prev_snapshot::text FROM dbsync.apply_progress").fetchone()
+    assert prev is not None
+
+    def log_rows() -> int:
+        return int(site.execute("SELECT count(*) FROM dbsync.sync_log").fetchone()[0])  # type: ignore[index]
+
+    async def work(site_link: asyncpg.Connection, agent: asyncpg.Connection) -> tuple[list[int], str]:
+        applier = Applier("site", Catalog())
+        await applier.relax_commit(agent)
+        seen: list[int] = []
+
+        async def durable() -> None:
+            await applier.make_durable(agent)
+            seen.append(log_rows())  # nothing is pruned yet
+
+        retention = Retention(interval=60)
+        await retention.maybe_prune(site_link, prev[0], durable)
+        await retention.maybe_prune(site_link, prev[0], durable)  # not due: no barrier either
+        return seen, str(await agent.fetchval("SHOW synchronous_commit"))
+
+    xmin = pair.agent().execute("SELECT xmin::text FROM dbsync.apply_progress").fetchone()
+    seen, setting = with_links(pair, work)
+    assert len(seen) == 1 and seen[0] > 0
+    assert log_rows() == 0
+    assert setting == "off"  # the barrier's setting was its transaction's alone
+    # The barrier wrote the progress row (a commit without WAL of its own is not flushed).
+    assert pair.agent().execute("SELECT xmin::text FROM dbsync.apply_progress").fetchone() != xmin
+
+
+def test_the_barrier_commits_synchronously_on_a_relaxed_session(pair: DbPair) -> None:
+    sync_once(pair)
+    # What the barrier's write runs under, recorded by a trigger in its own transaction.
+    pair.agent().execute(
+        """
+        CREATE TABLE public.commit_modes (mode text);
+        CREATE FUNCTION public.record_commit_mode() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO public.commit_modes VALUES (current_setting('synchronous_commit'));
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER record_commit_mode BEFORE UPDATE ON dbsync.apply_progress
+            FOR EACH ROW EXECUTE FUNCTION public.record_commit_mode();
+        """
+    )
+
+    async def work(site: asyncpg.Connection, agent: asyncpg.Connection) -> list[str]:
+        applier = Applier("site", Catalog())
+        await agent.execute("SET synchronous_commit = on")  # whatever the server's default
+        await applier.relax_commit(agent)
+        done = await progress(agent)
+        await applier.save(agent, done, done)  # a page's commit
+        await applier.make_durable(agent)
+        await applier.save(agent, done, done)
+        return [str(await agent.fetchval("SHOW synchronous_commit"))]
+
+    after = with_links(pair, work)
+    modes = [r[0] for r in pair.agent().execute("SELECT mode FROM public.commit_modes").fetchall()]
+    assert modes == ["off", "on", "off"]
+    assert after == ["off"]
