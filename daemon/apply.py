@@ -8,6 +8,8 @@ set-based upsert of the rows present, both fed as one JSON array that PostgreSQL
 json_to_recordset. Row images pass through Python as text and are never decoded, except the
 last one per table, whose column names are checked against the Agent table (schema drift).
 
+A page without a TRUNCATE goes to the Agent as one statement, its progress included (one round
+trip; Applier._write_page); when that statement cannot write it, the page takes a transaction.
 Every row of a page is as it stood at one snapshot, which satisfies the Site's unique
 constraints; the Agent may still hold an older value that a page's row now takes (two rows
 swapping a unique value). If the set-based statements fail, the page is written again as

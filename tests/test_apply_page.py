@@ -216,3 +216,19 @@ def test_the_barrier_commits_synchronously_on_a_relaxed_session(pair: DbPair) ->
     modes = [r[0] for r in pair.agent().execute("SELECT mode FROM public.commit_modes").fetchall()]
     assert modes == ["off", "on", "off"]
     assert after == ["off"]
+
+
+def test_identifiers_with_dollar_signs_keep_their_parameters(pair: DbPair) -> None:
+    """Parameters are numbered where the SQL is built, never rewritten in its text: "$1" in a
+    quoted name stays a name."""
+    ddl = 'CREATE TABLE public."t$1" ("$2" integer PRIMARY KEY, "v$10" text)'
+    replicate(pair, ddl, 'public."t$1"')
+    site = pair.site()
+    site.execute("""INSERT INTO public."t$1" VALUES (1, 'one'), (2, 'two'), (3, 'three')""")
+    sync_once(pair)
+    site.execute("""DELETE FROM public."t$1" WHERE "$2" = 1""")
+    site.execute("""UPDATE public."t$1" SET "v$10" = 'zwei' WHERE "$2" = 2""")
+    site.execute("INSERT INTO public.conversations (id, phone_number) VALUES (1, '+1')")
+    replicator = sync_once(pair)
+    assert replicator.applier.one_statement_pages >= 1
+    assert_same(pair, ['public."t$1"', "public.conversations"])
