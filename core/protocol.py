@@ -230,6 +230,19 @@ WHERE source = %(source)s
     "was_cursor",
 )
 
+
+def save_progress_returning(condition: str = "true") -> str:
+    """SAVE_PROGRESS for asyncpg ($1..$10 as declared), moving the row only when `condition` (SQL)
+    also holds, and returning 1 for it: the head of the apply path's one-statement page."""
+    return f"{SAVE_PROGRESS.asyncpg.rstrip()}\n  AND ({condition})\nRETURNING 1"
+
+
+# A write that forces a flushed commit record (see Applier.make_durable): a transaction with an
+# xid but no WAL of its own commits asynchronously even under synchronous_commit = on.
+TOUCH_PROGRESS = Statement(
+    "UPDATE dbsync.apply_progress SET updated_at = updated_at WHERE source = %(source)s", "source"
+)
+
 RECORD_ERROR = Statement(
     """
 UPDATE dbsync.apply_progress SET last_error = %(error)s, last_error_at = pg_catalog.now() WHERE source = %(source)s

@@ -8,6 +8,8 @@ set-based upsert of the rows present, both fed as one JSON array that PostgreSQL
 json_to_recordset. Row images pass through Python as text and are never decoded, except the
 last one per table, whose column names are checked against the Agent table (schema drift).
 
+A page without a TRUNCATE goes to the Agent as one statement, its progress included (one round
+trip; Applier._write_page); when that statement cannot write it, the page takes a transaction.
 Every row of a page is as it stood at one snapshot, which satisfies the Site's unique
 constraints; the Agent may still hold an older value that a page's row now takes (two rows
 swapping a unique value). If the set-based statements fail, the page is written again as
@@ -36,8 +38,10 @@ from dbsync.protocol import (
     RETRY_CANDIDATES,
     RETRY_FAILED,
     SAVE_PROGRESS,
+    TOUCH_PROGRESS,
     UNPARK,
     ReplicatedTable,
+    save_progress_returning,
 )
 from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
@@ -78,9 +82,10 @@ class ApplyTable:
     # may create a cast from text to it, and its function would run with the daemon's rights.
     # json and jsonb columns are read as text and cast (json_to_recordset would keep a JSON
     # string as a string); casts between those built-in types only a superuser can create.
-    def _source(self, columns: Sequence[str], alias: str) -> str:
+    # `param` is the statement's parameter number that carries the JSON array.
+    def _source(self, columns: Sequence[str], alias: str, param: int = 1) -> str:
         defs = ", ".join(f"{quote_ident(c)} {'text' if c in self.json_typed else self.types[c]}" for c in columns)
-        return f"pg_catalog.json_to_recordset($1::text::json) AS {alias}({defs})"
+        return f"pg_catalog.json_to_recordset(${param}::text::json) AS {alias}({defs})"
 
     def _cast(self, alias: str, column: str) -> str:
         value = f"{alias}.{quote_ident(column)}"
@@ -103,7 +108,8 @@ class ApplyTable:
             f"AND pg_catalog.record_image_eq(ROW(t.{c}), ROW(EXCLUDED.{c})) THEN t.{c} ELSE EXCLUDED.{c} END"
         )
 
-    def upsert_sql(self, columns: Sequence[str]) -> str:
+    # `guard`: an SQL condition every written row also needs (Applier._write_page).
+    def upsert_sql(self, columns: Sequence[str], param: int = 1, guard: str = "true") -> str:
         cols = ", ".join(quote_ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
         keys = ", ".join(quote_ident(k) for k in self.keys)
@@ -111,15 +117,30 @@ class ApplyTable:
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
         return (
             f"INSERT INTO {self.qualified} AS t ({cols}) OVERRIDING SYSTEM VALUE "
-            f"SELECT {values} FROM {self._source(columns, 'r')} "
+            f"SELECT {values} FROM {self._source(columns, 'r', param)} WHERE {guard} "
             f"ON CONFLICT ({keys}) {action}"
         )
 
-    def delete_sql(self) -> str:
-        match = " AND ".join(
-            eq.match(f"d.{quote_ident(eq.column)}", self._cast("k", eq.column)) for eq in self.key_equality
+    def _match(self, left: str, right: str) -> str:
+        """SQL: the key of alias `left` equals that of `right` (the table or a recordset; the
+        cast of a json key column is a no-op on the table's own column)."""
+        return " AND ".join(
+            eq.match(self._cast(left, eq.column), self._cast(right, eq.column)) for eq in self.key_equality
         )
-        return f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k')} WHERE {match}"
+
+    def delete_sql(self, param: int = 1, guard: str = "true") -> str:
+        return (
+            f"DELETE FROM {self.qualified} AS d USING {self._source(self.keys, 'k', param)} "
+            f"WHERE {self._match('d', 'k')} AND {guard}"
+        )
+
+    def overlap_sql(self, deletes: int, upserts: int) -> str:
+        """SQL: a key of the JSON array in parameter `deletes` equals (by the key type's equality)
+        a key of the rows in parameter `upserts`, as text keys 1.0 and 1.00 of a numeric do."""
+        return (
+            f"EXISTS (SELECT FROM {self._source(self.keys, 'k', deletes)} "
+            f"JOIN {self._source(self.keys, 'u', upserts)} ON {self._match('k', 'u')})"
+        )
 
     def truncate_sql(self) -> str:
         return f"DELETE FROM {self.qualified}"
@@ -290,6 +311,28 @@ class Applier:
         self.park = park
         # Parked events of this source, as last counted; 0 lets the hot path skip the lookup.
         self.parked = 0
+        # Pages written as one statement (the others took a transaction).
+        self.one_statement_pages = 0
+
+    async def relax_commit(self, agent: asyncpg.Connection) -> None:
+        """Commit on `agent` without waiting for the WAL flush (the runner calls it once a
+        connection is set up).
+
+        Rows and progress commit together, so an Agent crash that loses the last commits loses
+        their progress with them, and the daemon applies those pages again from the Site's log.
+        The log still holds them only if it is never pruned past what the Agent has flushed:
+        whoever calls this prunes only after make_durable.
+        """
+        await agent.execute("SET synchronous_commit = off")
+
+    async def make_durable(self, agent: asyncpg.Connection) -> None:
+        """Return once every earlier commit on the Agent DB is flushed (and on its synchronous
+        standbys): a synchronous commit flushes the WAL up to its own commit record, which
+        follows theirs. It must write a row: a transaction with an xid but no WAL of its own
+        commits asynchronously whatever synchronous_commit says (RecordTransactionCommit)."""
+        async with agent.transaction():
+            await agent.execute("SET LOCAL synchronous_commit = on")
+            await agent.execute(TOUCH_PROGRESS.asyncpg, self.source)
 
     async def count_parked(self, agent: asyncpg.Connection) -> int:
         self.parked = int(await agent.fetchval(COUNT_PARKED.asyncpg, self.source))
@@ -332,6 +375,45 @@ class Applier:
             upserts = plan.upserts()
             if upserts:
                 await agent.execute(plan.table.upsert_sql(plan.columns), json_array(upserts))
+
+    async def _write_page(
+        self,
+        agent: asyncpg.Connection,
+        plans: Sequence[TablePlan],
+        before: ApplyProgress,
+        after: ApplyProgress,
+        events: Sequence[Event],
+    ) -> bool:
+        """Write the page and its progress in one statement; False when it wrote nothing.
+
+        The progress UPDATE leads; every delete and upsert requires its row, so when another
+        consumer moved the progress, nothing is written. All parts of one statement run against
+        one snapshot and none sees another's rows: a key the page deletes must not equal one it
+        upserts, which text keys may under the key type's equality (numeric 1.0 and 1.00). Such
+        a page moves nothing here either, and goes the transaction's way (as does any error).
+        """
+        args: list[object] = list(self._progress_args(before, after, events))
+        writes, overlaps = [], []
+        guard = "EXISTS (SELECT FROM p)"
+        for plan in plans:
+            deletes, upserts = plan.deletes(), plan.upserts()
+            if deletes:
+                args.append(json_array(deletes))
+                writes.append(plan.table.delete_sql(len(args), guard))
+            if upserts:
+                args.append(json_array(upserts))
+                writes.append(plan.table.upsert_sql(plan.columns, len(args), guard))
+            if deletes and upserts:
+                overlaps.append(f"NOT {plan.table.overlap_sql(len(args) - 1, len(args))}")
+        ctes = ", ".join(f"w{i} AS ({w})" for i, w in enumerate(writes, start=1))
+        head = save_progress_returning(" AND ".join(overlaps) or "true")
+        try:
+            moved = await agent.fetchval(f"WITH p AS ({head}), {ctes} SELECT count(*) FROM p", *args)
+        except asyncpg.PostgresError as exc:
+            if is_transient(exc) or is_rls_error(exc):
+                raise
+            return False
+        return bool(moved)
 
     async def _write_event(self, site: asyncpg.Connection, agent: asyncpg.Connection, ev: Event) -> None:
         table = await self.catalog.table(site, agent, ev.table_id)
@@ -434,6 +516,9 @@ class Applier:
             if planned is not None:
                 planned()
                 planned = None
+            if not any(plan.truncate for plan in plans) and await self._write_page(agent, plans, before, after, events):
+                self.one_statement_pages += 1
+                return 0
             for delete_all in (False, True):
                 try:
                     async with agent.transaction():
@@ -483,15 +568,13 @@ class Applier:
         return done, failed
 
     async def save(self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress) -> None:
-        async with agent.transaction():
-            await self._save(agent, before, after, [])
+        await self._save(agent, before, after, [])  # one statement: its own transaction
 
-    async def _save(
-        self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress, events: Sequence[Event]
-    ) -> None:
-        last_captured = events[-1].captured_at if events else None
-        status = await agent.execute(
-            SAVE_PROGRESS.asyncpg,
+    def _progress_args(
+        self, before: ApplyProgress, after: ApplyProgress, events: Sequence[Event]
+    ) -> tuple[object, ...]:
+        """SAVE_PROGRESS's parameters, in its order."""
+        return (
             self.source,
             after.prev_snapshot,
             after.batch_snapshot,
@@ -499,10 +582,15 @@ class Applier:
             after.batch_cursor,
             after.applied_seq,
             after.events_applied,
-            last_captured,
+            events[-1].captured_at if events else None,
             before.prev_snapshot,
             before.batch_cursor if before.batch_snapshot is not None else None,
         )
+
+    async def _save(
+        self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress, events: Sequence[Event]
+    ) -> None:
+        status = await agent.execute(SAVE_PROGRESS.asyncpg, *self._progress_args(before, after, events))
         if status != "UPDATE 1":
             raise ConcurrentConsumerError(
                 f"the progress of source {self.source!r} on the Agent DB changed underneath this daemon; "

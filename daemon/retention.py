@@ -9,6 +9,7 @@ Site migration, so the log neither grows nor bloats without bound.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -24,11 +25,18 @@ class Retention:
         self._pruned_for: str | None = None
         self.deleted = 0
 
-    async def maybe_prune(self, site: asyncpg.Connection, prev_snapshot: str) -> int:
-        """Delete applied events if due; returns how many were deleted."""
+    async def maybe_prune(
+        self, site: asyncpg.Connection, prev_snapshot: str, durable: Callable[[], Awaitable[None]] | None = None
+    ) -> int:
+        """Delete applied events if due; returns how many were deleted.
+
+        `durable` returns once `prev_snapshot` is durable on the Agent DB (Applier.make_durable);
+        it is awaited before anything is deleted, when the Agent commits asynchronously."""
         now = time.monotonic()
         if now < self._next or prev_snapshot == self._pruned_for:
             return 0
+        if durable is not None:
+            await durable()
         self._next = now + self.interval
         deadline = now + self.budget
         deleted = 0
