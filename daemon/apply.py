@@ -297,6 +297,30 @@ def image_columns(table: ApplyTable, image: str) -> list[str]:
     return [c for c in table.insertable if c in present]
 
 
+# Page shapes whose one statement is kept (a few per set of tables a page can touch).
+PAGE_SQL_CACHE = 256
+
+
+def _page_sql(parts: Sequence[tuple[TablePlan, list[str], list[str]]]) -> str:
+    """The one statement of Applier._write_page; its JSON arrays are parameters $11 on, in the
+    order of `parts` (each table's deletes, then its upserts, when it has them)."""
+    writes, overlaps = [], []
+    guard = "EXISTS (SELECT FROM p)"
+    param = len(SAVE_PROGRESS.names)
+    for plan, deletes, upserts in parts:
+        if deletes:
+            param += 1
+            writes.append(plan.table.delete_sql(param, guard))
+        if upserts:
+            param += 1
+            writes.append(plan.table.upsert_sql(plan.columns, param, guard))
+        if deletes and upserts:
+            overlaps.append(f"NOT {plan.table.overlap_sql(param - 1, param)}")
+    ctes = ", ".join(f"w{i} AS ({w})" for i, w in enumerate(writes, start=1))
+    head = save_progress_returning(" AND ".join(overlaps) or "true")
+    return f"WITH p AS ({head}), {ctes} SELECT count(*) FROM p"
+
+
 class Applier:
     """Writes pages to the Agent DB.
 
@@ -313,6 +337,8 @@ class Applier:
         self.parked = 0
         # Pages written as one statement (the others took a transaction).
         self.one_statement_pages = 0
+        # Page shape -> (its tables, the one statement's text); see _write_page.
+        self._page_sql: dict[tuple[object, ...], tuple[tuple[ApplyTable, ...], str]] = {}
 
     async def relax_commit(self, agent: asyncpg.Connection) -> None:
         """Commit on `agent` without waiting for the WAL flush (the runner calls it once a
@@ -393,22 +419,18 @@ class Applier:
         a page moves nothing here either, and goes the transaction's way (as does any error).
         """
         args: list[object] = list(self._progress_args(before, after, events))
-        writes, overlaps = [], []
-        guard = "EXISTS (SELECT FROM p)"
-        for plan in plans:
-            deletes, upserts = plan.deletes(), plan.upserts()
-            if deletes:
-                args.append(json_array(deletes))
-                writes.append(plan.table.delete_sql(len(args), guard))
-            if upserts:
-                args.append(json_array(upserts))
-                writes.append(plan.table.upsert_sql(plan.columns, len(args), guard))
-            if deletes and upserts:
-                overlaps.append(f"NOT {plan.table.overlap_sql(len(args) - 1, len(args))}")
-        ctes = ", ".join(f"w{i} AS ({w})" for i, w in enumerate(writes, start=1))
-        head = save_progress_returning(" AND ".join(overlaps) or "true")
+        parts = [(plan, plan.deletes(), plan.upserts()) for plan in plans]
+        for _, deletes, upserts in parts:
+            args += [json_array(a) for a in (deletes, upserts) if a]
+        # The statement's text depends only on the page's shape: built once per shape.
+        shape = tuple((id(plan.table), bool(d), bool(u), tuple(plan.columns)) for plan, d, u in parts)
+        cached = self._page_sql.get(shape)
+        if cached is None or any(t is not plan.table for t, plan in zip(cached[0], plans, strict=True)):
+            if len(self._page_sql) >= PAGE_SQL_CACHE:
+                self._page_sql.clear()
+            cached = self._page_sql[shape] = (tuple(plan.table for plan in plans), _page_sql(parts))
         try:
-            moved = await agent.fetchval(f"WITH p AS ({head}), {ctes} SELECT count(*) FROM p", *args)
+            moved = await agent.fetchval(cached[1], *args)
         except asyncpg.PostgresError as exc:
             if is_transient(exc) or is_rls_error(exc):
                 raise

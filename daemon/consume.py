@@ -52,6 +52,45 @@ FROM s CROSS JOIN LATERAL (
 ) b
 """
 
+# A small batch whole, in one statement and so at one snapshot (read_rows is STABLE from
+# 0007_site_stable_read: it reads at the calling statement's snapshot): OPEN_BATCH's row, then,
+# when the batch holds at most $3 events, one row per event with its row image (NULL when the key
+# is absent at the snapshot; the event columns are NULL when there is nothing or too much).
+# Each distinct key of a table is read once, by its place in that table's key list.
+SMALL_BATCH = f"""
+WITH b AS ({OPEN_BATCH}),
+page AS (
+    SELECT l.seq, l.table_id, l.op::text AS op, k.key_no, k.key::text AS pk, l.captured_at
+    FROM b
+    JOIN dbsync.sync_log l ON l.seq >= b.lo AND l.seq <= b.hi
+    JOIN dbsync.replicated_tables r ON r.table_id OPERATOR(pg_catalog.=) l.table_id
+    LEFT JOIN LATERAL dbsync.log_keys(l.pk, l.keys, r.key_columns) AS k ON true
+    WHERE b.events <= $3 AND {committed_between("l.txid", PREV, "b.snap::pg_catalog.pg_snapshot")}
+),
+keyed AS (
+    SELECT d.table_id, d.pk, pg_catalog.row_number() OVER (PARTITION BY d.table_id ORDER BY d.pk) AS ord
+    FROM (SELECT DISTINCT table_id, pk FROM page WHERE pk IS NOT NULL) d
+),
+found AS (
+    SELECT g.table_id, f.ord, f.image
+    FROM (SELECT table_id, pg_catalog.json_agg(pk::json ORDER BY ord) AS keys FROM keyed GROUP BY table_id) g
+    CROSS JOIN LATERAL dbsync.read_rows(g.table_id, g.keys) AS f
+)
+SELECT b.snap, b.lo, b.hi, b.events, b.next_xid, b.applied_xmax,
+       p.seq, p.table_id, p.op, p.key_no, p.pk, p.captured_at, f.image::text AS image
+FROM b
+LEFT JOIN page p ON true
+LEFT JOIN keyed k ON k.table_id OPERATOR(pg_catalog.=) p.table_id AND k.pk OPERATOR(pg_catalog.=) p.pk
+LEFT JOIN found f ON f.table_id OPERATOR(pg_catalog.=) k.table_id AND f.ord OPERATOR(pg_catalog.=) k.ord
+ORDER BY p.seq, p.key_no
+"""
+
+# Whether the Site's read_rows reads at its caller's snapshot (0007_site_stable_read applied).
+READS_AT_CALLER = """
+SELECT p.provolatile = 's' FROM pg_catalog.pg_proc p
+WHERE p.oid = pg_catalog.to_regprocedure('dbsync.read_rows(integer, json)')
+"""
+
 # The next page of the open batch, in seq order: log rows while fewer than $5 keys come before
 # them (a log row of a statement carries up to 100 keys), at most $6 log rows and one more (which
 # says whether more follow). Each key is one event; rows past the cut come without their keys.
@@ -142,6 +181,10 @@ async def open_batch(
     """
     row = await site.fetchrow(OPEN_BATCH, progress.prev_snapshot, applied or progress.prev_snapshot)
     assert row is not None
+    return _opened(progress, row)
+
+
+def _opened(progress: ApplyProgress, row: asyncpg.Record) -> tuple[ApplyProgress, int, str]:
     if int(row["next_xid"]) < int(row["applied_xmax"]):
         raise ProgressError(
             f"the Site DB's transaction ids went back below what the Agent DB has applied (next xid "
@@ -154,6 +197,25 @@ async def open_batch(
         return progress, 0, row["snap"]
     opened = replace(progress, batch_snapshot=row["snap"], batch_hi=row["hi"], batch_cursor=row["lo"] - 1)
     return opened, int(row["events"]), row["snap"]
+
+
+async def read_small_batch(
+    site: asyncpg.Connection, progress: ApplyProgress, applied: str | None, limit: int
+) -> tuple[ApplyProgress, int, str, Page | None]:
+    """open_batch, and when the batch holds at most `limit` events, its one page too, rows
+    included, in one round trip (SMALL_BATCH). Run outside a transaction: the statement's own
+    snapshot is the batch's. Returns what open_batch does and the page; the page is None when
+    the batch is empty or larger than `limit` (then read it with open_batch in a REPEATABLE READ
+    transaction: this batch's snapshot ends with the statement)."""
+    rows = await site.fetch(SMALL_BATCH, progress.prev_snapshot, applied or progress.prev_snapshot, limit)
+    opened, count, snap = _opened(progress, rows[0])
+    if count == 0 or count > limit:
+        return opened, count, snap, None
+    events = [
+        Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], r["image"], r["key_no"] or 0)
+        for r in rows
+    ]
+    return opened, count, snap, Page(events=events, more=False)
 
 
 async def read_page(

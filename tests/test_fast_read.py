@@ -1,0 +1,100 @@
+"""Small batches read in one statement, and rows read through each table's generated reader
+(0007_site_stable_read), with the general paths where those do not apply."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from dbsync.daemon.runner import SMALL_BATCH_EVENTS
+from tests.helpers import DbPair, assert_same, replicate, rows_of, sync_once
+
+pytestmark = pytest.mark.usefixtures("pair")
+
+
+def _one_by_one(pair: DbPair, n: int, base: int = 1) -> None:
+    site = pair.site()
+    for i in range(base, base + n):
+        site.execute(
+            "INSERT INTO public.conversations (id, phone_number, created_at, updated_at) "
+            "VALUES (%s, %s, now(), now())",
+            (i, f"+3100{i:06d}"),
+        )
+
+
+def test_a_small_batch_is_read_whole_in_one_statement(pair: DbPair) -> None:
+    _one_by_one(pair, 5)
+    pair.site().execute("UPDATE public.conversations SET contact_name = 'Ana' WHERE id = 2")
+    pair.site().execute("DELETE FROM public.conversations WHERE id = 4")
+    replicator = sync_once(pair)
+    assert replicator.stats.whole == 1 and replicator.stats.events == 7
+    assert_same(pair, ["public.conversations"])
+
+
+def test_a_batch_larger_than_a_small_one_is_read_in_pages(pair: DbPair) -> None:
+    _one_by_one(pair, SMALL_BATCH_EVENTS + 1)
+    replicator = sync_once(pair, batch_size=40)
+    assert replicator.stats.whole == 0 and replicator.stats.batches >= 3
+    assert_same(pair, ["public.conversations"])
+
+
+def test_every_table_gets_a_reader_and_read_rows_uses_it(pair: DbPair) -> None:
+    site = pair.site()
+    rows = site.execute(
+        "SELECT r.table_name, r.reader_reads, "
+        "pg_catalog.to_regprocedure(dbsync.reader_function(r.table_id) || '(json)') IS NOT NULL "
+        "FROM dbsync.replicated_tables r WHERE r.removed_at IS NULL ORDER BY 1"
+    ).fetchall()
+    assert rows and all(reads == f"public.{name}" and exists for name, reads, exists in rows)
+    marked = site.execute("SELECT provolatile FROM pg_proc WHERE oid = 'dbsync.read_rows(integer, json)'::regprocedure")
+    assert marked.fetchone() == ("s",)
+
+
+def test_a_renamed_table_is_read_the_general_way(pair: DbPair) -> None:
+    _one_by_one(pair, 3)
+    sync_once(pair)
+    site = pair.site()
+    site.execute("ALTER TABLE public.conversations RENAME TO chats")
+    site.execute("UPDATE public.chats SET contact_name = 'Renamed' WHERE id = 2")
+    site.execute("DELETE FROM public.chats WHERE id = 3")
+    sync_once(pair)
+    assert rows_of(pair.site_dsn, "public.chats") == rows_of(pair.agent_dsn, "public.conversations")
+
+
+def test_a_removed_table_leaves_no_reader_and_its_waiting_events_are_delivered(pair: DbPair) -> None:
+    _one_by_one(pair, 3)
+    site = pair.site()
+    site.execute("SELECT dbsync.remove_table('public.conversations')")
+    left = site.execute(
+        "SELECT r.reader_reads, pg_catalog.to_regprocedure(dbsync.reader_function(r.table_id) || '(json)') "
+        "FROM dbsync.replicated_tables r WHERE r.table_name = 'conversations'"
+    ).fetchall()
+    assert left == [(None, None)]
+    sync_once(pair)
+    assert_same(pair, ["public.conversations"])
+
+
+def test_key_columns_named_like_the_readers_own_names(pair: DbPair) -> None:
+    ddl = """
+        CREATE TABLE public.odd (ord int, image text, dbsync_row int, dbsync_ord_ int, payload text,
+                                 PRIMARY KEY (ord, image, dbsync_row));
+    """
+    replicate(pair, ddl, "public.odd")
+    site = pair.site()
+    site.execute("INSERT INTO public.odd SELECT i, 'k' || i, -i, i, 'v' || i FROM generate_series(1, 20) i")
+    site.execute("UPDATE public.odd SET payload = 'changed' WHERE ord % 3 = 0")
+    site.execute("DELETE FROM public.odd WHERE ord % 5 = 0")
+    site.execute("UPDATE public.odd SET image = 'moved' WHERE ord = 7")  # a key change
+    sync_once(pair)
+    assert rows_of(pair.site_dsn, "public.odd") == rows_of(pair.agent_dsn, "public.odd")
+    assert len(rows_of(pair.agent_dsn, "public.odd")) == 16
+
+
+def test_without_the_migration_every_batch_is_read_in_its_transaction(pair: DbPair) -> None:
+    # A Site DB at 0006 (read_rows VOLATILE): the daemon must not read in one statement there.
+    with psycopg.connect(pair.site_dsn, autocommit=True) as conn:
+        conn.execute("ALTER FUNCTION dbsync.read_rows(integer, json) VOLATILE")
+    _one_by_one(pair, 4)
+    replicator = sync_once(pair)
+    assert replicator.stats.whole == 0 and replicator.stats.events == 4
+    assert_same(pair, ["public.conversations"])
