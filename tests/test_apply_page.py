@@ -22,6 +22,7 @@ from dbsync.daemon import pg
 from dbsync.daemon.apply import Applier, Catalog, ConcurrentConsumerError
 from dbsync.daemon.consume import ApplyProgress, Event, progress_from_row
 from dbsync.daemon.retention import Retention
+from dbsync.daemon.runner import Replicator
 from dbsync.protocol import READ_PROGRESS
 from tests.helpers import DbPair, assert_same, replicate, sync_once
 
@@ -232,3 +233,69 @@ def test_identifiers_with_dollar_signs_keep_their_parameters(pair: DbPair) -> No
     replicator = sync_once(pair)
     assert replicator.applier.one_statement_pages >= 1
     assert_same(pair, ['public."t$1"', "public.conversations"])
+
+
+def test_the_running_daemon_prunes_only_right_after_a_synchronous_commit(pair: DbPair) -> None:
+    """The runner wires the barrier: every prune of the Site log follows, as the Agent's latest
+    progress write, one committed synchronously, while pages commit asynchronously."""
+    pair.agent().execute(
+        """
+        CREATE TABLE public.progress_writes (at timestamptz, mode text);
+        CREATE FUNCTION public.record_progress_write() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO public.progress_writes VALUES (clock_timestamp(), current_setting('synchronous_commit'));
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER record_progress_write BEFORE UPDATE ON dbsync.apply_progress
+            FOR EACH ROW EXECUTE FUNCTION public.record_progress_write();
+        -- The daemon runs as a replica (session_replication_role): fire anyway.
+        ALTER TABLE dbsync.apply_progress ENABLE ALWAYS TRIGGER record_progress_write;
+        """
+    )
+    pair.site().execute(
+        """
+        CREATE TABLE public.prunes (at timestamptz);
+        CREATE FUNCTION public.record_prune() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO public.prunes VALUES (clock_timestamp());
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER record_prune AFTER DELETE ON dbsync.sync_log
+            REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION public.record_prune();
+        """
+    )
+    prunes = 3
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        replicator = Replicator(pair.settings(), stop=stop)
+        replicator.retention = Retention(interval=0.05)
+        running = asyncio.ensure_future(replicator.run())
+        site = await pg.connect(pair.site_dsn, "Site")
+        try:
+            for i in range(prunes):
+                await site.execute(
+                    "INSERT INTO public.conversations (id, phone_number, created_at, updated_at) "
+                    "VALUES ($1, $2, now(), now())",
+                    900 + i,
+                    f"+31009{i:05d}",
+                )
+                deadline = asyncio.get_running_loop().time() + 30
+                while await site.fetchval("SELECT count(*) FROM dbsync.sync_log"):
+                    assert asyncio.get_running_loop().time() < deadline, "the log was never pruned"
+                    assert not running.done(), "the daemon stopped"
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await site.close()
+            await running
+
+    asyncio.run(scenario())
+    writes = pair.agent().execute("SELECT at, mode FROM public.progress_writes ORDER BY at").fetchall()
+    pruned = [r[0] for r in pair.site().execute("SELECT at FROM public.prunes ORDER BY at").fetchall()]
+    assert len(pruned) >= prunes
+    assert "off" in [mode for _, mode in writes], "pages were not committed asynchronously"
+    for at in pruned:
+        before = [mode for written, mode in writes if written < at]
+        assert before and before[-1] == "on", f"a prune at {at} did not follow a synchronous commit"
+    assert_same(pair, ["public.conversations"])
