@@ -77,9 +77,9 @@ log = logging.getLogger("dbsync.daemon")
 # memory.
 PAGE_BYTES = 8 * 1024 * 1024
 # Under a steady stream of writes every batch is small, and each costs the daemon a Site read and
-# an Agent write whatever its size. After a batch smaller than one page the daemon waits this
-# long before the next, so events gather: at most ~200 batches a second, which bounds its cost to
-# both databases (measured at 1,000 changes/s: 0 ms gives p50 5 ms at 27% of a core, 5 ms gives
+# an Agent write whatever its size. After a batch smaller than one page the next look waits until
+# this long after the previous one, so events gather: at most ~200 batches a second, which bounds
+# its cost to both databases (measured at 1,000 changes/s: 0 ms gives p50 5 ms at 27% of a core, 5 ms gives
 # p50 10 ms at 14%; docs/benchmarks.md). An idle daemon is woken at once; a backlog is drained
 # without pause.
 LINGER = 0.005
@@ -535,8 +535,9 @@ class Replicator:
                 await self.retention.maybe_prune(self.site, self.progress.prev_snapshot, durable)
             if busy:
                 await self.doorbell.busy(self.site)
-                if not self.progress.in_batch and self._batch_events < self.settings.batch_size:
-                    await self._sleep(LINGER)
+                pause = looked_at + LINGER - clock.time()  # one look per LINGER, not a pause after each
+                if not self.progress.in_batch and self._batch_events < self.settings.batch_size and pause > 0:
+                    await self._sleep(pause)
                 continue
             await self._retry_parked()
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
