@@ -159,7 +159,7 @@ def run_dbsync(site_dsn: str, agent_dsn: str) -> dict[str, Any]:
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"dbsync reconcile failed ({proc.returncode}): {proc.stderr.strip()}")
     table = json.loads(proc.stdout)["tables"]["public.bench_rows"]
-    return {kind: sorted(k["id"] for k in table[f"{kind}_keys"]) for kind in PLANTED}
+    return {kind: sorted(int(k["id"]) for k in table[f"{kind}_keys"]) for kind in PLANTED}
 
 
 def run_dbsync_in_process(site_dsn: str, agent_dsn: str) -> dict[str, Any]:
@@ -173,7 +173,7 @@ def run_dbsync_in_process(site_dsn: str, agent_dsn: str) -> dict[str, Any]:
         finally:
             comparer.close()
     found = {"missing": diff.missing, "extra": diff.extra, "changed": diff.changed}
-    return {kind: sorted(json.loads(k)["id"] for k in keys) for kind, keys in found.items()}
+    return {kind: sorted(int(json.loads(k)["id"]) for k in keys) for kind, keys in found.items()}
 
 
 def changed_keys(rows: int, changes: int) -> list[int]:
