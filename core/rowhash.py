@@ -117,6 +117,40 @@ class HashQueries:
             self.bucket, self.row_hash, self.table
         )
 
+    # -- buckets by key range (a single integer key): each bucket is a range of key values, so the
+    # rows of a differing bucket are read through the key index, not by another full scan.
+    # Bucket b holds keys lo + b * width .. lo + (b + 1) * width - 1; the first and last buckets
+    # are open-ended, so a key outside [lo, hi] still falls in a bucket.
+
+    def key_bounds(self) -> sql.Composed:
+        """(least key, greatest key) as int8; the key index answers both."""
+        key = self._int_key()
+        return sql.SQL("SELECT min({k})::pg_catalog.int8, max({k})::pg_catalog.int8 FROM {} t").format(
+            self.table, k=key
+        )
+
+    def range_buckets(self) -> sql.Composed:
+        """(bucket, rows, sum of row hashes) per key range (%(lo)s, %(width)s, %(mask)s)."""
+        bucket = sql.SQL(
+            "least(greatest(({}::pg_catalog.int8 - %(lo)s::pg_catalog.int8) / %(width)s::pg_catalog.int8, 0),"
+            " %(mask)s::pg_catalog.int8)"
+        ).format(self._int_key())
+        return sql.SQL("SELECT {} AS b, count(*), sum({}) FROM {} t GROUP BY 1").format(
+            bucket, self.row_hash, self.table
+        )
+
+    def rows_in_ranges(self) -> sql.Composed:
+        """(key, row hash) of the rows with keys in [%(lows)s[i], %(highs)s[i]] for some i."""
+        key = self._int_key()
+        return sql.SQL(
+            "SELECT {}, {} FROM ROWS FROM (pg_catalog.unnest(%(lows)s::pg_catalog.int8[]),"
+            " pg_catalog.unnest(%(highs)s::pg_catalog.int8[])) AS r(lo, hi) JOIN {} t ON {k} >= r.lo AND {k} <= r.hi"
+        ).format(self.key_json, self.row_hash, self.table, k=key)
+
+    def _int_key(self) -> sql.Composed:
+        (column,) = self.shape.keys
+        return sql.SQL("t.{}").format(sql_ident(column))
+
     def rows_in_buckets(self) -> sql.Composed:
         """(key, row hash) of every row in the buckets %(buckets)s."""
         return sql.SQL("SELECT {}, {} FROM {} t WHERE {} = ANY (%(buckets)s::int8[])").format(
@@ -166,6 +200,14 @@ class HashQueries:
         if not bounds:
             return body
         return sql.SQL("SELECT s.* FROM {} CROSS JOIN LATERAL ({}) s").format(sql.SQL(", ").join(bounds), body)
+
+
+INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+
+
+def integer_key(shape: TableShape) -> bool:
+    """Whether the table has a single key column of an integer type (or a domain over one)."""
+    return len(shape.key_equality) == 1 and shape.key_equality[0].base_type in INTEGER_TYPES
 
 
 def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:

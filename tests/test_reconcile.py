@@ -574,8 +574,17 @@ def test_deep_check_finds_a_planted_difference_in_its_bucket_and_none_in_an_equa
     try:
         assert not deep_check(comparer, catchup, target).differs
         agent.execute("UPDATE public.conversations SET contact_name = '' WHERE id = 4321")
+        # Keys outside the Site's range land in the open-ended first and last key-range buckets.
+        agent.execute("UPDATE public.conversations SET id = -7 WHERE id = 1")
+        agent.execute("UPDATE public.conversations SET id = 1000000000000 WHERE id = 2500")
         diff = deep_check(comparer, catchup, target)
     finally:
         comparer.close()
     assert (diff.site_rows, diff.agent_rows) == (5000, 5000)
-    assert (diff.missing, diff.extra, diff.changed, diff.unsettled) == ([], [], ['{"id" : "4321"}'], [])
+    key = '{{"id" : "{}"}}'.format
+    assert (diff.missing, diff.extra, diff.changed, diff.unsettled) == (
+        [key(1), key(2500)],
+        [key(-7), key(1000000000000)],
+        [key(4321)],
+        [],
+    )
