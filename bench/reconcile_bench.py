@@ -11,9 +11,15 @@ interleaved, medians reported:
 * floor: one hashing scan of each table, `SELECT sum(hashtextextended(ROW(...)::text, 0))`,
   both tables at the same time (as dbsync scans them) and one after the other.
 
-Each tool's answer is checked against the planted differences. Not part of the test suite:
+Each tool's answer is checked against the planted differences.
+
+The incremental check (`dbsync.reconcile.check_keys`, what the daemon runs on the keys it
+applied) is timed on tables of --small-rows and --large-rows rows with the same --changes keys
+(3 of them differing on the Agent): its time should follow the number of keys, not the table's
+size. Not part of the test suite:
 
     python -m bench.reconcile_bench [--rows 1000000] [--reps 3] [--reladiff /tmp/benchenv/bin/reladiff]
+        [--small-rows 100000] [--large-rows 5000000] [--changes 1000]
 
 The established tool lives in a separate venv so it cannot disturb dbsync's dependencies:
 
@@ -26,6 +32,7 @@ docs/benchmarks.md (only the text between its markers is replaced).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -47,7 +54,7 @@ from dbsync.catchup import CatchUp
 from dbsync.config import Settings
 from dbsync.db import connect
 from dbsync.embedded.cluster import LocalCluster
-from dbsync.reconcile import Comparer, deep_check, targets
+from dbsync.reconcile import Comparer, check_keys, deep_check, targets
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -109,6 +116,18 @@ PLANTED = {"missing": [1000], "extra": [-5], "changed": [250000, 500000, 750000]
 FLOOR = "SELECT sum(hashtextextended(ROW({cols})::text, 0)) FROM public.bench_rows"
 
 
+def fill(dsn: str, side: str, table: str, rows: int, plant: tuple[str, ...]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TABLE.replace("bench_rows", table))
+        conn.execute(FILL.replace("bench_rows", table), (rows,))
+        if side == "agent":
+            for statement in plant:
+                conn.execute(statement.replace("bench_rows", table))
+        else:  # capture starts after the fill: the log is empty, nothing is in flight
+            conn.execute("SELECT dbsync.add_table(%s)", (f"public.{table}",))
+        conn.execute(f"VACUUM ANALYZE public.{table}")
+
+
 def setup(site: LocalCluster, agent: LocalCluster, rows: int) -> tuple[str, str]:
     dsns = []
     for cluster, side in ((site, "site"), (agent, "agent")):
@@ -116,15 +135,7 @@ def setup(site: LocalCluster, agent: LocalCluster, rows: int) -> tuple[str, str]
             conn.execute("CREATE DATABASE bench")
         dsn = cluster.dsn("bench")
         migrations.apply(dsn, side, [])
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(TABLE)
-            conn.execute(FILL, (rows,))
-            if side == "agent":
-                for statement in PLANT:
-                    conn.execute(statement)
-            else:  # capture starts after the fill: the log is empty, nothing is in flight
-                conn.execute("SELECT dbsync.add_table('public.bench_rows')")
-            conn.execute("VACUUM ANALYZE public.bench_rows")
+        fill(dsn, side, "bench_rows", rows, PLANT)
         dsns.append(dsn)
     return dsns[0], dsns[1]
 
@@ -148,7 +159,7 @@ def run_dbsync(site_dsn: str, agent_dsn: str) -> dict[str, Any]:
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"dbsync reconcile failed ({proc.returncode}): {proc.stderr.strip()}")
     table = json.loads(proc.stdout)["tables"]["public.bench_rows"]
-    return {kind: sorted(k["id"] for k in table[f"{kind}_keys"]) for kind in PLANTED}
+    return {kind: sorted(int(k["id"]) for k in table[f"{kind}_keys"]) for kind in PLANTED}
 
 
 def run_dbsync_in_process(site_dsn: str, agent_dsn: str) -> dict[str, Any]:
@@ -162,7 +173,51 @@ def run_dbsync_in_process(site_dsn: str, agent_dsn: str) -> dict[str, Any]:
         finally:
             comparer.close()
     found = {"missing": diff.missing, "extra": diff.extra, "changed": diff.changed}
-    return {kind: sorted(json.loads(k)["id"] for k in keys) for kind, keys in found.items()}
+    return {kind: sorted(int(json.loads(k)["id"]) for k in keys) for kind, keys in found.items()}
+
+
+def changed_keys(rows: int, changes: int) -> list[int]:
+    """`changes` keys spread over the whole table (a daemon's applied keys land anywhere)."""
+    return [1 + i * (rows // changes) for i in range(changes)]
+
+
+def measure_incremental(site_dsn: str, agent_dsn: str, args: argparse.Namespace) -> dict[str, Any]:
+    """check_keys of the same number of keys on a small and a large table, in-process, medians."""
+    out: dict[str, Any] = {"changes": args.changes, "tables": {}}
+    for rows in (args.small_rows, args.large_rows):
+        table = f"bench_inc_{rows}"
+        keys = changed_keys(rows, args.changes)
+        planted = keys[1:4]
+        plant = tuple(f"UPDATE public.bench_rows SET status = 'tampered' WHERE id = {k}" for k in planted)
+        started = time.perf_counter()
+        print(f"filling 2 x {rows} rows for the incremental check ...", file=sys.stderr)
+        for dsn, side in ((site_dsn, "site"), (agent_dsn, "agent")):
+            fill(dsn, side, table, rows, plant)
+        setup_s = time.perf_counter() - started
+        settings = Settings(site_dsn=site_dsn, agent_dsn=agent_dsn)
+        times: list[float] = []
+        found: list[int] = []
+        with connect(site_dsn, "Site") as site, connect(agent_dsn, "Agent") as agent:
+            (target,) = targets(site, agent, [table])
+            comparer = Comparer(site, agent)
+            catchup = CatchUp(site, agent, settings, timeout=60)
+            wanted = [json.dumps({"id": str(k)}) for k in keys]
+            try:
+                for rep in range(args.reps):
+                    seconds, diff = timed(functools.partial(check_keys, comparer, catchup, target, wanted))
+                    times.append(seconds)
+                    differing = diff.keys()
+                    found = sorted(int(json.loads(k)["id"]) for k in differing)
+                    print(f"rep {rep + 1}: check_keys {rows:>10} rows {seconds:8.3f} s", file=sys.stderr)
+            finally:
+                comparer.close()
+        out["tables"][str(rows)] = {
+            "setup_s": setup_s,
+            "times": times,
+            "median": statistics.median(times),
+            "correct": found == planted,
+        }
+    return out
 
 
 def reladiff_url(dsn: str) -> str:
@@ -230,6 +285,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if out is not None:
                     answers[name] = out
                 print(f"rep {rep + 1}: {name:<17} {seconds:8.2f} s", file=sys.stderr)
+        incremental = measure_incremental(site_dsn, agent_dsn, args) if args.changes else None
         version = subprocess.run(
             [site.bindir / "postgres", "--version"], capture_output=True, text=True, check=False
         ).stdout
@@ -251,6 +307,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "correct": {name: answer == PLANTED for name, answer in answers.items()},
         "reladiff_note": reladiff_note,
         "load": [load_before, os.getloadavg()[0]],
+        "incremental": incremental,
     }
     if "reladiff" in medians:
         result["reladiff_version"] = subprocess.run(
@@ -320,8 +377,33 @@ def render(result: dict[str, Any]) -> str:
             f"{result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end on {os.cpu_count()} CPUs); "
             "absolute times are noisy, the interleaved ratios less so."
         )
+    lines += render_incremental(result.get("incremental"))
     lines += ["", result.get("notes", "").strip(), END]
     return "\n".join(line for line in lines) + "\n"
+
+
+def render_incremental(inc: dict[str, Any] | None) -> list[str]:
+    if not inc:
+        return []
+    lines = [
+        "",
+        f"Incremental check (`check_keys`, in-process) of the same {inc['changes']:,} keys, spread over the "
+        "table, 3 of them differing on the Agent, on tables of different sizes:",
+        "",
+        "| rows per side | median s | all runs (s) | found the 3 differences |",
+        "| ---: | ---: | --- | --- |",
+    ]
+    for rows, t in inc["tables"].items():
+        runs = ", ".join(f"{x:.3f}" for x in t["times"])
+        lines.append(f"| {int(rows):,} | {t['median']:.3f} | {runs} | {'yes' if t['correct'] else 'NO'} |")
+    small, large = (inc["tables"][k]["median"] for k in list(inc["tables"])[:2])
+    sizes = [int(k) for k in inc["tables"]]
+    lines += [
+        "",
+        f"* {sizes[1] // sizes[0]}x the rows, {large / small:.2f}x the time: the cost follows the number of "
+        "keys checked, not the table's size.",
+    ]
+    return lines
 
 
 def write_doc(section: str) -> None:
@@ -341,6 +423,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--reladiff", default="/tmp/benchenv/bin/reladiff")
+    parser.add_argument("--small-rows", type=int, default=100_000)
+    parser.add_argument("--large-rows", type=int, default=5_000_000)
+    parser.add_argument("--changes", type=int, default=1000, help="Keys per incremental check (0: skip it).")
     parser.add_argument("--no-docs", action="store_true", help="Do not rewrite docs/benchmarks.md.")
     parser.add_argument("--render", metavar="JSON", help="Only re-render a stored result into the docs.")
     args = parser.parse_args()

@@ -1,9 +1,10 @@
 """The deep check: which rows differ between the Site DB and the Agent DB, proven while both move.
 
-1. First pass, one scan per side (both sides at once): rows are put in B buckets by a hash of
-   their key; each side returns (bucket, rows, sum of row hashes). Buckets that disagree are
-   listed row by row as (key, row hash), and the lists are compared. Only hashes and the keys of
-   differing buckets cross the network.
+1. First pass, one scan per side (both sides at once): rows are put in B buckets by a range of
+   their key (a single integer key: a differing bucket is then read through the key index) or
+   else by a hash of it; each side returns (bucket, rows, sum of row hashes). Buckets that
+   disagree are listed row by row as (key, row hash), and the lists are compared. Only hashes
+   and the keys of differing buckets cross the network.
 2. A first-pass difference may be a change in flight. Each round of the recheck pins a Site
    snapshot S and reads the candidates' Site hashes in it, waits until the Agent DB has applied
    everything visible in S, then reads the candidates' Agent hashes. A key that still differs is
@@ -38,6 +39,7 @@ from dbsync.rowhash import (
     HashQueries,
     TableShape,
     choose_hash,
+    integer_key,
     key_defs,
     key_match,
     prepare,
@@ -209,7 +211,13 @@ def first_pass(comparer: Comparer, target: ComparedTable) -> tuple[TableDiff, di
     site_q, agent_q = comparer.queries(target)
     buckets = bucket_count(comparer.site, comparer.agent, target)
     params: dict[str, Any] = {"mask": buckets - 1}
-    on_site, on_agent = comparer.both(site_q.buckets(), agent_q.buckets(), params, setup=BUCKET_PLANNING)
+    ranges = key_ranges(comparer, target, buckets)
+    if ranges is not None:
+        params.update(ranges)
+        sums = (site_q.range_buckets(), agent_q.range_buckets())
+    else:
+        sums = (site_q.buckets(), agent_q.buckets())
+    on_site, on_agent = comparer.both(*sums, params, setup=BUCKET_PLANNING)
     site_b = {b: (n, h) for b, n, h in on_site}
     agent_b = {b: (n, h) for b, n, h in on_agent}
     diff = TableDiff(
@@ -219,9 +227,34 @@ def first_pass(comparer: Comparer, target: ComparedTable) -> tuple[TableDiff, di
     log.info("%s: %d of %d bucket(s) differ", target.label, len(differing), buckets)
     if not differing:
         return diff, {}
-    params["buckets"] = differing
-    on_site, on_agent = comparer.both(site_q.rows_in_buckets(), agent_q.rows_in_buckets(), params)
+    if ranges is not None:
+        lo, width = ranges["lo"], ranges["width"]
+        params["lows"] = [INT8_MIN if b == 0 else lo + b * width for b in differing]
+        params["highs"] = [INT8_MAX if b == buckets - 1 else lo + (b + 1) * width - 1 for b in differing]
+        on_site, on_agent = comparer.both(site_q.rows_in_ranges(), agent_q.rows_in_ranges(), params)
+    else:
+        params["buckets"] = differing
+        on_site, on_agent = comparer.both(site_q.rows_in_buckets(), agent_q.rows_in_buckets(), params)
     return diff, _differing_keys(on_site, on_agent)
+
+
+INT8_MIN, INT8_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def key_ranges(comparer: Comparer, target: ComparedTable, buckets: int) -> dict[str, int] | None:
+    """lo and width of key-range buckets for a single integer key on both sides; None: hash buckets.
+
+    The bounds span both sides' keys; a span too wide for int8 arithmetic falls back to hashes."""
+    if not (integer_key(target.site) and integer_key(target.agent)):
+        return None
+    site_q, agent_q = comparer.queries(target)
+    on_site, on_agent = comparer.both(site_q.key_bounds(), agent_q.key_bounds(), {})
+    lows = [r[0][0] for r in (on_site, on_agent) if r[0][0] is not None]
+    highs = [r[0][1] for r in (on_site, on_agent) if r[0][1] is not None]
+    if not lows or max(highs) - min(lows) >= 1 << 62:
+        return None
+    lo = min(lows)
+    return {"lo": lo, "width": max(1, -(-(max(highs) - lo + 1) // buckets))}
 
 
 def _differing_keys(on_site: Iterable[Any], on_agent: Iterable[Any]) -> dict[str, tuple[int | None, int | None]]:
@@ -319,6 +352,27 @@ def deep_check(
     if not candidates:
         return diff
     log.info("%s: %d candidate difference(s); rechecking once the daemon has caught up", target.label, len(candidates))
+    return recheck(comparer, catchup, target, candidates, diff)
+
+
+def check_keys(comparer: Comparer, catchup: CatchUp, target: ComparedTable, keys: Sequence[str]) -> TableDiff:
+    """The deep check of the rows with these keys only (JSON key objects, as the log holds them).
+
+    Each side reads the rows by key (its key index serves every lookup), both at once, so the
+    cost follows the number of keys, not the table's size: the daemon's incremental verification
+    checks the keys it applied this way. Candidates are rechecked by `recheck`, as in `deep_check`.
+    """
+    diff = TableDiff(target.label, target.table_id)
+    if not keys:
+        return diff
+    site_q, agent_q = comparer.queries(target)
+    params: dict[str, Any] = {"keys": "[" + ",".join(keys) + "]"}
+    on_site, on_agent = comparer.both(site_q.rows_by_key(), agent_q.rows_by_key(), params)
+    diff.site_rows, diff.agent_rows = len(on_site), len(on_agent)
+    candidates = _differing_keys(on_site, on_agent)
+    if not candidates:
+        return diff
+    log.info("%s: %d of %d key(s) differ; rechecking", target.label, len(candidates), len(keys))
     return recheck(comparer, catchup, target, candidates, diff)
 
 

@@ -30,8 +30,14 @@ SESSION = (
     "SET search_path = pg_catalog, pg_temp",
 )
 
-# For the bucket scan only (SET LOCAL): let parallel workers hash and stream (bucket, hash) pairs.
-BUCKET_PLANNING = ("SET LOCAL parallel_setup_cost = 0", "SET LOCAL parallel_tuple_cost = 0")
+# For the bucket scan only (SET LOCAL): parallel workers hash and sum their share of the rows per
+# bucket, the leader adds up a few thousand partial sums. The planner takes the key's distinct
+# count for the number of buckets and would sort the rows; a hash table of buckets is what runs.
+BUCKET_PLANNING = (
+    "SET LOCAL parallel_setup_cost = 0",
+    "SET LOCAL parallel_tuple_cost = 0",
+    "SET LOCAL enable_sort = off",
+)
 
 FAST = "hashtextextended({}, 0)"
 PORTABLE = "('x' || left(md5({}), 16))::bit(64)::int8"
@@ -102,15 +108,48 @@ class HashQueries:
         self.key_match = key_match(shape, "t", "k")
 
     def buckets(self) -> sql.Composed:
-        """(bucket, rows, sum of row hashes) per bucket of key hashes.
+        """(bucket, rows, sum of row hashes) per bucket of key hashes; run it with BUCKET_PLANNING.
 
-        OFFSET 0 keeps the subquery apart, so the planner does not take the key's distinct count
-        for the number of groups (and sort a million rows for a few thousand groups); run with
-        BUCKET_PLANNING, parallel workers compute the hashes and the leader sums them up.
+        Grouped directly (no subquery fence), so each parallel worker aggregates its own rows
+        and only partial sums reach the leader, not a (bucket, hash) pair per row.
         """
+        return sql.SQL("SELECT {} AS b, count(*), sum({}) FROM {} t GROUP BY 1").format(
+            self.bucket, self.row_hash, self.table
+        )
+
+    # -- buckets by key range (a single integer key): each bucket is a range of key values, so the
+    # rows of a differing bucket are read through the key index, not by another full scan.
+    # Bucket b holds keys lo + b * width .. lo + (b + 1) * width - 1; the first and last buckets
+    # are open-ended, so a key outside [lo, hi] still falls in a bucket.
+
+    def key_bounds(self) -> sql.Composed:
+        """(least key, greatest key) as int8; the key index answers both."""
+        key = self._int_key()
+        return sql.SQL("SELECT min({k})::pg_catalog.int8, max({k})::pg_catalog.int8 FROM {} t").format(
+            self.table, k=key
+        )
+
+    def range_buckets(self) -> sql.Composed:
+        """(bucket, rows, sum of row hashes) per key range (%(lo)s, %(width)s, %(mask)s)."""
+        bucket = sql.SQL(
+            "least(greatest(({}::pg_catalog.int8 - %(lo)s::pg_catalog.int8) / %(width)s::pg_catalog.int8, 0),"
+            " %(mask)s::pg_catalog.int8)"
+        ).format(self._int_key())
+        return sql.SQL("SELECT {} AS b, count(*), sum({}) FROM {} t GROUP BY 1").format(
+            bucket, self.row_hash, self.table
+        )
+
+    def rows_in_ranges(self) -> sql.Composed:
+        """(key, row hash) of the rows with keys in [%(lows)s[i], %(highs)s[i]] for some i."""
+        key = self._int_key()
         return sql.SQL(
-            "SELECT b, count(*), sum(h) FROM (SELECT {} AS b, {} AS h FROM {} t OFFSET 0) s GROUP BY b"
-        ).format(self.bucket, self.row_hash, self.table)
+            "SELECT {}, {} FROM ROWS FROM (pg_catalog.unnest(%(lows)s::pg_catalog.int8[]),"
+            " pg_catalog.unnest(%(highs)s::pg_catalog.int8[])) AS r(lo, hi) JOIN {} t ON {k} >= r.lo AND {k} <= r.hi"
+        ).format(self.key_json, self.row_hash, self.table, k=key)
+
+    def _int_key(self) -> sql.Composed:
+        (column,) = self.shape.keys
+        return sql.SQL("t.{}").format(sql_ident(column))
 
     def rows_in_buckets(self) -> sql.Composed:
         """(key, row hash) of every row in the buckets %(buckets)s."""
@@ -161,6 +200,14 @@ class HashQueries:
         if not bounds:
             return body
         return sql.SQL("SELECT s.* FROM {} CROSS JOIN LATERAL ({}) s").format(sql.SQL(", ").join(bounds), body)
+
+
+INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+
+
+def integer_key(shape: TableShape) -> bool:
+    """Whether the table has a single key column of an integer type (or a domain over one)."""
+    return len(shape.key_equality) == 1 and shape.key_equality[0].base_type in INTEGER_TYPES
 
 
 def key_match(shape: TableShape, left: str, right: str) -> sql.SQL:

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from dbsync.catchup import CatchUp
-from dbsync.reconcile import Comparer, TableDiff, moving_keys, recheck, targets
+from dbsync.reconcile import Comparer, TableDiff, check_keys, deep_check, moving_keys, recheck, targets
 from tests.helpers import (
     LOGGED_KEYS,
     Daemon,
@@ -537,3 +537,54 @@ def test_agent_ahead_of_the_snapshot_is_not_drift_even_when_its_event_is_pruned(
     finally:
         comparer.close()
     assert (diff.missing, diff.extra, diff.changed, diff.unsettled) == ([], [], ['{"id" : "7"}'], [])
+
+
+def test_check_keys_reads_only_the_given_keys_and_finds_their_drift(pair: DbPair) -> None:
+    """The incremental check compares the given keys, by key: drift on them is found, drift on
+    other keys is not looked at, and an equal table yields nothing."""
+    seed_whatsapp(pair, 10)
+    sync_once(pair)
+    site, agent = pair.site(), pair.agent()
+    (target,) = targets(site, agent, ["conversations"])
+    catchup = CatchUp(site, agent, pair.settings(), timeout=30)
+    comparer = Comparer(site, agent)  # pins search_path: names below are qualified
+    key = '{{"id" : "{}"}}'.format
+    try:
+        equal = check_keys(comparer, catchup, target, [key(i) for i in range(1, 11)])
+        assert not equal.differs and (equal.site_rows, equal.agent_rows) == (10, 10)
+        agent.execute("UPDATE public.conversations SET contact_name = 'drifted' WHERE id IN (7, 9)")
+        agent.execute("DELETE FROM public.conversations WHERE id = 8")
+        agent.execute("UPDATE public.conversations SET id = 999 WHERE id = 10")  # 10 is not asked for
+        diff = check_keys(comparer, catchup, target, [key(i) for i in (3, 7, 8, 999)])
+        assert not check_keys(comparer, catchup, target, []).differs
+    finally:
+        comparer.close()
+    assert (diff.missing, diff.extra, diff.changed, diff.unsettled) == ([key(8)], [key(999)], [key(7)], [])
+
+
+def test_deep_check_finds_a_planted_difference_in_its_bucket_and_none_in_an_equal_table(pair: DbPair) -> None:
+    pair.site().execute("INSERT INTO conversations (phone_number) SELECT '+49151' || g FROM generate_series(1, 5000) g")
+    sync_once(pair)
+    site, agent = pair.site(), pair.agent()
+    for conn in (site, agent):
+        conn.execute("ANALYZE conversations")  # enough rows for many buckets
+    (target,) = targets(site, agent, ["conversations"])
+    catchup = CatchUp(site, agent, pair.settings(), timeout=30)
+    comparer = Comparer(site, agent)
+    try:
+        assert not deep_check(comparer, catchup, target).differs
+        agent.execute("UPDATE public.conversations SET contact_name = '' WHERE id = 4321")
+        # Keys outside the Site's range land in the open-ended first and last key-range buckets.
+        agent.execute("UPDATE public.conversations SET id = -7 WHERE id = 1")
+        agent.execute("UPDATE public.conversations SET id = 1000000000000 WHERE id = 2500")
+        diff = deep_check(comparer, catchup, target)
+    finally:
+        comparer.close()
+    assert (diff.site_rows, diff.agent_rows) == (5000, 5000)
+    key = '{{"id" : "{}"}}'.format
+    assert (diff.missing, diff.extra, diff.changed, diff.unsettled) == (
+        [key(1), key(2500)],
+        [key(-7), key(1000000000000)],
+        [key(4321)],
+        [],
+    )
