@@ -85,6 +85,12 @@ PAGE_BYTES = 8 * 1024 * 1024
 LINGER = 0.005
 # A batch of at most this many events is opened and read in one statement (read_small_batch).
 SMALL_BATCH_EVENTS = 100
+# Off: with it on, two tests fail on PostgreSQL 15 about half the time, and why is not known yet
+# (tests/test_faults.py::test_server_ends_idle_session[site]: the daemon does not recover within
+# 15 s after the server ends its Site sessions; tests/test_reconcile.py::
+# test_repair_under_live_writes_with_daemon: reconcile reports keys it could not settle).
+# Batches are read in their REPEATABLE READ transaction meanwhile.
+SMALL_BATCHES = False
 # Any role may NOTIFY the channel, as often as it likes: the notifications that arrive within
 # this long of the previous look are one wake-up, so a flood costs at most one look per interval.
 WAKE_INTERVAL = 0.005
@@ -206,7 +212,7 @@ class Replicator:
         if not await site.fetchval(SCHEMA_EXISTS.asyncpg, SITE_SCHEMA_MARK):
             raise SchemaError(no_schema("Site"))
         self.reader = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
-        self._small_batches = bool(await self.reader.fetchval(READS_AT_CALLER))
+        self._small_batches = SMALL_BATCHES and bool(await self.reader.fetchval(READS_AT_CALLER))
         await self.reader.execute(GENERIC_PLANS)
         # Replicated rows must not fire the Agent DB's own triggers and foreign keys.
         try:

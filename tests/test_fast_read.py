@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from dbsync.daemon import runner
 from dbsync.daemon.runner import SMALL_BATCH_EVENTS
 from tests.helpers import DbPair, assert_same, replicate, rows_of, sync_once
 
@@ -22,7 +23,8 @@ def _one_by_one(pair: DbPair, n: int, base: int = 1) -> None:
         )
 
 
-def test_a_small_batch_is_read_whole_in_one_statement(pair: DbPair) -> None:
+def test_a_small_batch_is_read_whole_in_one_statement(pair: DbPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "SMALL_BATCHES", True)  # off by default (see runner.SMALL_BATCHES)
     _one_by_one(pair, 5)
     pair.site().execute("UPDATE public.conversations SET contact_name = 'Ana' WHERE id = 2")
     pair.site().execute("DELETE FROM public.conversations WHERE id = 4")
@@ -31,7 +33,8 @@ def test_a_small_batch_is_read_whole_in_one_statement(pair: DbPair) -> None:
     assert_same(pair, ["public.conversations"])
 
 
-def test_a_batch_larger_than_a_small_one_is_read_in_pages(pair: DbPair) -> None:
+def test_a_batch_larger_than_a_small_one_is_read_in_pages(pair: DbPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "SMALL_BATCHES", True)
     _one_by_one(pair, SMALL_BATCH_EVENTS + 1)
     replicator = sync_once(pair, batch_size=40)
     assert replicator.stats.whole == 0 and replicator.stats.batches >= 3
@@ -48,6 +51,13 @@ def test_every_table_gets_a_reader_and_read_rows_uses_it(pair: DbPair) -> None:
     assert rows and all(reads == f"public.{name}" and exists for name, reads, exists in rows)
     marked = site.execute("SELECT provolatile FROM pg_proc WHERE oid = 'dbsync.read_rows(integer, json)'::regprocedure")
     assert marked.fetchone() == ("s",)
+
+
+def test_by_default_every_batch_is_read_in_its_transaction(pair: DbPair) -> None:
+    _one_by_one(pair, 3)
+    replicator = sync_once(pair)
+    assert replicator.stats.whole == 0 and replicator.stats.events == 3
+    assert_same(pair, ["public.conversations"])
 
 
 def test_a_renamed_table_is_read_the_general_way(pair: DbPair) -> None:
@@ -90,7 +100,10 @@ def test_key_columns_named_like_the_readers_own_names(pair: DbPair) -> None:
     assert len(rows_of(pair.agent_dsn, "public.odd")) == 16
 
 
-def test_without_the_migration_every_batch_is_read_in_its_transaction(pair: DbPair) -> None:
+def test_without_the_migration_every_batch_is_read_in_its_transaction(
+    pair: DbPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "SMALL_BATCHES", True)
     # A Site DB at 0006 (read_rows VOLATILE): the daemon must not read in one statement there.
     with psycopg.connect(pair.site_dsn, autocommit=True) as conn:
         conn.execute("ALTER FUNCTION dbsync.read_rows(integer, json) VOLATILE")
