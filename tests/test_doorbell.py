@@ -19,10 +19,18 @@ from tests.helpers import count as rows
 
 
 def armed(conn: psycopg.Connection) -> bool:
-    """The daemon's switch, which must agree with what writers' triggers read."""
-    row = conn.execute("SELECT armed, dbsync.doorbell_armed() FROM dbsync.doorbell").fetchone()
-    assert row is not None and row[0] == row[1], f"doorbell table says {row[0]}, writers read {row[1]}"
-    return bool(row[0])
+    """The daemon's switch, which must agree with what writers' triggers read.
+
+    The mirror is a sequence, which changes when the daemon's UPDATE runs, not when it commits:
+    a look between the two sees them differ. Only a disagreement that lasts is a fault."""
+    deadline = time.monotonic() + 5
+    while True:
+        row = conn.execute("SELECT armed, dbsync.doorbell_armed() FROM dbsync.doorbell").fetchone()
+        assert row is not None
+        if row[0] == row[1]:
+            return bool(row[0])
+        assert time.monotonic() < deadline, f"doorbell table says {row[0]}, writers read {row[1]}"
+        time.sleep(0.01)
 
 
 def test_writers_ring_exactly_while_armed(pair: DbPair) -> None:
