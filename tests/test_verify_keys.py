@@ -70,7 +70,10 @@ def test_a_lost_apply_is_found_and_repaired(
             lambda: scrape_when(port, lambda m: m.get("dbsync_verified_seq", 0) >= top), what="the mark past it all"
         )
         assert metrics(port)["dbsync_verify_open_mismatches"] == 0
-        assert status_json(pair)[1]["verify_mismatches"] == 0
+        code, st = status_json(pair)
+        assert code == 0 and st["verify_mismatches"] == 0, st
+        verify = st["verify"]
+        assert isinstance(verify, dict) and verify["verified_seq"] >= top, verify
     text = log_text(log)
     assert 'public.conversations: row {"id" : "7"} is missing on the Agent DB' in text, text
     assert "+7" not in text and "c7" not in text  # the key, never the row's values
