@@ -157,8 +157,10 @@ def _collect(queue: Any, proc: Any, timeout: float, what: str) -> Any:
 class Consumer:
     """Start/stop one side's replication between reps, so only one side ever runs at a time."""
 
-    def __init__(self, side: str, site_dsn: str, agent_dsn: str, workdir: Path) -> None:
+    def __init__(self, side: str, site_dsn: str, agent_dsn: str, workdir: Path, extra: tuple[str, ...] = ()) -> None:
         self.side, self.site_dsn, self.agent_dsn, self.workdir = side, site_dsn, agent_dsn, workdir
+        self.extra = extra  # more `dbsync run` arguments (bench/verify_cost.py)
+        self.daemon_site_dsn = site_dsn  # the daemon's own (bench/verify_cost.py names its sessions)
         self.proc: subprocess.Popen[bytes] | None = None
         self._probe = 0
 
@@ -167,10 +169,10 @@ class Consumer:
             with connect(self.agent_dsn) as conn:
                 conn.execute("ALTER SUBSCRIPTION bench_sub ENABLE")
         else:
-            env = {**os.environ, "DBSYNC_SITE_DSN": self.site_dsn, "DBSYNC_AGENT_DSN": self.agent_dsn}
+            env = {**os.environ, "DBSYNC_SITE_DSN": self.daemon_site_dsn, "DBSYNC_AGENT_DSN": self.agent_dsn}
             log = (self.workdir / "dbsync-latency.log").open("ab")
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dbsync", "--log-level", "warning", "run"],
+                [sys.executable, "-m", "dbsync", "--log-level", "warning", "run", *self.extra],
                 env=env,
                 stdout=log,
                 stderr=log,

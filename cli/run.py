@@ -46,10 +46,17 @@ STOP_GRACE = 4.0
     help="Compare every replicated table with the Site DB this often (default: off).",
 )
 @click.option(
+    "--verify-interval",
+    type=float,
+    metavar="SECONDS",
+    default=None,
+    help="Compare the rows this daemon applied with the Site DB this often (default: off).",
+)
+@click.option(
     "--verify-rows-per-second",
     type=int,
     default=None,
-    help="Rows a second the full verification reads from each database (default 5000).",
+    help="Rows a second the verification reads from each database (default 5000).",
 )
 @click.option(
     "--verify-repair/--no-verify-repair",
@@ -73,6 +80,7 @@ def run(
     http: str | None,
     alert_webhook: str | None,
     full_verify_interval: float | None,
+    verify_interval: float | None,
     verify_rows_per_second: int | None,
     verify_repair: bool | None,
     auto_add_columns: bool | None,
@@ -96,6 +104,7 @@ def run(
         http=http,
         alert_webhook=alert_webhook,
         full_verify_interval=full_verify_interval,
+        verify_interval=verify_interval,
         verify_rows_per_second=verify_rows_per_second,
         verify_repair=verify_repair,
         auto_add_columns=auto_add_columns,

@@ -51,6 +51,9 @@ class Settings:
     # (seconds; off by default), reading at most verify_rows_per_second rows a second from each
     # database; with verify_repair, rows found differing are repaired through the sync log.
     full_verify_interval: float | None = None
+    # `dbsync run` only: the keys applied since the verified mark are compared with the Site DB
+    # this often (seconds; off by default), and the Site's sync log keeps their events until then.
+    verify_interval: float | None = None
     verify_rows_per_second: int = 5000
     verify_repair: bool = False
     # `dbsync run`: a column the Site DB gained is added to the Agent table by the daemon, when

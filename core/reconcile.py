@@ -269,6 +269,11 @@ def _differing_keys(on_site: Iterable[Any], on_agent: Iterable[Any]) -> dict[str
 
 Seen = dict[str, tuple[int | None, int | None]]
 
+# The planner takes a key list for 100 rows whatever its length, and on a small table reads the
+# whole table to join it: each key is looked up in the key index instead, so the rows read are the
+# keys asked for, however small or large the table.
+KEY_LOOKUPS = ("SET LOCAL enable_seqscan = off", "SET LOCAL enable_bitmapscan = off")
+
 
 def recheck(comparer: Comparer, catchup: CatchUp, target: ComparedTable, seen: Seen, diff: TableDiff) -> TableDiff:
     """Keep the keys that still differ once the Agent DB has caught up; fill `diff` with them.
@@ -288,9 +293,14 @@ def recheck(comparer: Comparer, catchup: CatchUp, target: ComparedTable, seen: S
         with comparer.site.transaction():
             comparer.site.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             snap = comparer.site.execute("SELECT pg_current_snapshot()::text").fetchone()[0]  # type: ignore[index]
+            for statement in KEY_LOOKUPS:
+                comparer.site.execute(statement)
             site_rows = comparer.site.execute(site_q.rows_by_key(), params).fetchall()
         catchup.wait(snap, [target.table_id])
-        agent_rows = comparer.agent.execute(agent_q.rows_by_key(), params).fetchall()
+        with comparer.agent.transaction():
+            for statement in KEY_LOOKUPS:
+                comparer.agent.execute(statement)
+            agent_rows = comparer.agent.execute(agent_q.rows_by_key(), params).fetchall()
         differing = _differing_keys(site_rows, agent_rows)
         moving = moving_keys(comparer.site, target, snap, sorted(differing)) if differing else set()
         log.info(
@@ -367,7 +377,7 @@ def check_keys(comparer: Comparer, catchup: CatchUp, target: ComparedTable, keys
         return diff
     site_q, agent_q = comparer.queries(target)
     params: dict[str, Any] = {"keys": "[" + ",".join(keys) + "]"}
-    on_site, on_agent = comparer.both(site_q.rows_by_key(), agent_q.rows_by_key(), params)
+    on_site, on_agent = comparer.both(site_q.rows_by_key(), agent_q.rows_by_key(), params, setup=KEY_LOOKUPS)
     diff.site_rows, diff.agent_rows = len(on_site), len(on_agent)
     candidates = _differing_keys(on_site, on_agent)
     if not candidates:

@@ -24,6 +24,7 @@ from dbsync.protocol import (
     no_schema,
 )
 from dbsync.tables import partition_drift
+from dbsync.verified import read_verified_seq
 from dbsync.verify import VerifyStatus, read_verify_status
 
 NEWEST = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM dbsync.sync_log_seq"
@@ -149,9 +150,10 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
     problems = _problems(active, parked, last_error, over)
     problems.extend(partition_drift(site))
     verify = read_verify_status(agent, source)
+    verified_seq = read_verified_seq(agent, source) if verify is not None else None
     if verify is not None and verify.mismatches:
         problems.append(
-            f"{verify.mismatches} row(s) differ between the Site and Agent DBs (full verification; "
+            f"{verify.mismatches} row(s) differ between the Site and Agent DBs (verification; "
             "see docs/operations.md, Verification)"
         )
     return Status(
@@ -173,14 +175,17 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
         lag_threshold=lag_threshold,
         problems=problems,
         verify_mismatches=verify.mismatches if verify is not None else 0,
-        verify=_verify_dict(verify) if verify is not None and (verify.progress or verify.mismatches) else None,
+        verify=_verify_dict(verify, verified_seq)
+        if verify is not None and (verify.progress or verify.mismatches or verified_seq is not None)
+        else None,
     )
 
 
-def _verify_dict(v: VerifyStatus) -> dict[str, Any]:
+def _verify_dict(v: VerifyStatus, verified_seq: int | None) -> dict[str, Any]:
     p = v.progress
     running = p is not None and p.pass_started_at is not None
     return {
+        "verified_seq": verified_seq,
         "mismatched_rows": v.by_table,
         "mismatched_keys": [{**k, "key": json.loads(k["key"])} for k in v.keys],
         "pass_started_at": _iso(p.pass_started_at) if p else None,

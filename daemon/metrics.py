@@ -62,6 +62,10 @@ class VerifyGauges:
     rows: int
     passes: int
     seconds_since_pass: float | None  # None: no pass has finished yet
+    # The incremental verification's (dbsync.daemon.verify_keys); None while it is off.
+    verified_seq: int | None = None  # None also before its first look at the mark
+    keys_verified: int | None = None
+    key_passes: int | None = None
 
 
 class Metrics:
@@ -108,7 +112,7 @@ def _verify(out: _Text, v: VerifyGauges) -> None:
         (
             "dbsync_verify_mismatches_total",
             "counter",
-            "Rows the full verification found differing.",
+            "Rows the full or incremental verification found differing.",
             v.mismatches_found,
         ),
         ("dbsync_verify_open_mismatches", "gauge", "Rows found differing and not equal again yet.", v.open_mismatches),
@@ -116,6 +120,14 @@ def _verify(out: _Text, v: VerifyGauges) -> None:
         ("dbsync_verify_rows_total", "counter", "Rows compared by the full verification.", v.rows),
         ("dbsync_verify_passes_total", "counter", "Full verification passes completed.", v.passes),
         ("dbsync_seconds_since_full_verify", "gauge", "Seconds since a full pass last finished.", v.seconds_since_pass),
+        (
+            "dbsync_verified_seq",
+            "gauge",
+            "Highest sync-log seq whose key the incremental verification compared.",
+            v.verified_seq,
+        ),
+        ("dbsync_verify_keys_total", "counter", "Keys compared by the incremental verification.", v.keys_verified),
+        ("dbsync_verify_key_passes_total", "counter", "Incremental verification passes completed.", v.key_passes),
     ]
     for name, kind, help_text, value in series:
         if value is not None:

@@ -151,7 +151,8 @@ class Replicator:
         self.stop = stop or asyncio.Event()
         self.wake = asyncio.Event()
         self.catalog = Catalog()
-        self.retention = Retention()
+        # With the incremental verification, the log keeps what it has yet to verify.
+        self.retention = Retention(verified_for=settings.source if settings.verify_interval else None)
         self.doorbell = Doorbell()
         self._last_snapshot: str | None = None
         self._batch_events = 0  # in the batch opened last
@@ -546,7 +547,7 @@ class Replicator:
             if not self.progress.in_batch:
                 assert self.site is not None and self.agent is not None
                 durable = functools.partial(self.applier.make_durable, self.agent)
-                await self.retention.maybe_prune(self.site, self.progress.prev_snapshot, durable)
+                await self.retention.maybe_prune(self.site, self.progress.prev_snapshot, durable, self.agent)
             if busy:
                 await self.doorbell.busy(self.site)
                 pause = looked_at + LINGER - clock.time()  # one look per LINGER, not a pause after each

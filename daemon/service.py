@@ -58,10 +58,10 @@ class Service:
         self.probe = LagProbe(settings.site_dsn)
         self.alerter = Alerter(settings.alert_webhook, source=settings.source, daemon=holder_name())
         self.lag: Lag | None = None
-        # The full verification, in its own thread, while this daemon applies.
+        # The full and incremental verifications, in their own thread, while this daemon applies.
         self.verifier = (
             Verifier(settings, lambda: r.active and r.state == APPLYING)
-            if settings.full_verify_interval is not None
+            if settings.full_verify_interval is not None or settings.verify_interval is not None
             else None
         )
         self._sender: asyncio.Task[None] | None = None
@@ -294,7 +294,18 @@ class Service:
         if v is None:
             return None
         since = None if v.last_pass_finished_at is None else max(0.0, time.time() - v.last_pass_finished_at)
-        return VerifyGauges(v.found, len(v.open), v.repaired, v.rows, v.passes, since)
+        keys = v.keys
+        return VerifyGauges(
+            v.found,
+            len(v.open),
+            v.repaired,
+            v.rows,
+            v.passes,
+            since,
+            verified_seq=None if keys is None else keys.verified_seq,
+            keys_verified=None if keys is None else keys.keys,
+            key_passes=None if keys is None else keys.passes,
+        )
 
 
 def _is_open(conn: asyncpg.Connection | None) -> bool:

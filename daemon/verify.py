@@ -8,6 +8,10 @@ database. Where the pass stands is stored on the Agent DB after every range, so 
 daemon resumes it; so are the rows found differing, until a recheck finds them equal (after a
 repair through the sync log, with `verify_repair`, or by `dbsync reconcile --repair`).
 
+With `verify_interval`, the same thread also runs the incremental verification
+(dbsync.daemon.verify_keys: the keys the daemon applied, compared each interval); what either
+finds is recorded, reported and repaired here, the same way.
+
 It runs in a thread of its own with its own connections (the comparison is psycopg code), and
 only while this daemon is the active one. A database failure never stops replication: it is
 logged once and retried with backoff. A bug (any other exception) stops the daemon, as a failed
@@ -29,6 +33,7 @@ from dbsync import verify as record
 from dbsync.catchup import CatchUp
 from dbsync.config import Settings
 from dbsync.daemon.backoff import Backoff
+from dbsync.daemon.verify_keys import KeyVerifier
 from dbsync.db import connect, first_line
 from dbsync.errors import DbsyncError, SchemaError
 from dbsync.reconcile import ComparedTable, Comparer, Seen, TableDiff, check_range, recheck, targets
@@ -68,7 +73,7 @@ class Verifier:
     """Runs passes while `is_active()`; the service reads its counters for /metrics and alerts."""
 
     def __init__(self, settings: Settings, is_active: Callable[[], bool]) -> None:
-        assert settings.full_verify_interval is not None
+        assert settings.full_verify_interval is not None or settings.verify_interval is not None
         self.settings = settings
         self.is_active = is_active
         self.stop = threading.Event()
@@ -89,6 +94,8 @@ class Verifier:
         self.on_crash: Callable[[BaseException], object] | None = None
         self._thread: threading.Thread | None = None
         self._chosen: tuple[datetime | None, dict[int, ComparedTable]] | None = None
+        self._full_next = 0.0  # monotonic: when the full verification's next step is due
+        self.keys = KeyVerifier(settings, self._judge, self._all_tables) if settings.verify_interval else None
 
     # -- the thread ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -113,7 +120,7 @@ class Verifier:
             except (DbsyncError, psycopg.Error) as exc:
                 message = first_line(exc)
                 if message != self.problem:
-                    log.error("full verification: %s; retrying", message)
+                    log.error("verification: %s; retrying", message)
                     self.problem = message
                 self.stop.wait(backoff.next_delay())
             except Exception as exc:
@@ -137,15 +144,45 @@ class Verifier:
             try:
                 catchup = CatchUp(site, agent, s, timeout=CATCHUP_TIMEOUT)
                 agent.execute(record.START_PROGRESS, {"source": s.source})
+                if self.keys is not None:
+                    self.keys.start(agent)
                 self._load_open(agent)
                 self._chosen = None
+                self._full_next = 0.0
                 while not self.stop.is_set() and self.is_active():
-                    self._cycle(comparer, catchup)
+                    self.stop.wait(self._turn(comparer, catchup))
             finally:
                 comparer.close()
 
+    def _turn(self, comparer: Comparer, catchup: CatchUp) -> float:
+        """Run whichever verification is due (at most one step of each); seconds until the next."""
+        waits = [1.0]
+        if self.settings.full_verify_interval is not None:
+            if time.monotonic() >= self._full_next:
+                self._full_next = time.monotonic() + self._cycle(comparer, catchup)
+            waits.append(self._full_next - time.monotonic())
+        elif (self.open or self._unsure) and time.monotonic() - self._rechecked_at >= self._recheck_every():
+            self._recheck_open(comparer, catchup, self._all_tables(comparer))
+        if self.keys is not None:
+            if self.keys.settings is not self.settings:
+                self.keys.settings = self.settings  # reloaded
+            if self.keys.due_in() == 0:
+                self.keys.step(comparer, catchup)
+                self._working()
+            waits.append(self.keys.due_in())
+        return max(0.0, min(waits))
+
+    def _working(self) -> None:
+        if self.problem is not None:
+            log.info("verification: working again")
+            self.problem = None
+
+    def _all_tables(self, comparer: Comparer) -> dict[int, ComparedTable]:
+        return {t.table_id: t for t in targets(comparer.site, comparer.agent, [])}
+
     # -- one step: a range of rows, or a wait for the next pass ----------------------------------
-    def _cycle(self, comparer: Comparer, catchup: CatchUp) -> None:
+    def _cycle(self, comparer: Comparer, catchup: CatchUp) -> float:
+        """One step of the full verification; returns seconds to wait before the next."""
         s, agent = self.settings, comparer.agent
         assert s.full_verify_interval is not None
         progress = record.read_progress(agent, s.source, s.full_verify_interval)
@@ -154,25 +191,22 @@ class Verifier:
             self.last_pass_finished_at = progress.last_pass_finished_at.timestamp()
         chosen = self._targets(comparer, progress)
         self._recheck_open(comparer, catchup, chosen)
-        if self.problem is not None:
-            log.info("full verification: working again")
-            self.problem = None
+        self._working()
         if progress.pass_started_at is None:
             due = progress.seconds_to_next_pass
             if due is not None and due > 0:
-                self.stop.wait(min(due, 1.0))
-                return
+                return min(due, 1.0)
             self._note_overrun(progress)
             agent.execute(record.BEGIN_PASS, {"source": s.source})
             log.info("full verification: pass started (%d table(s))", len(chosen))
-            return
+            return 0.0
         target, after = _resume(sorted(chosen.values(), key=_order), progress)
         if target is None:
             agent.execute(record.END_PASS, {"source": s.source})
             self.passes += 1
             self.last_pass_finished_at = time.time()
             log.info("full verification: pass finished, %d row(s) compared", progress.rows_checked)
-            return
+            return 0.0
         started = time.monotonic()
         checked = check_range(comparer, catchup, target, after, range_rows(s.verify_rows_per_second))
         self._judge(comparer, catchup, target, checked.diff)
@@ -187,7 +221,7 @@ class Verifier:
             },
         )
         self.rows += checked.rows
-        self.stop.wait(budget_wait(checked.rows, s.verify_rows_per_second, time.monotonic() - started))
+        return budget_wait(checked.rows, s.verify_rows_per_second, time.monotonic() - started)
 
     def _note_overrun(self, progress: record.Progress) -> None:
         """Say once (until passes keep up again) that passes take longer than the interval."""
@@ -233,8 +267,7 @@ class Verifier:
         done = [k for k in record.proven(diff) if k not in left]
         self.repaired += len(done)
         log.warning(
-            "full verification: %s: repaired %d row(s) through the sync log (%d upsert(s), %d delete(s)); "
-            "%d still differ",
+            "verification: %s: repaired %d row(s) through the sync log (%d upsert(s), %d delete(s)); %d still differ",
             target.label,
             len(done),
             fixed.updated,
@@ -252,6 +285,8 @@ class Verifier:
             return
         self._rechecked_at = now
         tables = {table_id for table_id, _ in self.open} | set(self._unsure)
+        if not tables <= chosen.keys():
+            chosen = self._all_tables(comparer)  # registered since the pass began, or gone
         for table_id in sorted(tables):
             target = chosen.get(table_id)
             keys = {k for t, k in self.open if t == table_id} | self._unsure.pop(table_id, set())
@@ -272,8 +307,9 @@ class Verifier:
                 self._judge(comparer, catchup, target, fresh)
 
     def _recheck_every(self) -> float:
-        assert self.settings.full_verify_interval is not None
-        return min(self.settings.full_verify_interval, RECHECK_EVERY)
+        s = self.settings
+        intervals = [i for i in (s.full_verify_interval, s.verify_interval) if i is not None]
+        return min([*intervals, RECHECK_EVERY])
 
     # -- the record --------------------------------------------------------------------------------
     def _load_open(self, agent: psycopg.Connection) -> None:
@@ -284,7 +320,7 @@ class Verifier:
             for key, (label, kind) in keys.items()
         }
         if self.open:
-            log.warning("full verification: %d row(s) found differing earlier are rechecked", len(self.open))
+            log.warning("verification: %d row(s) found differing earlier are rechecked", len(self.open))
         self._changed()
 
     def _set_open(self, table_id: int, found: dict[str, Mismatch]) -> None:
@@ -312,14 +348,14 @@ class Verifier:
         shown = ", ".join(cleared[:LOGGED_KEYS]) + (
             f" and {len(cleared) - LOGGED_KEYS} more" if len(cleared) > LOGGED_KEYS else ""
         )
-        log.info("full verification: %s: row(s) equal again: %s", label, shown)
+        log.info("verification: %s: row(s) equal again: %s", label, shown)
 
     def _log_found(self, label: str, found: dict[str, str]) -> None:
         for n, (key, kind) in enumerate(sorted(found.items())):
             if n == LOGGED_KEYS:
-                log.warning("full verification: %s: ... and %d more row(s) differ", label, len(found) - LOGGED_KEYS)
+                log.warning("verification: %s: ... and %d more row(s) differ", label, len(found) - LOGGED_KEYS)
                 break
-            log.warning("full verification: %s: row %s %s", label, key, _WHAT[kind])
+            log.warning("verification: %s: row %s %s", label, key, _WHAT[kind])
 
 
 _WHAT = {

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.helpers import DbPair, assert_same, dbsync_cmd, sync_once
+from tests.helpers import DbPair, assert_same, dbsync_cmd, sync_once, wait_until
 
 _n = itertools.count()
 
@@ -124,6 +124,10 @@ NAMES = [
     "pg_get_indexdef",
     "pg_relation_size",
     "lag",
+    "sum",
+    "min",
+    "max",
+    "has_table_privilege",
 ]
 
 # Argument lists an overload can take to be more specific than the one dbsync means.
@@ -338,6 +342,32 @@ def _cli(pair: DbPair, *args: str) -> str:
     return result.stdout
 
 
+def _verify_incrementally(pair: DbPair, attacker: str) -> None:
+    """The daemon's incremental verification (its log reads, the key comparison, the mark) over
+    rows the attacker wrote, in-process."""
+    from dbsync.daemon.verify import Verifier
+
+    verifier = Verifier(pair.settings(verify_interval=0.2), lambda: True)
+    agent = pair.agent()
+    verifier.start()
+    try:
+        wait_until(lambda: agent.execute("SELECT 1 FROM dbsync.verify_mark").fetchone(), what="the verified mark")
+        writer = psycopg.connect(pair.site_dsn, autocommit=True)
+        try:
+            writer.execute(f"SET ROLE {attacker}")
+            writer.execute(
+                "INSERT INTO public.attacked (id, mood, note) VALUES (200, 'calm', 'late'), (201, 'angry', 'x')"
+            )
+            writer.execute("INSERT INTO public.attacked_parts VALUES (20, 'calm')")
+        finally:
+            writer.close()
+        sync_once(pair)
+        wait_until(lambda: verifier.keys is not None and verifier.keys.keys >= 3, what="the keys compared")
+        assert verifier.found == 0 and verifier.problem is None, verifier.problem
+    finally:
+        verifier.close()
+
+
 def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) -> None:
     pair, attacker = attacked
     site, agent = pair.site(), pair.agent()
@@ -398,6 +428,7 @@ def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) 
         writer.close()
     sync_once(pair)
     assert_same(pair, ["public.attacked"])
+    _verify_incrementally(pair, attacker)
     status = dbsync_cmd("status", env=pair.env())  # 1: no daemon is running, as expected here
     assert status.returncode == 1 and "no active daemon" in status.stdout, status.stdout + status.stderr
     _cli(pair, "tables", "remove", "public.attacked")

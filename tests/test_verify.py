@@ -278,12 +278,13 @@ VERIFY_SITE_GRANTS = (
 VERIFY_AGENT_GRANTS = (
     "GRANT SELECT, INSERT, UPDATE ON dbsync.verify_progress TO {role}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON dbsync.verify_mismatches TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON dbsync.verify_mark TO {role}",
 )
 
 
 def test_the_documented_grants_are_enough_to_verify_and_repair(pair: DbPair, tmp_path: Path) -> None:
     """docs/dba.md's roles, with the verification's grants added: a tampered row is found and
-    repaired through the sync log, no privilege missing."""
+    repaired through the sync log, no privilege missing, the incremental verification on too."""
     from tests.test_privileges import AGENT_GRANTS, SITE_GRANTS
 
     tag = f"{os.getpid()}_{abs(hash(pair.site_dsn)) % 100000}"
@@ -306,7 +307,7 @@ def test_the_documented_grants_are_enough_to_verify_and_repair(pair: DbPair, tmp
         )
         port = free_port()
         log = tmp_path / "daemon.log"
-        with verify_daemon(limited, port, log, "--verify-repair"):
+        with verify_daemon(limited, port, log, "--verify-repair", "--verify-interval", "0.5"):
             wait_until(lambda: serving(port), what="the HTTP listener")
             wait_until(lambda: same(pair, ["public.conversations"]), what="the rows replicated")
             agent.execute("UPDATE conversations SET contact_name = 'tampered' WHERE id = 7")

@@ -1,4 +1,4 @@
-"""The full verification's settings and arithmetic, without a server."""
+"""The full and incremental verifications' settings and arithmetic, without a server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from dbsync.config import load_settings
+from dbsync.daemon.apply import TEST_DROP_EVENT, _test_drop_event
+from dbsync.daemon.consume import Event
 from dbsync.daemon.verify import _END, _resume, budget_wait, range_rows
+from dbsync.daemon.verify_keys import CHUNK_KEYS, chunk_keys, pass_cap
 from dbsync.reconcile import ComparedTable
 from dbsync.rowhash import TableShape
 from dbsync.verify import Progress
@@ -46,6 +49,18 @@ def test_off_by_default_and_read_from_flags_environment_and_file(
     assert (flagged.full_verify_interval, flagged.verify_repair) == (5.0, True)
 
 
+def test_the_incremental_interval_is_off_by_default_and_read_like_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(None).verify_interval is None
+    conf = tmp_path / "dbsync.toml"
+    conf.write_text("verify_interval = 30\n")
+    assert load_settings(conf).verify_interval == 30.0
+    monkeypatch.setenv("DBSYNC_VERIFY_INTERVAL", "2.5")
+    assert load_settings(conf).verify_interval == 2.5
+    assert load_settings(conf, verify_interval=1.0).verify_interval == 1.0
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
@@ -55,6 +70,10 @@ def test_off_by_default_and_read_from_flags_environment_and_file(
         ([], {"DBSYNC_FULL_VERIFY_INTERVAL": "0"}, "environment DBSYNC_FULL_VERIFY_INTERVAL: full_verify_interval"),
         ([], {"DBSYNC_VERIFY_ROWS_PER_SECOND": "fast"}, "verify_rows_per_second must be a positive int, got 'fast'"),
         ([], {"DBSYNC_VERIFY_REPAIR": "perhaps"}, "verify_repair must be true or false, got 'perhaps'"),
+        (["--verify-interval", "0"], {}, "option --verify-interval: verify_interval must be a positive float, got 0"),
+        (["--verify-interval", "-1"], {}, "verify_interval must be a positive float, got -1.0"),
+        ([], {"DBSYNC_VERIFY_INTERVAL": "0"}, "environment DBSYNC_VERIFY_INTERVAL: verify_interval must be a positive"),
+        ([], {"DBSYNC_VERIFY_INTERVAL": "often"}, "verify_interval must be a positive float, got 'often'"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(args: list[str], env: dict[str, str], message: str) -> None:
@@ -94,3 +113,31 @@ def test_a_pass_resumes_where_it_stands() -> None:
     assert _resume(tables, _at("public", "aa", '{"id" : "7"}')) == (b, None)  # that table is gone
     assert _resume(tables, _at("sales", "a", _END)) == (None, None)  # the pass is complete
     assert _resume([], _at(None, None, None)) == (None, None)
+
+
+def test_a_bad_incremental_interval_in_the_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "dbsync.toml"
+    conf.write_text('site_dsn = "host=x"\nagent_dsn = "host=y"\nverify_interval = -3\n')
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DBSYNC_")}
+    proc = dbsync_cmd("run", "--config", str(conf), env=environ, timeout=60)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "verify_interval must be a positive float, got -3" in lines[0], proc.stderr
+
+
+def test_incremental_chunks_and_the_cap_per_pass() -> None:
+    assert chunk_keys(5000) == 500 and chunk_keys(50) == 10 and chunk_keys(10**6) == CHUNK_KEYS
+    # A pass compares what the budget allows in one interval, and never less than one chunk.
+    assert pass_cap(5000, 10) == 50_000 and pass_cap(100, 0.5) == 50
+
+
+def test_the_lost_apply_hook_is_off_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbsync.daemon import apply
+
+    now = datetime.now(UTC)
+    page = [Event(1, 1, "I", '{"id" : "6"}', now), Event(2, 1, "I", '{"id" : "7"}', now)]
+    assert _test_drop_event(page) is page
+    monkeypatch.setattr(apply, "_test_dropped", False)
+    monkeypatch.setenv(TEST_DROP_EVENT, '{"id": "7"}')
+    assert [e.seq for e in _test_drop_event(page)] == [1]
+    assert _test_drop_event(page) is page  # once per process
