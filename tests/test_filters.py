@@ -8,7 +8,9 @@ import json
 
 import psycopg
 import pytest
+from yoyo import read_migrations
 
+from dbsync import migrations
 from tests.helpers import Daemon, DbPair, dbsync_cmd, sync_once, wait_until
 
 pytestmark = pytest.mark.usefixtures("pair")
@@ -242,3 +244,55 @@ def test_set_table_filter_is_not_for_public(pair: DbPair) -> None:
         "AND has_function_privilege('public', p.oid, 'EXECUTE')"
     ).fetchall()
     assert rows == []
+
+
+def test_rollback_returns_to_readers_of_every_column_and_row(pair: DbPair) -> None:
+    site, _ = _setup(pair)
+    site.execute("SELECT dbsync.add_table('public.tickets'::regclass)")
+    site.execute("SELECT dbsync.set_table_filter('public.tickets'::regclass, %s, %s)", (["id"], "tenant = 1"))
+    site.execute("INSERT INTO public.tickets VALUES (1, 1, 'open', 'a', 's1'), (2, 2, 'open', 'b', 's2')")
+    assert _read(site, [1, 2]) == {1: {"id": "1"}}
+    shipped = read_migrations(*(str(d) for d in migrations.migration_dirs("site", ["whatsapp"])))
+    with migrations._backend(pair.site_dsn) as backend, backend.lock():
+        backend.rollback_migrations(shipped.filter(lambda m: m.id == "0009_site_filters"))
+    assert set(_read(site, [1, 2])) == {1, 2} and "secret" in _read(site, [1])[1]
+    assert site.execute("SELECT to_regproc('dbsync.set_table_filter')").fetchone() == (None,)
+    assert migrations.apply(pair.site_dsn, "site", ["whatsapp"]) == ["0009_site_filters"]
+    assert set(_read(site, [1, 2])) == {1, 2}  # upgraded again: no selection until one is set
+
+
+def test_full_verification_ranges_and_keys_see_only_matching_rows(pair: DbPair) -> None:
+    """The daemon's full verification (check_range) and the incremental one (check_keys)."""
+    from dbsync.catchup import CatchUp
+    from dbsync.db import connect
+    from dbsync.reconcile import Comparer, check_keys, check_range, targets
+
+    site, agent = _setup(pair)
+    site.execute("INSERT INTO public.tickets SELECT g, g % 3, 'open', 't' || g, 's' FROM generate_series(1, 90) g")
+    _cli(pair, "tables", "add", "--columns", COLUMNS, "--where", "tenant = 1", "public.tickets", "--backfill")
+    sync_once(pair)
+    agent.execute("INSERT INTO public.tickets VALUES (3, 0, 'open', 'not a match')")  # extra
+    agent.execute("DELETE FROM public.tickets WHERE id = 4")  # missing
+    found: set[tuple[str, str]] = set()
+    with connect(pair.site_dsn, "Site") as s, connect(pair.agent_dsn, "Agent") as a:
+        comparer = Comparer(s, a)
+        try:
+            catchup = CatchUp(s, a, pair.settings(), timeout=10)
+            (target,) = [t for t in targets(s, a, ["public.tickets"])]
+            assert target.site.columns == ("id", "tenant", "state", "title")
+            after, total = None, 0
+            while True:
+                checked = check_range(comparer, catchup, target, after, 7)
+                total += checked.diff.site_rows
+                for kind in ("missing", "extra", "changed", "unsettled"):
+                    found |= {(kind, key) for key in getattr(checked.diff, kind)}
+                if checked.upto is None:
+                    break
+                after = checked.upto
+            assert total == 30
+            keys = [json.dumps({"id": str(i)}) for i in range(1, 11)]
+            diff = check_keys(comparer, catchup, target, keys)
+            assert (diff.missing, diff.extra, diff.changed) == (['{"id" : "4"}'], ['{"id" : "3"}'], [])
+        finally:
+            comparer.close()
+    assert found == {("missing", '{"id" : "4"}'), ("extra", '{"id" : "3"}')}

@@ -30,10 +30,16 @@ COMMENT ON COLUMN dbsync.replicated_tables.row_filter IS
 --     names resolve in pg_catalog only, as in the readers), every type is built in or an enum, so
 --     nothing a role can create (an overload in public, a domain's CHECK) is ever called;
 --   * no semicolon anywhere in the text (conservative: also inside string literals).
+-- Literals are read with the output settings the readers use (a timestamptz without an offset
+-- is UTC), so the deparse stored means the same value wherever it is compiled.
 CREATE FUNCTION dbsync.check_row_filter(p_table regclass, p_where text) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET client_min_messages = warning
+SET extra_float_digits = 3
+SET IntervalStyle = postgres
+SET DateStyle = 'ISO, YMD'
+SET TimeZone = 'UTC'
 AS $fn$
 DECLARE
     v_probe regclass;
