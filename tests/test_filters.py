@@ -71,6 +71,17 @@ def _agent_rows(pair: DbPair) -> list[tuple[object, ...]]:
         return conn.execute(f"SELECT {LISTED} FROM public.tickets ORDER BY id").fetchall()
 
 
+def assert_log_holds_no_secret(site: psycopg.Connection) -> int:
+    """Backfill and repair log row images too (unread by the daemon): never an unlisted column.
+    Returns how many images the log holds."""
+    images, with_secret = site.execute(
+        "SELECT count(row_image), count(*) FILTER (WHERE row_image ? 'secret') "
+        "FROM dbsync.sync_log"
+    ).fetchone()  # type: ignore[misc]
+    assert with_secret == 0
+    return int(images)
+
+
 def assert_filtered(pair: DbPair, where: str = "true") -> None:
     """The Agent holds exactly the listed columns of the Site rows that match."""
     assert _agent_rows(pair) == _site_rows(pair, where)
@@ -122,6 +133,7 @@ def test_columns_never_leave_the_site_and_backfill_copies_only_them(pair: DbPair
     )
     out = _cli(pair, "tables", "add", "--columns", COLUMNS, "public.tickets", "--backfill", "--chunk-size", "7")
     assert "columns: id, tenant, state, title" in out
+    assert assert_log_holds_no_secret(site) == 40
     sync_once(pair)
     assert_filtered(pair)
     site.execute("UPDATE public.tickets SET title = 'new', secret = 'changed' WHERE id <= 5")
@@ -191,7 +203,9 @@ def test_reconcile_and_repair_respect_the_selection(pair: DbPair) -> None:
     agent.execute("UPDATE public.tickets SET title = 'tampered' WHERE id = 5")
     result = dbsync_cmd("reconcile", "--json", "--table", "public.tickets", env=pair.env())
     assert result.returncode == 1, result.stdout + result.stderr
+    site.execute("DELETE FROM dbsync.sync_log")  # applied; only the repair's events follow
     _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.tickets")
+    assert assert_log_holds_no_secret(site) >= 1
     assert_filtered(pair, "tenant = 1")
     _cli(pair, "reconcile", "--table", "public.tickets")
 
@@ -240,7 +254,7 @@ def test_set_table_filter_is_not_for_public(pair: DbPair) -> None:
     site = pair.site()
     rows = site.execute(
         "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'dbsync'::regnamespace "
-        "AND p.proname IN ('set_table_filter', 'check_row_filter', 'reader_query') "
+        "AND p.proname IN ('set_table_filter', 'check_row_filter', 'reader_statement', 'resync_image_columns') "
         "AND has_function_privilege('public', p.oid, 'EXECUTE')"
     ).fetchall()
     assert rows == []

@@ -126,11 +126,12 @@ NAMES = [
     "lag",
     "set_table_filter",
     "check_row_filter",
-    "reader_query",
+    "reader_statement",
     "pg_get_expr",
     "pg_describe_object",
     "strpos",
     "btrim",
+    "resync_image_columns",
 ]
 
 # Argument lists an overload can take to be more specific than the one dbsync means.
