@@ -75,8 +75,7 @@ def assert_log_holds_no_secret(site: psycopg.Connection) -> int:
     """Backfill and repair log row images too (unread by the daemon): never an unlisted column.
     Returns how many images the log holds."""
     images, with_secret = site.execute(
-        "SELECT count(row_image), count(*) FILTER (WHERE row_image ? 'secret') "
-        "FROM dbsync.sync_log"
+        "SELECT count(row_image), count(*) FILTER (WHERE row_image ? 'secret') FROM dbsync.sync_log"
     ).fetchone()  # type: ignore[misc]
     assert with_secret == 0
     return int(images)
