@@ -225,12 +225,16 @@ def test_each_refusal_is_one_clear_line(pair: DbPair) -> None:
         ("--where", "nope = 1"): "not a boolean expression",
         ("--where", "id IN (SELECT id FROM public.other)"): "not a boolean expression",
         ("--where", "count(*) > 1"): "not a boolean expression",
+        ("--where", "row_number() OVER () > 1"): "not a boolean expression",
+        ("--where", "generate_series(1, id) > 1"): "not a boolean expression",
         ("--where", "random() < 0.5"): "immutable",
         ("--where", "title::timestamptz > now()"): "immutable",
         ("--where", "public.mine(id)"): "built-in functions",
         ("--where", "id OPERATOR(public.=) 1"): "not a boolean expression",
         ("--where", "true) UNION SELECT (1"): "not a boolean expression",
         ("--where", "true), CHECK (false"): "not one boolean expression",
+        ("--where", "true)) PARTITION BY RANGE ((id"): "not one boolean expression",
+        ("--where", "true)) WITH (fillfactor = 50) --"): "not one boolean expression",
     }
     for args, expected in cases.items():
         listing = () if args[0] == "--columns" else ("--columns", COLUMNS)
