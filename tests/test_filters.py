@@ -254,6 +254,19 @@ def test_each_refusal_is_one_clear_line(pair: DbPair) -> None:
     assert tickets["columns"] == ["id", "tenant", "state", "title"] and tickets["where"] is None
 
 
+def test_a_table_added_again_starts_with_everything(pair: DbPair) -> None:
+    site, agent = _setup(pair)
+    agent.execute("ALTER TABLE public.tickets ADD COLUMN secret text")
+    _cli(pair, "tables", "add", "--columns", COLUMNS, "--where", "tenant = 1", "public.tickets")
+    _cli(pair, "tables", "remove", "public.tickets")
+    _cli(pair, "tables", "add", "public.tickets")
+    listed = json.loads(_cli(pair, "tables", "list", "--json"))
+    (tickets,) = [t for t in listed if t["table"] == "public.tickets"]
+    assert tickets["columns"] is None and tickets["where"] is None
+    site.execute("INSERT INTO public.tickets VALUES (1, 2, 'open', 'a', 's1')")
+    assert _read(site, [1]) == {1: {"id": "1", "tenant": "2", "state": "open", "title": "a", "secret": "s1"}}
+
+
 def test_set_table_filter_is_not_for_public(pair: DbPair) -> None:
     site = pair.site()
     rows = site.execute(
