@@ -1,4 +1,4 @@
-"""`dbsync tables add|remove|list`: choose what is replicated."""
+"""`dbsync tables add|alter|remove|list`: choose what is replicated."""
 
 from __future__ import annotations
 
@@ -23,8 +23,29 @@ def tables() -> None:
     """Install or remove capture on Site DB tables."""
 
 
+def _column_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise click.BadParameter("name at least one column", ctx=ctx, param=param)
+    return names
+
+
+COLUMNS_HELP = (
+    "Replicate only these columns (comma-separated; the key columns must be among them). "
+    "The others never leave the Site DB."
+)
+WHERE_HELP = (
+    "Replicate only the rows matching this SQL boolean expression over the table's columns "
+    "(immutable, built-in functions and operators only)."
+)
+
+
 @tables.command("add")
 @connection_options
+@click.option("--columns", "listed", callback=_column_list, metavar="A,B,C", help=COLUMNS_HELP)
+@click.option("--where", "where", metavar="PREDICATE", help=WHERE_HELP)
 @click.option(
     "--backfill",
     "do_backfill",
@@ -37,6 +58,8 @@ def add(
     config_file: str | None,
     site_dsn: str | None,
     agent_dsn: str | None,
+    listed: tuple[str, ...] | None,
+    where: str | None,
     do_backfill: bool,
     chunk_size: int,
     restart: bool,
@@ -48,10 +71,12 @@ def add(
     Every table is checked first; if any cannot be replicated, none is added."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
+    selection = registry.Selection(listed, where)
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
-        infos = registry.add(site, agent, names)  # all or none
+        infos = registry.add(site, agent, names, selection)  # all or none
+        chosen = registry.selections(site)
         for info in infos:
-            click.echo(f"replicating {info.label} (key: {', '.join(info.keys)})")
+            click.echo(f"replicating {info.label} (key: {', '.join(info.keys)}){_described(chosen.get(info.table_id))}")
             try:  # capture works regardless; the copy and repair would refuse
                 rls.require_definer_reads_all(site, [(info.schema, info.name)], "backfill and repair")
             except rls.RowSecurityError as exc:
@@ -102,6 +127,58 @@ def _stopped(labels: list[str], finished: list[str], at: int, what: str) -> str:
     )
 
 
+def _described(selection: registry.Selection | None) -> str:
+    if selection is None:
+        return ""
+    parts = []
+    if selection.columns is not None:
+        parts.append(f"columns: {', '.join(selection.columns)}")
+    if selection.where is not None:
+        parts.append(f"where: {selection.where}")
+    return "".join(f"\t{p}" for p in parts)
+
+
+@tables.command("alter")
+@connection_options
+@click.option("--columns", "listed", callback=_column_list, metavar="A,B,C", help=COLUMNS_HELP)
+@click.option("--all-columns", is_flag=True, help="Replicate every column again.")
+@click.option("--where", "where", metavar="PREDICATE", help=WHERE_HELP)
+@click.option("--no-where", is_flag=True, help="Replicate every row again.")
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Resync: rows per transaction."
+)
+@click.argument("name")
+def alter(
+    config_file: str | None,
+    site_dsn: str | None,
+    agent_dsn: str | None,
+    listed: tuple[str, ...] | None,
+    all_columns: bool,
+    where: str | None,
+    no_where: bool,
+    chunk_size: int,
+    name: str,
+) -> None:
+    """Change which columns and rows of the replicated table NAME are replicated.
+
+    What is not named stays as it is. Then every row of the table is resynced through the sync
+    log, so the running daemon deletes on the Agent DB the rows that no longer match, inserts the
+    ones that now do and fills newly listed columns. A column taken off the list keeps its last
+    replicated values on the Agent DB."""
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
+    assert settings.site_dsn and settings.agent_dsn
+    with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+        done = registry.alter(site, agent, name, listed=listed, all_columns=all_columns, where=where, no_where=no_where)
+        click.echo(f"{done.table}: now replicating{_described(done.after) or ' every column and row'}")
+        try:
+            run_backfill(site, done.table, chunk_size=chunk_size, restart=True, max_chunks=None)
+        except (DbsyncError, psycopg.Error) as exc:
+            raise BackfillStopped(
+                f"{done.table}: the new selection is in force, but resyncing its rows stopped: {first_line(exc)}; "
+                f"run `dbsync backfill {shlex.quote(done.table)}` to finish it (it resumes where it stopped)"
+            ) from None
+
+
 @tables.command("remove")
 @connection_options
 @click.argument("names", nargs=-1, required=True)
@@ -125,11 +202,24 @@ def list_(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, 
     assert settings.site_dsn
     with connect(settings.site_dsn, "Site") as site:
         infos = registry.listing(site)
+        chosen = registry.selections(site)
     if as_json:
-        click.echo(json.dumps([{"table": i.label, "key": i.keys, "table_id": i.table_id} for i in infos]))
+        out = []
+        for i in infos:
+            selection = chosen.get(i.table_id, registry.EVERYTHING)
+            out.append(
+                {
+                    "table": i.label,
+                    "key": i.keys,
+                    "table_id": i.table_id,
+                    "columns": None if selection.columns is None else list(selection.columns),
+                    "where": selection.where,
+                }
+            )
+        click.echo(json.dumps(out))
         return
     for info in infos:
-        click.echo(f"{info.label}\tkey: {', '.join(info.keys)}")
+        click.echo(f"{info.label}\tkey: {', '.join(info.keys)}{_described(chosen.get(info.table_id))}")
 
 
 @tables.command("refresh")

@@ -56,7 +56,7 @@ MAX_BUCKETS = 1 << 16
 RECHECK_ROUNDS = 5
 
 REPLICATED = """
-SELECT table_id, schema_name, table_name, key_columns FROM dbsync.replicated_tables
+SELECT table_id, schema_name, table_name, key_columns, {selection} FROM dbsync.replicated_tables
 WHERE removed_at IS NULL AND (%(schema)s::text IS NULL OR (schema_name = %(schema)s AND table_name = %(name)s))
 ORDER BY schema_name, table_name
 """
@@ -125,17 +125,23 @@ class TableDiff:
 def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[ComparedTable]:
     """The replicated tables to compare (all when `names` is empty), checked on both sides."""
     require_schema(site, agent)
+    # Before 0009_site_filters every table replicates all its columns and rows.
+    selection = "column_list, row_filter" if registry.has_filters(site) else "NULL::text[], NULL::text"
+    replicated = REPLICATED.format(selection=selection)
     rows: list[tuple[Any, ...]] = []
     if names:
         for name in names:
             schema, table = registry.resolve(site, name, "Site")
-            found = site.execute(REPLICATED, {"schema": schema, "name": table}).fetchall()
+            found = site.execute(replicated, {"schema": schema, "name": table}).fetchall()
             if not found:
                 raise UnknownTable(f"table {display_name(schema, table)} is not replicated (see `dbsync tables list`)")
             rows.extend(r for r in found if r not in rows)
     else:
-        rows = site.execute(REPLICATED, {"schema": None, "name": None}).fetchall()
-    chosen = [_compared_table(site, agent, r[0], r[1], r[2], tuple(r[3])) for r in rows]
+        rows = site.execute(replicated, {"schema": None, "name": None}).fetchall()
+    chosen = [
+        _compared_table(site, agent, r[0], r[1], r[2], tuple(r[3]), registry.Selection(_tuple(r[4]), r[5]))
+        for r in rows
+    ]
     # Both sides are read as this command's roles: they must see every row, or the rows a policy
     # hides would be reported as differences (and repaired away).
     names_of = [(t.site.schema, t.site.name) for t in chosen]
@@ -144,11 +150,24 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
     return chosen
 
 
+def _tuple(names: list[str] | None) -> tuple[str, ...] | None:
+    return None if names is None else tuple(names)
+
+
 def _compared_table(
-    site: psycopg.Connection, agent: psycopg.Connection, table_id: int, schema: str, name: str, keys: tuple[str, ...]
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    table_id: int,
+    schema: str,
+    name: str,
+    keys: tuple[str, ...],
+    selection: registry.Selection = registry.EVERYTHING,
 ) -> ComparedTable:
+    """Both sides compare the replicated columns only; the Site's rows through the row filter."""
     label = display_name(schema, name)
-    columns = tuple(registry.columns(site, schema, name))
+    columns = tuple(
+        c for c in registry.columns(site, schema, name) if selection.columns is None or c in selection.columns
+    )
     try:
         agent_columns = registry.columns(agent, schema, name)
     except psycopg.errors.UndefinedTable:
@@ -159,7 +178,13 @@ def _compared_table(
     return ComparedTable(
         table_id,
         TableShape(
-            schema, name, keys, columns, key_defs(site, schema, name, keys), key_equality(site, schema, name, keys)
+            schema,
+            name,
+            keys,
+            columns,
+            key_defs(site, schema, name, keys),
+            key_equality(site, schema, name, keys),
+            selection.where,
         ),
         TableShape(
             schema, name, keys, columns, key_defs(agent, schema, name, keys), key_equality(agent, schema, name, keys)

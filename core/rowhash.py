@@ -62,10 +62,13 @@ class TableShape:
     schema: str
     name: str
     keys: tuple[str, ...]
-    columns: tuple[str, ...]  # the Site table's columns, in the Site's order
+    columns: tuple[str, ...]  # the replicated columns of the Site table, in the Site's order
     key_defs: str  # "k1 type1, k2 type2": a json_to_recordset column list, this side's types
     # How each key column compares on this side (its type's own equality operator), in key order.
     key_equality: tuple[KeyEquality, ...] = field(default=(), compare=False)
+    # The table's row filter (the Site's deparse of it, sql/site/0009_site_filters.sql) where
+    # this side holds rows it leaves out: the Site's; None on the Agent, which holds only matches.
+    where: str | None = None
 
     @property
     def label(self) -> str:
@@ -90,7 +93,11 @@ class HashQueries:
 
     def __init__(self, shape: TableShape, hash_template: str) -> None:
         self.shape = shape
-        self.table = sql_ident(shape.schema, shape.name)
+        self.table: sql.Composable = sql_ident(shape.schema, shape.name)
+        if shape.where is not None:
+            # A subquery the planner flattens: the filter's bare column names resolve in it alone,
+            # and the key index still serves lookups and ranges.
+            self.table = sql.SQL("(SELECT * FROM {} WHERE ({}))").format(self.table, raw(shape.where))
         hashed = sql.SQL(hash_template)
         row_text = sql.SQL("ROW({})::text").format(_cols(shape.columns))
         key_text = sql.SQL("ROW({})::text").format(_cols(shape.keys))

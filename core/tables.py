@@ -15,6 +15,22 @@ from dbsync.protocol import ReplicatedTable
 from dbsync.resync import resync_keys
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What of a table is replicated: its listed columns (None: all) and the rows matching its
+    row filter (None: all), as the Site DB stores them (sql/site/0009_site_filters.sql)."""
+
+    columns: tuple[str, ...] | None = None
+    where: str | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self.columns is None and self.where is None
+
+
+EVERYTHING = Selection()
+
+
 def resolve(conn: psycopg.Connection, name: str, where: str) -> tuple[str, str]:
     """(schema, table) of a table name as a user typed it ("t", "s.t", '"Odd Name"')."""
     try:
@@ -54,17 +70,25 @@ def primary_key(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def add(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[ReplicatedTable]:
+def add(
+    site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str], selection: Selection = EVERYTHING
+) -> list[ReplicatedTable]:
     """Check every table on both sides, then install capture on all of them in one Site transaction.
 
     All or nothing: a set added half-way is worse than one refused, since the same command run
     again says "already replicated" for the tables it did install. Every problem found is named in
-    the one error; a table named twice (however spelled) is added once."""
+    the one error; a table named twice (however spelled) is added once. A column list or row
+    filter (`selection`) names one table's columns, so it comes with one table only."""
+    if not selection.everything and len(set(names)) > 1:
+        raise SchemaError("--columns and --where apply to one table: add the tables one at a time")
+    filters = has_filters(site)
+    if not selection.everything and not filters:
+        raise SchemaError(NO_FILTERS)
     found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
     problems = []
     for name in names:
         try:
-            schema, table, keys, site_cols = _check_add(site, agent, name)
+            schema, table, keys, site_cols = _check_add(site, agent, name, selection.columns)
         except SchemaError as exc:
             problems.append(str(exc))
         else:
@@ -80,6 +104,8 @@ def add(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str
                 table_id = site.execute(
                     "SELECT dbsync.add_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
                 ).fetchone()[0]  # type: ignore[index]
+                if filters:  # also clears what a table removed and added again had
+                    _set_selection(site, schema, table, selection)
                 infos.append(ReplicatedTable(table_id, schema, table, tuple(keys), tuple(site_cols)))
     except psycopg.Error as exc:
         reason = f"cannot add {label}: {first_line(exc).removeprefix('dbsync: ')}"
@@ -114,7 +140,9 @@ def remove(site: psycopg.Connection, names: Sequence[str]) -> list[str]:
     return [display_name(schema, table) for schema, table in found]
 
 
-def _check_add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -> tuple[str, str, list[str], list[str]]:
+def _check_add(
+    site: psycopg.Connection, agent: psycopg.Connection, name: str, listed: tuple[str, ...] | None = None
+) -> tuple[str, str, list[str], list[str]]:
     """(schema, table, key columns, Site columns) of a table that can be added; SchemaError if not."""
     schema, table = resolve(site, name, "Site")
     label = display_name(schema, table)
@@ -124,10 +152,12 @@ def _check_add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -
     if _replicated(site, schema, table):
         raise SchemaError(f"table {label} is already replicated (`dbsync backfill {label}` copies its existing rows)")
     site_cols = columns(site, schema, table)
+    check_column_list(label, listed, site_cols, keys)
     agent_cols = columns(agent, schema, table) if _exists(agent, schema, table) else None
     if agent_cols is None:
         raise SchemaError(f"table {label} does not exist on the Agent DB; create it there first")
-    missing = [c for c in site_cols if c not in agent_cols]
+    replicated = [c for c in site_cols if listed is None or c in listed]
+    missing = [c for c in replicated if c not in agent_cols]
     if missing:
         raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(missing)}")
     agent_keys = primary_key(agent, schema, table)
@@ -140,6 +170,113 @@ def _check_add(site: psycopg.Connection, agent: psycopg.Connection, name: str) -
     key_equality(site, schema, table, keys)
     key_equality(agent, schema, table, keys)
     return schema, table, keys, site_cols
+
+
+def check_column_list(label: str, listed: tuple[str, ...] | None, site_cols: list[str], keys: list[str]) -> None:
+    """A column list must name columns the table has, and every key column."""
+    if listed is None:
+        return
+    if not listed:
+        raise SchemaError(f"the column list of {label} is empty")
+    unknown = [c for c in listed if c not in site_cols]
+    if unknown:
+        raise SchemaError(f"table {label} has no column(s) {', '.join(unknown)}")
+    lacking = [k for k in keys if k not in listed]
+    if lacking:
+        raise SchemaError(f"the column list of {label} must include its key column(s) {', '.join(lacking)}")
+
+
+NO_FILTERS = "the Site DB lacks column lists and row filters (migration 0009_site_filters): run `dbsync migrate`"
+
+# Whether the Site DB has sql/site/0009_site_filters.sql.
+HAS_FILTERS = """
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+               WHERE attrelid = 'dbsync.replicated_tables'::pg_catalog.regclass AND attname = 'row_filter'
+                 AND NOT attisdropped)
+"""
+
+SET_SELECTION = "SELECT dbsync.set_table_filter(%s::regclass, %s::text[], %s::text)"
+
+
+def has_filters(site: psycopg.Connection) -> bool:
+    row = site.execute(HAS_FILTERS).fetchone()
+    return bool(row and row[0])
+
+
+def _set_selection(site: psycopg.Connection, schema: str, table: str, selection: Selection) -> None:
+    columns = None if selection.columns is None else list(selection.columns)
+    site.execute(SET_SELECTION, (sql.Identifier(schema, table).as_string(site), columns, selection.where))
+
+
+def selections(site: psycopg.Connection) -> dict[int, Selection]:
+    """Each replicated table's selection by table id (only the ones that leave something out)."""
+    if not has_filters(site):
+        return {}
+    rows = site.execute(
+        "SELECT table_id, column_list, row_filter FROM dbsync.replicated_tables "
+        "WHERE column_list IS NOT NULL OR row_filter IS NOT NULL"
+    ).fetchall()
+    return {r[0]: Selection(None if r[1] is None else tuple(r[1]), r[2]) for r in rows}
+
+
+@dataclass(frozen=True)
+class Altered:
+    table: str
+    before: Selection
+    after: Selection
+
+
+def alter(
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    name: str,
+    *,
+    listed: tuple[str, ...] | None = None,
+    all_columns: bool = False,
+    where: str | None = None,
+    no_where: bool = False,
+) -> Altered:
+    """Change a replicated table's column list and/or row filter (what is not named stays).
+
+    Only the selection changes here; the rows already on the Agent DB are the caller's next step
+    (`dbsync tables alter` resyncs the whole table through the sync log)."""
+    if not has_filters(site):
+        raise SchemaError(NO_FILTERS)
+    if listed is not None and all_columns:
+        raise SchemaError("--columns and --all-columns contradict each other")
+    if where is not None and no_where:
+        raise SchemaError("--where and --no-where contradict each other")
+    if listed is None and not all_columns and where is None and not no_where:
+        raise SchemaError("nothing to change: give --columns, --all-columns, --where or --no-where")
+    schema, table = resolve(site, name, "Site")
+    label = display_name(schema, table)
+    if not _replicated(site, schema, table):
+        raise SchemaError(f"table {label} is not replicated")
+    row = site.execute(
+        "SELECT table_id FROM dbsync.replicated_tables WHERE relid = %s::regclass AND removed_at IS NULL",
+        (sql.Identifier(schema, table).as_string(site),),
+    ).fetchone()
+    assert row is not None
+    before = selections(site).get(row[0], EVERYTHING)
+    after = Selection(
+        None if all_columns else (listed if listed is not None else before.columns),
+        None if no_where else (where if where is not None else before.where),
+    )
+    keys = primary_key(site, schema, table)
+    site_cols = columns(site, schema, table)
+    check_column_list(label, after.columns, site_cols, keys)
+    if not _exists(agent, schema, table):
+        raise SchemaError(f"table {label} does not exist on the Agent DB")
+    agent_cols = columns(agent, schema, table)
+    missing = [c for c in site_cols if (after.columns is None or c in after.columns) and c not in agent_cols]
+    if missing:
+        raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(missing)}")
+    try:
+        with site.transaction():
+            _set_selection(site, schema, table, after)
+    except psycopg.Error as exc:
+        raise SchemaError(first_line(exc).removeprefix("dbsync: ")) from None
+    return Altered(label, before, selections(site).get(row[0], EVERYTHING))
 
 
 def _none_done(problems: list[str], named: int, verb: str) -> str:

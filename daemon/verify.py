@@ -29,6 +29,7 @@ from datetime import datetime
 
 import psycopg
 
+from dbsync import tables as registry
 from dbsync import verify as record
 from dbsync.catchup import CatchUp
 from dbsync.config import Settings
@@ -93,7 +94,7 @@ class Verifier:
         self.on_change: Callable[[dict[tuple[int, str], Mismatch]], object] | None = None
         self.on_crash: Callable[[BaseException], object] | None = None
         self._thread: threading.Thread | None = None
-        self._chosen: tuple[datetime | None, dict[int, ComparedTable]] | None = None
+        self._chosen: tuple[datetime | None, dict[int, registry.Selection], dict[int, ComparedTable]] | None = None
         self._full_next = 0.0  # monotonic: when the full verification's next step is due
         self.keys = KeyVerifier(settings, self._judge, self._all_tables) if settings.verify_interval else None
 
@@ -240,11 +241,14 @@ class Verifier:
         self._overran = over
 
     def _targets(self, comparer: Comparer, progress: record.Progress) -> dict[int, ComparedTable]:
-        """The replicated tables, read again for each pass (and each session)."""
-        if self._chosen is None or self._chosen[0] != progress.pass_started_at:
+        """The replicated tables, read again for each pass (and each session), and as soon as a
+        column list or row filter changes (`dbsync tables alter`): a range compared under the old
+        one would report the rows the alter moves in or out as differences."""
+        selections = registry.selections(comparer.site)
+        if self._chosen is None or self._chosen[:2] != (progress.pass_started_at, selections):
             found = targets(comparer.site, comparer.agent, [])
-            self._chosen = (progress.pass_started_at, {t.table_id: t for t in found})
-        return self._chosen[1]
+            self._chosen = (progress.pass_started_at, selections, {t.table_id: t for t in found})
+        return self._chosen[2]
 
     def _judge(self, comparer: Comparer, catchup: CatchUp, target: ComparedTable, diff: TableDiff) -> None:
         """Record what a comparison proved (and repair it with verify_repair); keys that kept

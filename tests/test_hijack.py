@@ -128,6 +128,14 @@ NAMES = [
     "min",
     "max",
     "has_table_privilege",
+    "set_table_filter",
+    "check_row_filter",
+    "reader_statement",
+    "pg_get_expr",
+    "pg_describe_object",
+    "strpos",
+    "btrim",
+    "resync_image_columns",
 ]
 
 # Argument lists an overload can take to be more specific than the one dbsync means.
@@ -474,3 +482,71 @@ def test_schema_diff_runs_nothing_planted(attacked: tuple[DbPair, str]) -> None:
     assert "extra" not in out and "moods" not in out  # added
     assert ran(site) == [], "the attacker's objects ran on the Site DB"
     assert ran(agent) == [], "the attacker's objects ran on the Agent DB"
+
+
+# What the attacked table replicates under a filter: bare names throughout, each of which the
+# attacker has an overload or operator for on these very types (wkey > integer, wtext <> text,
+# wmood = wmood, lower/length(text)). Resolved in pg_catalog alone, none of them is theirs.
+FILTER = "mood = 'calm' AND id > 3 AND note <> 'x' AND lower(note) <> 'n5' AND length(note) < 100"
+FILTER_COLUMNS = "id, mood, note, tags"
+
+
+def _filtered(conn: psycopg.Connection, where: str) -> list[tuple[object, ...]]:
+    return conn.execute(f"SELECT {FILTER_COLUMNS} FROM public.attacked WHERE {where} ORDER BY id").fetchall()
+
+
+def test_a_row_filter_never_calls_what_the_attacker_planted(attacked: tuple[DbPair, str]) -> None:
+    """The filter runs inside read_rows (SECURITY DEFINER), in reconcile and in the resync of
+    `tables alter`; an operator named explicitly from public is refused at registration."""
+    pair, attacker = attacked
+    site, agent = pair.site(), pair.agent()
+    for conn in (site, agent):
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+    site.execute(
+        "INSERT INTO public.attacked (id, mood, note, body, tags) SELECT g, "
+        "CASE WHEN g % 2 = 0 THEN 'calm'::public.wmood ELSE 'angry'::public.wmood END, 'n' || g, 'secret', ARRAY['x'] "
+        "FROM pg_catalog.generate_series(1, 30) g"
+    )
+    refused = dbsync_cmd(
+        "tables", "add", "--where", "note OPERATOR(public.=) 'x'::public.wtext", "public.attacked", env=pair.env()
+    )
+    assert refused.returncode != 0 and "built-in functions and operators" in refused.stderr, refused.stderr
+    _cli(pair, "tables", "add", "public.attacked", "--columns", "id,mood,note,tags", "--where", FILTER, "--backfill")
+    assert "lower(" in _cli(pair, "tables", "list")
+
+    writer = psycopg.connect(pair.site_dsn, autocommit=True)
+    try:
+        writer.execute(f"SET ROLE {attacker}")  # the attacker's own session and search_path
+        writer.execute("UPDATE public.attacked SET mood = 'angry' WHERE id IN (4, 6)")  # leave the filter
+        writer.execute("UPDATE public.attacked SET mood = 'calm' WHERE id IN (5, 7)")  # enter it (5 stays out)
+        writer.execute("INSERT INTO public.attacked (id, mood, note, body) VALUES (100, 'calm', 'new', 'secret')")
+        writer.execute("UPDATE public.attacked SET body = 'other secret' WHERE id = 8")
+    finally:
+        writer.close()
+    sync_once(pair)
+    assert _filtered(agent, "true") == _filtered(site, FILTER)
+    assert agent.execute("SELECT count(*) FROM public.attacked WHERE body IS NOT NULL").fetchone() == (0,)
+
+    agent.execute("INSERT INTO public.attacked (id, mood, note) VALUES (5, 'calm', 'n5')")  # drift
+    result = dbsync_cmd("reconcile", "--table", "public.attacked", env=pair.env())
+    assert result.returncode == 1, result.stdout + result.stderr
+    _cli(pair, "reconcile", "--repair", "--apply", "--table", "public.attacked")
+    assert _filtered(agent, "true") == _filtered(site, FILTER)
+    _cli(pair, "tables", "alter", "--where", "mood = 'angry' AND id < 20", "public.attacked")
+    sync_once(pair)
+    assert _filtered(agent, "true") == _filtered(site, "mood = 'angry' AND id < 20")
+    _cli(pair, "reconcile", "--table", "public.attacked")
+
+    assert ran(site) == [], "the attacker's objects ran on the Site DB"
+    assert ran(agent) == [], "the attacker's objects ran on the Agent DB"
+
+
+def test_the_filters_operators_are_planted(attacked: tuple[DbPair, str]) -> None:
+    """The trap of the test above is armed: in the attacker's search_path the filter's own text
+    calls their objects."""
+    pair, _ = attacked
+    site = pair.site()
+    site.execute("SET search_path = public, pg_catalog")
+    site.execute("INSERT INTO public.attacked (id, mood, note) VALUES (5, 'calm', 'n')")
+    site.execute(f"SELECT count(*) FROM public.attacked WHERE {FILTER}")
+    assert ran(site) != []
