@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
+from dbsync.consumers import read_consumers as read_log_consumers
 from dbsync.db import display_name
 from dbsync.errors import SchemaError
 from dbsync.protocol import (
@@ -56,6 +57,8 @@ class Status:
     # off, or the Agent DB predates it), and where it stands (None: never run).
     verify_mismatches: int = 0
     verify: dict[str, Any] | None = None
+    # Every consumer of the Site DB's log (fan-out) and its lag (dbsync.consumers.ConsumerLag).
+    consumers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -127,7 +130,13 @@ def require_schema(site: psycopg.Connection, agent: psycopg.Connection) -> None:
             raise SchemaError(no_schema(role))
 
 
-def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float = 5.0) -> Status:
+def read_status(
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    source: str,
+    lag_threshold: float = 5.0,
+    consumer_timeout: float = 3600.0,
+) -> Status:
     require_schema(site, agent)
     row = agent.execute(PROGRESS_REPORT.psycopg, {"source": source}).fetchone()
     if row is None:
@@ -154,6 +163,9 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
             f"{verify.mismatches} row(s) differ between the Site and Agent DBs (full verification; "
             "see docs/operations.md, Verification)"
         )
+    log_consumers = read_log_consumers(site, consumer_timeout)
+    for consumer in log_consumers:
+        problems.extend(consumer.problems)
     return Status(
         source=source,
         high_water_mark=hwm,
@@ -174,6 +186,7 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
         problems=problems,
         verify_mismatches=verify.mismatches if verify is not None else 0,
         verify=_verify_dict(verify) if verify is not None and (verify.progress or verify.mismatches) else None,
+        consumers=[c.as_dict() for c in log_consumers],
     )
 
 

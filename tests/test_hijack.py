@@ -44,6 +44,13 @@ NAMES = [
     "jsonb_build_object",
     "json_typeof",
     "json_agg",
+    # 0010_site_consumers and what it calls.
+    "register_consumer",
+    "consumer_applied",
+    "prune_log",
+    "pg_has_role",
+    "aclexplode",
+    "pg_control_system",
     "jsonb_agg",
     "json_array_elements",
     "jsonb_array_elements",
