@@ -337,3 +337,51 @@ def test_a_daemon_role_moves_only_its_own_position(pair: DbPair, second_agent: D
         for role in (one, two):
             site.execute(f"DROP OWNED BY {role}")
             site.execute(f"DROP ROLE {role}")
+
+
+def test_upgrade_gives_the_old_daemon_role_what_it_calls_now(bare_pair: DbPair) -> None:
+    """A role that pruned with DELETE before 0010 gets EXECUTE on what the daemon calls now."""
+    from dbsync import migrations
+    from tests.test_upgrade import CONSUMERS, apply_site_before
+
+    role = f"dbsync_old_reader_{os.getpid()}_{next(_n)}"
+    apply_site_before(bare_pair.site_dsn, CONSUMERS)
+    site = bare_pair.site()
+    site.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        site.execute(f"GRANT USAGE ON SCHEMA dbsync TO {role}; GRANT SELECT, DELETE ON dbsync.sync_log TO {role}")
+        assert migrations.apply(bare_pair.site_dsn, "site", ["whatsapp"]) == [CONSUMERS]
+        for function in (
+            "dbsync.register_consumer(text, text, name)",
+            "dbsync.consumer_applied(text, text)",
+            "dbsync.prune_log(integer)",
+        ):
+            row = site.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", (role, function)).fetchone()
+            assert row == (True,), function
+        assert site.execute("SELECT has_table_privilege(%s, 'dbsync.consumers', 'SELECT')", (role,)).fetchone() == (
+            True,
+        )
+        assert site.execute(
+            "SELECT has_function_privilege('public', 'dbsync.prune_log(integer)', 'EXECUTE')"
+        ).fetchone() == (False,)
+    finally:
+        site.execute(f"DROP OWNED BY {role}")
+        site.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.unit
+def test_stale_consumers_metric_is_rendered_when_known() -> None:
+    from dbsync.daemon.metrics import Gauges, Metrics
+
+    base = {
+        "active": True,
+        "site_connected": True,
+        "agent_connected": True,
+        "lag_seconds": 0.0,
+        "lag_events": 0,
+        "parked_events": 0,
+        "reconnects": 0,
+        "last_apply_at": None,
+    }
+    assert "dbsync_stale_consumers 2" in Metrics().render(Gauges(**base, stale_consumers=2))
+    assert "dbsync_stale_consumers" not in Metrics().render(Gauges(**base))
