@@ -20,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 from dbsync.consumers import agent_consumer_name
 from tests.helpers import Daemon, DbPair, Server, assert_same, dbname, dbsync_cmd, replicate, same, wait_until
+from tests.test_privileges import SITE_GRANTS
 
 _n = iter(range(1_000_000))
 
@@ -272,19 +273,6 @@ def test_sigkill_of_one_consumer_loses_nothing_for_either(pair: DbPair, second_a
     assert_same(pair)
     assert_same(second_agent)
     assert rows_applied(pair) == rows_applied(second_agent) == writer.written
-
-
-SITE_GRANTS = """
-GRANT USAGE ON SCHEMA dbsync TO {role};
-GRANT SELECT ON dbsync.sync_log TO {role};
-GRANT SELECT ON dbsync.replicated_tables TO {role};
-GRANT SELECT ON SEQUENCE dbsync.sync_log_seq TO {role};
-GRANT SELECT, UPDATE ON dbsync.doorbell TO {role};
-GRANT EXECUTE ON FUNCTION dbsync.read_rows(integer, json) TO {role};
-GRANT SELECT ON dbsync.consumers TO {role};
-GRANT EXECUTE ON FUNCTION dbsync.register_consumer(text, text, name), dbsync.consumer_applied(text, text),
-    dbsync.prune_log(integer) TO {role};
-"""
 
 
 def test_a_daemon_role_moves_only_its_own_position(pair: DbPair, second_agent: DbPair) -> None:
