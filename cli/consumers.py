@@ -88,8 +88,11 @@ def add_cmd(
             if row is not None:
                 applied = row[0]
     with connect(settings.site_dsn, "Site") as site:
-        missed = add_consumer(site, name, role, applied)
-    click.echo(f"consumer {name} is registered; the Site log is kept until it has applied it")
+        known, missed = add_consumer(site, name, role, applied)
+    if known:
+        click.echo(f"consumer {name} was registered already; nothing changed")
+    else:
+        click.echo(f"consumer {name} is registered; the Site log is kept until it has applied it")
     if missed:
         click.echo(
             f"consumer {name} may have missed events pruned before it registered: copy the tables with "

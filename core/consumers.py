@@ -19,6 +19,7 @@ from dbsync.errors import DbsyncError, SchemaError
 from dbsync.protocol import (
     AGENT_IDENTITY,
     AGENT_NAME_ONLY,
+    CONSUMER_EXISTS,
     CONSUMER_LAG,
     CONSUMERS_MARK,
     DROP_CONSUMER,
@@ -118,14 +119,16 @@ def _require_registry(site: psycopg.Connection) -> None:
 
 def add_consumer(
     site: psycopg.Connection, name: str, reporter: str | None = None, applied: str = INITIAL_SNAPSHOT
-) -> bool:
+) -> tuple[bool, bool]:
     """Register `name` as having applied what `applied` sees (by default nothing), so the log is
-    kept for it from now on; returns whether it may have missed events pruned before (then it
-    needs `dbsync backfill`). A registered consumer is left as it is."""
+    kept for it from now on. Returns (whether it was registered already, whether it may have
+    missed events pruned before it registered: then it needs `dbsync backfill`). A registered
+    consumer is left as it is."""
     _require_registry(site)
+    known = site.execute(CONSUMER_EXISTS.psycopg, {"name": name}).fetchone() is not None
     row = site.execute(REGISTER_CONSUMER.psycopg, {"name": name, "snapshot": applied, "reporter": reporter}).fetchone()
     assert row is not None
-    return bool(row[0])
+    return known, bool(row[0])
 
 
 def drop_consumer(site: psycopg.Connection, name: str) -> None:

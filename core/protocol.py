@@ -457,4 +457,6 @@ CONSUMERS_SEEN = Statement(
     "SELECT name, extract(epoch FROM pg_catalog.clock_timestamp() - seen_at)::float8 FROM dbsync.consumers"
 )
 
+CONSUMER_EXISTS = Statement("SELECT 1 FROM dbsync.consumers WHERE name = %(name)s", "name")
+
 DROP_CONSUMER = Statement("DELETE FROM dbsync.consumers WHERE name = %(name)s RETURNING name", "name")

@@ -154,6 +154,8 @@ def test_late_consumer_not_registered_is_told_to_backfill(pair: DbPair, second_a
 def test_dropping_a_consumer_frees_the_log(pair: DbPair, tmp_path: Path) -> None:
     added = dbsync_cmd("consumers", "add", "reporting-copy", env=pair.env())
     assert added.returncode == 0, added.stderr
+    again = dbsync_cmd("consumers", "add", "reporting-copy", env=pair.env())
+    assert again.returncode == 0 and "registered already" in again.stdout, again.stdout + again.stderr
     site = pair.site()
     site.execute("INSERT INTO conversations (phone_number) SELECT '+49' || g FROM generate_series(1, 50) g")
     site.execute("UPDATE conversations SET unread_count = 1")
@@ -373,3 +375,54 @@ def test_stale_consumers_metric_is_rendered_when_known() -> None:
     }
     assert "dbsync_stale_consumers 2" in Metrics().render(Gauges(**base, stale_consumers=2))
     assert "dbsync_stale_consumers" not in Metrics().render(Gauges(**base))
+
+
+@pytest.mark.unit
+def test_consumer_settings() -> None:
+    from dbsync.config import load_settings
+    from dbsync.consumers import default_name
+    from dbsync.errors import ConfigError
+
+    assert default_name("site", "agent", "7715") == "site@agent/7715"
+    assert default_name("site", "agent", None) == "site@agent"
+    settings = load_settings(consumer="reporting", consumer_timeout="90")
+    assert (settings.consumer, settings.consumer_timeout) == ("reporting", 90.0)
+    assert load_settings().consumer_timeout == 3600.0
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(ConfigError, match="consumer_timeout"):
+            load_settings(consumer_timeout=bad)
+
+
+def test_a_registration_waits_for_a_prune_in_progress_and_sees_what_it_deleted(pair: DbPair) -> None:
+    """A prune must not miss a registration that commits while it runs, nor may the registration
+    miss the prune's horizon: they exclude each other."""
+    site = pair.site()
+    site.execute("INSERT INTO conversations (phone_number) VALUES ('+491'), ('+492')")
+    now = site.execute("SELECT pg_current_snapshot()::text").fetchone()[0]  # type: ignore[index]
+    site.execute("SELECT dbsync.register_consumer('first', %s)", (now,))
+    pruner = psycopg.connect(pair.site_dsn)  # a transaction, held open
+    try:
+        assert pruner.execute("SELECT dbsync.prune_log(1000)").fetchone() == (1,)
+        result: list[object] = []
+
+        def register() -> None:
+            with psycopg.connect(pair.site_dsn, autocommit=True) as conn:
+                result.append(conn.execute("SELECT dbsync.register_consumer('late', '3:3:')").fetchone())
+
+        thread = threading.Thread(target=register)
+        thread.start()
+        wait_until(
+            lambda: site.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone()[0],  # type: ignore[index]
+            what="the registration to wait for the prune",
+        )
+        assert result == []
+        pruner.commit()
+        thread.join(timeout=30)
+    finally:
+        pruner.close()
+    assert result == [(True,)]  # told it missed what the prune deleted
+    listed = dbsync_cmd("consumers", "list", "--json", env=pair.env())
+    late = [c for c in json.loads(listed.stdout) if c["name"] == "late"]
+    assert late and late[0]["missed_history"]
