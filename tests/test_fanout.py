@@ -257,6 +257,8 @@ def test_two_site_dbs_into_one_agent_db(pair: DbPair, second_site: DbPair, tmp_p
 
 
 def test_sigkill_of_one_consumer_loses_nothing_for_either(pair: DbPair, second_agent: DbPair, tmp_path: Path) -> None:
+    added = dbsync_cmd("consumers", "add", env=second_agent.env())  # before anything is written
+    assert added.returncode == 0, added.stderr
     writer = Writer(pair)
     with Daemon(pair, log_path=tmp_path / "a.log"):
         killed = Daemon(second_agent, "--batch-size", "20", log_path=tmp_path / "b.log")
@@ -275,6 +277,9 @@ def test_sigkill_of_one_consumer_loses_nothing_for_either(pair: DbPair, second_a
     assert_same(pair)
     assert_same(second_agent)
     assert rows_applied(pair) == rows_applied(second_agent) == writer.written
+    listed = json.loads(dbsync_cmd("consumers", "list", "--json", env=pair.env()).stdout)
+    assert sorted(c["name"] for c in listed) == sorted([consumer_name(pair), consumer_name(second_agent)])
+    assert not any(c["missed_history"] for c in listed)
 
 
 def test_a_daemon_role_moves_only_its_own_position(pair: DbPair, second_agent: DbPair) -> None:
