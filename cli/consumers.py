@@ -116,3 +116,20 @@ def drop_cmd(config_file: str | None, site_dsn: str | None, agent_dsn: str | Non
     with connect(settings.site_dsn, "Site") as site:
         drop_consumer(site, name)
     click.echo(f"consumer {name} is dropped; the Site log is no longer kept for it")
+
+
+@consumers.command("backfilled")
+@connection_options
+@click.argument("name")
+def backfilled_cmd(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, name: str) -> None:
+    """Record that NAME's tables were copied with `dbsync backfill`: clears its missed history.
+
+    A consumer registered after events it needed were pruned is reported until then."""
+    from dbsync.consumers import clear_missed
+
+    settings = load_settings(config_file, site_dsn=site_dsn)
+    settings.require("site_dsn")
+    assert settings.site_dsn
+    with connect(settings.site_dsn, "Site") as site:
+        clear_missed(site, name)
+    click.echo(f"consumer {name} has its history now; no longer reported as missing any")

@@ -19,6 +19,7 @@ from dbsync.errors import DbsyncError, SchemaError
 from dbsync.protocol import (
     AGENT_IDENTITY,
     AGENT_NAME_ONLY,
+    CLEAR_MISSED,
     CONSUMER_EXISTS,
     CONSUMER_LAG,
     CONSUMERS_MARK,
@@ -79,7 +80,10 @@ class ConsumerLag:
                 f"({self.events_behind} events): `dbsync consumers drop {self.name}` if it is gone"
             )
         if self.missed_history:
-            out.append(f"consumer {self.name} registered after events it needed were pruned: run `dbsync backfill`")
+            out.append(
+                f"consumer {self.name} registered after events it needed were pruned: run `dbsync backfill`, "
+                f"then `dbsync consumers backfilled {self.name}`"
+            )
         return out
 
 
@@ -134,4 +138,15 @@ def add_consumer(
 def drop_consumer(site: psycopg.Connection, name: str) -> None:
     _require_registry(site)
     if site.execute(DROP_CONSUMER.psycopg, {"name": name}).fetchone() is None:
-        raise ConsumerError(f"no consumer {name!r} is registered on the Site DB (see `dbsync consumers list`)")
+        raise _unknown(name)
+
+
+def clear_missed(site: psycopg.Connection, name: str) -> None:
+    """Record that `name`'s tables were copied (`dbsync backfill`): it no longer misses history."""
+    _require_registry(site)
+    if site.execute(CLEAR_MISSED.psycopg, {"name": name}).fetchone() is None:
+        raise _unknown(name)
+
+
+def _unknown(name: str) -> ConsumerError:
+    return ConsumerError(f"no consumer {name!r} is registered on the Site DB (see `dbsync consumers list`)")

@@ -459,4 +459,9 @@ CONSUMERS_SEEN = Statement(
 
 CONSUMER_EXISTS = Statement("SELECT 1 FROM dbsync.consumers WHERE name = %(name)s", "name")
 
+# `dbsync consumers backfilled`: its tables were copied, the history it missed is there now.
+CLEAR_MISSED = Statement(
+    "UPDATE dbsync.consumers SET missed_history = false WHERE name = %(name)s RETURNING name", "name"
+)
+
 DROP_CONSUMER = Statement("DELETE FROM dbsync.consumers WHERE name = %(name)s RETURNING name", "name")

@@ -149,6 +149,14 @@ def test_late_consumer_not_registered_is_told_to_backfill(pair: DbPair, second_a
     with Daemon(pair), Daemon(second_agent):
         wait_until(lambda: same(second_agent) and same(pair), timeout=60, what="both Agent DBs to match")
     assert rows_applied(second_agent) == 300
+    name = consumer_name(second_agent)
+    cleared = dbsync_cmd("consumers", "backfilled", name, env=pair.env())
+    assert cleared.returncode == 0, cleared.stderr
+    listed = dbsync_cmd("consumers", "list", env=pair.env())
+    assert listed.returncode == 0 and "missed history" not in listed.stdout, listed.stdout
+    unknown = dbsync_cmd("consumers", "backfilled", "nobody", env=pair.env())
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert_same(second_agent)
 
 
 def test_dropping_a_consumer_frees_the_log(pair: DbPair, tmp_path: Path) -> None:
