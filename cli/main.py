@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dbsync.cli.backfill:backfill_cmd",
         "Copy the existing rows of the replicated tables NAMES to the Agent DB.",
     ),
+    "consumers": (
+        "dbsync.cli.consumers:consumers",
+        "List, register or drop the consumers of the Site DB's log.",
+    ),
     "demo": (
         "dbsync.cli.demo:demo",
         "Replicate a simulated WhatsApp CRM between two throwaway clusters, then prove both sides match.",

@@ -70,3 +70,13 @@ def warn_of_passwords_in_flags(values: dict[str, Any]) -> None:
 
 def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+
+
+def consumer_timeout_option(func: F) -> F:
+    return click.option(
+        "--consumer-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help="A consumer not seen for this long is reported as stale (default 3600).",
+    )(func)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dbsync.cli.options import connection_options, json_option
+from dbsync.cli.options import connection_options, consumer_timeout_option, json_option
 from dbsync.config import load_settings
 from dbsync.db import connect
 from dbsync.status import read_status
@@ -19,6 +19,7 @@ from dbsync.status import read_status
 @json_option
 @click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
 @click.option("--lag-threshold", type=float, default=None, help="Seconds of lag that count as unhealthy (default 5).")
+@consumer_timeout_option
 @click.option(
     "--watch",
     metavar="[SECONDS]",
@@ -35,6 +36,7 @@ def status(
     as_json: bool,
     source: str | None,
     lag_threshold: float | None,
+    consumer_timeout: float | None,
     watch: float | None,
 ) -> None:
     """Show the high-water mark, the newest log sequence and the lag.
@@ -44,7 +46,12 @@ def status(
     daemon and parked events live, and exits 0 on Ctrl-C.
     """
     settings = load_settings(
-        config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source, lag_threshold=lag_threshold
+        config_file,
+        site_dsn=site_dsn,
+        agent_dsn=agent_dsn,
+        source=source,
+        lag_threshold=lag_threshold,
+        consumer_timeout=consumer_timeout,
     )
     settings.require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
@@ -56,7 +63,7 @@ def status(
         Watch(settings, watch, source, tty=sys.stdout.isatty()).run()
         return
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
-        st = read_status(site, agent, settings.source, settings.lag_threshold)
+        st = read_status(site, agent, settings.source, settings.lag_threshold, settings.consumer_timeout)
     if as_json:
         click.echo(json.dumps(st.as_dict(), indent=2))
         if not st.healthy:
@@ -76,6 +83,17 @@ def status(
     ]
     if st.verify is not None:
         rows += [("full verify", _verify_line(st.verify)), ("verify mismatches", st.verify_mismatches)]
+    for c in st.consumers:
+        state = "STALE" if c["stale"] else "ok"
+        rows.append(
+            (
+                f"consumer {c['name']}",
+                f"{c['events_behind']} events, {c['seconds_behind']:.1f} s behind; "
+                f"seen {c['seconds_since_seen']:.0f} s ago; "
+                + state
+                + ("; missed history" if c["missed_history"] else ""),
+            )
+        )
     rows.append(("health", "ok" if st.healthy else "UNHEALTHY: " + "; ".join(st.problems)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

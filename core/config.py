@@ -28,6 +28,11 @@ class Settings:
     agent_dsn: str | None = None
     # Consumer identity on the Agent DB; one row of dbsync.apply_progress per source.
     source: str = "site"
+    # This daemon's name among the consumers of the Site DB's log (dbsync.consumers; default:
+    # "<source>@<Agent database>/<Agent cluster id>"), and the seconds after which a consumer
+    # not seen is reported as stale (it holds the log until dropped).
+    consumer: str | None = None
+    consumer_timeout: float = 3600.0
     batch_size: int = 10000
     # Poll even without a notification, in case one is lost (seconds).
     poll_interval: float = 1.0

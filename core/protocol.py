@@ -405,3 +405,63 @@ DELETE FROM dbsync.sync_log l USING doomed d WHERE l.seq = d.seq
     "prev",
     "chunk",
 )
+
+# -- consumers of the log (Site; sql/site/0010_site_consumers) ---------------------------------
+
+CONSUMERS_MARK = "dbsync.consumers"
+
+# The Agent DB's identity, for a consumer's default name: its database and its cluster's system
+# identifier (NULL where pg_control_system() is not allowed).
+AGENT_IDENTITY = Statement(
+    """
+SELECT pg_catalog.current_database()::text,
+       (SELECT s.system_identifier::text FROM pg_catalog.pg_control_system() s)
+"""
+)
+AGENT_NAME_ONLY = Statement("SELECT pg_catalog.current_database()::text, NULL::text")
+
+# Registers the consumer at what it has applied, unless registered; returns its missed_history.
+REGISTER_CONSUMER = Statement(
+    "SELECT dbsync.register_consumer(%(name)s::text, %(snapshot)s::text, %(reporter)s::name)",
+    "name",
+    "snapshot",
+    "reporter",
+)
+
+# The consumer has applied everything visible in %(snapshot)s; false when it is not registered.
+CONSUMER_APPLIED = Statement("SELECT dbsync.consumer_applied(%(name)s::text, %(snapshot)s::text)", "name", "snapshot")
+
+# Up to %(chunk)s events every registered consumer has applied, deleted; returns how many.
+PRUNE_APPLIED = Statement("SELECT dbsync.prune_log(%(chunk)s::int4)", "chunk")
+
+# Every consumer with its lag: the events not visible in its applied snapshot, the age of the
+# oldest of them, and how long since it was last seen.
+CONSUMER_LAG = Statement(
+    f"""
+SELECT c.name, c.reporter::text, c.applied_snapshot::text, c.registered_at, c.seen_at, c.missed_history,
+       extract(epoch FROM pg_catalog.clock_timestamp() - c.seen_at)::float8 AS seen_ago,
+       p.events, p.seconds
+FROM dbsync.consumers c
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(coalesce(pg_catalog.array_length(l.keys, 1), 1)), 0)::bigint AS events,
+           extract(epoch FROM pg_catalog.clock_timestamp() - min(l.captured_at))::float8 AS seconds
+    FROM dbsync.sync_log l
+    WHERE l.txid >= pg_catalog.pg_snapshot_xmin(c.applied_snapshot) AND NOT {visible("l.txid", "c.applied_snapshot")}
+) p
+ORDER BY c.name
+"""
+)
+
+# How long since each consumer was last seen (the daemon's cheap look for stale ones).
+CONSUMERS_SEEN = Statement(
+    "SELECT name, extract(epoch FROM pg_catalog.clock_timestamp() - seen_at)::float8 FROM dbsync.consumers"
+)
+
+CONSUMER_EXISTS = Statement("SELECT 1 FROM dbsync.consumers WHERE name = %(name)s", "name")
+
+# `dbsync consumers backfilled`: its tables were copied, the history it missed is there now.
+CLEAR_MISSED = Statement(
+    "UPDATE dbsync.consumers SET missed_history = false WHERE name = %(name)s RETURNING name", "name"
+)
+
+DROP_CONSUMER = Statement("DELETE FROM dbsync.consumers WHERE name = %(name)s RETURNING name", "name")

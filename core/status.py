@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
+from dbsync.consumers import read_consumers as read_log_consumers
 from dbsync.db import display_name
 from dbsync.errors import SchemaError
 from dbsync.protocol import (
@@ -57,6 +58,8 @@ class Status:
     # off, or the Agent DB predates it), and where it stands (None: never run).
     verify_mismatches: int = 0
     verify: dict[str, Any] | None = None
+    # Every consumer of the Site DB's log (fan-out) and its lag (dbsync.consumers.ConsumerLag).
+    consumers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -128,7 +131,13 @@ def require_schema(site: psycopg.Connection, agent: psycopg.Connection) -> None:
             raise SchemaError(no_schema(role))
 
 
-def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str, lag_threshold: float = 5.0) -> Status:
+def read_status(
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    source: str,
+    lag_threshold: float = 5.0,
+    consumer_timeout: float = 3600.0,
+) -> Status:
     require_schema(site, agent)
     row = agent.execute(PROGRESS_REPORT.psycopg, {"source": source}).fetchone()
     if row is None:
@@ -156,6 +165,9 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
             f"{verify.mismatches} row(s) differ between the Site and Agent DBs (verification; "
             "see docs/operations.md, Verification)"
         )
+    log_consumers = read_log_consumers(site, consumer_timeout)
+    for consumer in log_consumers:
+        problems.extend(consumer.problems)
     return Status(
         source=source,
         high_water_mark=hwm,
@@ -178,6 +190,7 @@ def read_status(site: psycopg.Connection, agent: psycopg.Connection, source: str
         verify=_verify_dict(verify, verified_seq)
         if verify is not None and (verify.progress or verify.mismatches or verified_seq is not None)
         else None,
+        consumers=[c.as_dict() for c in log_consumers],
     )
 
 

@@ -50,6 +50,9 @@ class Gauges:
     reconnects: int
     last_apply_at: float | None
     verify: VerifyGauges | None = None  # None: full verification is off
+    # Consumers of the Site log not seen for consumer_timeout (Replicator.retention.stale);
+    # None: not known (a standby, or not wired).
+    stale_consumers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,13 @@ class Metrics:
             out.single("dbsync_last_apply_timestamp_seconds", "gauge", "When a page last committed.", g.last_apply_at)
         if g.verify is not None:
             _verify(out, g.verify)
+        if g.stale_consumers is not None:
+            out.single(
+                "dbsync_stale_consumers",
+                "gauge",
+                "Consumers of the Site log not seen for consumer_timeout; they hold the log.",
+                g.stale_consumers,
+            )
         out.single("dbsync_active", "gauge", "1 while this daemon holds the source's lock.", int(g.active))
         out.family("dbsync_connected", "gauge", "1 while the daemon's connection to the database is open.")
         out.sample("dbsync_connected", int(g.site_connected), database="site")

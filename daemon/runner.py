@@ -50,7 +50,7 @@ from dbsync.daemon.consume import (
     read_small_batch,
 )
 from dbsync.daemon.doorbell import Doorbell
-from dbsync.daemon.retention import Retention
+from dbsync.daemon.retention import Retention, consumer_name
 from dbsync.db import display_name
 from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, DriftError, SchemaError
 from dbsync.protocol import (
@@ -152,7 +152,11 @@ class Replicator:
         self.wake = asyncio.Event()
         self.catalog = Catalog()
         # With the incremental verification, the log keeps what it has yet to verify.
-        self.retention = Retention(verified_for=settings.source if settings.verify_interval else None)
+        self.retention = Retention(
+            consumer=settings.consumer or settings.source,
+            timeout=settings.consumer_timeout,
+            verified_for=settings.source if settings.verify_interval else None,
+        )
         self.doorbell = Doorbell()
         self._last_snapshot: str | None = None
         self._batch_events = 0  # in the batch opened last
@@ -229,6 +233,9 @@ class Replicator:
         row = await agent.fetchrow(READ_PROGRESS.asyncpg, self.settings.source)
         self.progress = self._persisted = progress_from_row(row)
         self.progress_known = True
+        # The Site keeps its log for every registered consumer: this one, from what it has applied.
+        self.retention.consumer = await consumer_name(agent, self.settings)
+        await self.retention.register(site, self.progress.prev_snapshot)
         self.catalog.forget()
         await self.applier.count_parked(agent)
         # LISTEN before the first read: a commit after this point rings the bell.
@@ -507,6 +514,9 @@ class Replicator:
                     if once:
                         await self._retry_parked()
                         await self.drain()
+                        assert self.site is not None and self.agent is not None
+                        durable = functools.partial(self.applier.make_durable, self.agent)
+                        await self.retention.report(self.site, self.progress.prev_snapshot, durable)
                         return
                     await self._loop()
                 except ConfigError:

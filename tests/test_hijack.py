@@ -11,6 +11,7 @@ public by default (13 and 14 do), so the test grants it, as those versions would
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from dbsync.consumers import agent_consumer_name
+from dbsync.daemon import pg
+from dbsync.daemon.retention import Retention
 from tests.helpers import DbPair, assert_same, dbsync_cmd, sync_once, wait_until
 
 _n = itertools.count()
@@ -44,6 +48,13 @@ NAMES = [
     "jsonb_build_object",
     "json_typeof",
     "json_agg",
+    # 0010_site_consumers and what it calls.
+    "register_consumer",
+    "consumer_applied",
+    "prune_log",
+    "pg_has_role",
+    "aclexplode",
+    "pg_control_system",
     "jsonb_agg",
     "json_array_elements",
     "jsonb_array_elements",
@@ -376,6 +387,23 @@ def _verify_incrementally(pair: DbPair, attacker: str) -> None:
         verifier.close()
 
 
+def _prune(pair: DbPair) -> int:
+    """One retention step of the daemon of `pair`, at what its Agent DB has applied."""
+    with psycopg.connect(pair.agent_dsn, autocommit=True) as agent:
+        agent.execute("SET search_path = pg_catalog, pg_temp")
+        name = agent_consumer_name(agent, "site", None)
+        applied = agent.execute("SELECT prev_snapshot::text FROM dbsync.apply_progress").fetchone()[0]  # type: ignore[index]
+
+    async def go() -> int:
+        site = await pg.connect(pair.site_dsn, "Site")
+        try:
+            return await Retention(consumer=name).maybe_prune(site, applied)
+        finally:
+            await site.close()
+
+    return asyncio.run(go())
+
+
 def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) -> None:
     pair, attacker = attacked
     site, agent = pair.site(), pair.agent()
@@ -440,6 +468,12 @@ def test_nothing_planted_runs_with_dbsyncs_rights(attacked: tuple[DbPair, str]) 
     status = dbsync_cmd("status", env=pair.env())  # 1: no daemon is running, as expected here
     assert status.returncode == 1 and "no active daemon" in status.stdout, status.stdout + status.stderr
     _cli(pair, "tables", "remove", "public.attacked")
+    # The consumer registry: a second consumer, the daemon's prune and report, the commands.
+    _cli(pair, "consumers", "add", "hijack-copy")
+    assert "hijack-copy" in _cli(pair, "consumers", "list")
+    assert _prune(pair) == 0  # hijack-copy has applied nothing
+    _cli(pair, "consumers", "drop", "hijack-copy")
+    assert _prune(pair) > 0
 
     assert ran(site) == [], "the attacker's objects ran on the Site DB"
     assert ran(agent) == [], "the attacker's objects ran on the Agent DB"

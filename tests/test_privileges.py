@@ -11,11 +11,15 @@ from tests.helpers import DbPair, assert_same, sync_once
 
 SITE_GRANTS = """
 GRANT USAGE ON SCHEMA dbsync TO {role};
-GRANT SELECT, DELETE ON dbsync.sync_log TO {role};
+GRANT SELECT ON dbsync.sync_log TO {role};
 GRANT SELECT ON dbsync.replicated_tables TO {role};
 GRANT SELECT ON SEQUENCE dbsync.sync_log_seq TO {role};
 GRANT SELECT, UPDATE ON dbsync.doorbell TO {role};
 GRANT EXECUTE ON FUNCTION dbsync.read_rows(integer, json) TO {role};
+GRANT SELECT ON dbsync.consumers TO {role};
+GRANT EXECUTE ON FUNCTION dbsync.register_consumer(text, text, name) TO {role};
+GRANT EXECUTE ON FUNCTION dbsync.consumer_applied(text, text) TO {role};
+GRANT EXECUTE ON FUNCTION dbsync.prune_log(integer) TO {role};
 """
 
 AGENT_GRANTS = """
@@ -58,7 +62,7 @@ def test_daemon_runs_without_superuser(pair: DbPair) -> None:
         replicator = sync_once(limited)
         assert replicator.stats.events == 3
         assert_same(pair)
-        # The reader may delete applied events (retention) but cannot read row data elsewhere.
+        # The reader prunes through dbsync.prune_log only, and cannot read row data elsewhere.
         with psycopg.connect(limited.site_dsn, autocommit=True) as conn:
             try:
                 conn.execute("SELECT * FROM public.whatsapp_messages")

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from dbsync.consumers import agent_consumer_name
 from dbsync.daemon import pg
 from dbsync.daemon.retention import Retention
 from tests.helpers import Daemon, DbPair, assert_same, same, sync_once, wait_until
@@ -62,13 +63,19 @@ def snapshot_parts(text: str) -> tuple[int, int, set[int]]:
     return int(xmin), int(xmax), {int(x) for x in xip.split(",") if x}
 
 
+def consumer_of(pair: DbPair) -> str:
+    """The consumer name the daemon of `pair` registers on the Site DB."""
+    with psycopg.connect(pair.agent_dsn, autocommit=True) as agent:
+        return agent_consumer_name(agent, "site", None)
+
+
 def prune(pair: DbPair, snapshot: str, **retention: Any) -> int:
     """One retention step, as the daemon runs it, against `snapshot`; returns how many went."""
 
     async def go() -> int:
         site = await pg.connect(pair.site_dsn, "Site")
         try:
-            return await Retention(**retention).maybe_prune(site, snapshot)
+            return await Retention(consumer=consumer_of(pair), **retention).maybe_prune(site, snapshot)
         finally:
             await site.close()
 
