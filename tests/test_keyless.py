@@ -1,0 +1,237 @@
+"""Tables without a primary key (issue 13): an identity index stands in for the key
+(`tables add --identity INDEX`), or an append-only table is replicated insert-only
+(`tables add --insert-only`), its rows carried as images and applied exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.helpers import DbPair, assert_same, count, dbsync_cmd, sync_once, wait_until
+from tests.test_tables import error_line
+
+IDENTITY_DDL = """
+CREATE TABLE public.contacts (tenant integer NOT NULL, email text NOT NULL, name text, n integer);
+CREATE UNIQUE INDEX contacts_identity ON public.contacts (email, tenant);
+"""
+EVENTS_DDL = "CREATE TABLE public.events (at timestamptz NOT NULL DEFAULT now(), kind text, amount numeric)"
+
+
+def both(pair: DbPair, ddl: str) -> None:
+    pair.site().execute(ddl)
+    pair.agent().execute(ddl)
+
+
+def add(pair: DbPair, *args: str) -> subprocess.CompletedProcess[str]:
+    return dbsync_cmd("tables", "add", *args, env=pair.env())
+
+
+def test_a_table_without_a_key_is_refused_naming_both_options(pair: DbPair) -> None:
+    both(pair, EVENTS_DDL)
+    line = error_line(add(pair, "events"))
+    assert "public.events has no primary key" in line, line
+    assert "--identity INDEX" in line and "--insert-only" in line, line
+
+
+@pytest.mark.parametrize(
+    ("setup", "index", "reason"),
+    [
+        pytest.param("CREATE INDEX i ON public.t (a)", "i", "index public.i is not unique", id="not-unique"),
+        pytest.param(
+            "CREATE UNIQUE INDEX i ON public.t (a) WHERE a > 0", "i", "index public.i is partial", id="partial"
+        ),
+        pytest.param(
+            "CREATE UNIQUE INDEX i ON public.t (lower(b))", "i", "index public.i has expressions", id="expression"
+        ),
+        pytest.param(
+            "CREATE UNIQUE INDEX i ON public.t (a, c)", "i", "column c of index public.i is nullable", id="nullable"
+        ),
+        pytest.param(
+            "CREATE TABLE public.other (a integer NOT NULL); CREATE UNIQUE INDEX i ON public.other (a)",
+            "i",
+            "index public.i is on table public.other, not on public.t",
+            id="other-table",
+        ),
+        pytest.param(
+            "INSERT INTO public.t VALUES (1, 'x', 1), (1, 'y', 2)",
+            "i",
+            "index public.i is not valid",
+            id="invalid",
+        ),
+        pytest.param("", "nothere", "index 'nothere' does not exist on the Site DB", id="missing"),
+    ],
+)
+def test_identity_refuses_an_index_that_cannot_be_a_key(pair: DbPair, setup: str, index: str, reason: str) -> None:
+    both(pair, "CREATE TABLE public.t (a integer NOT NULL, b text NOT NULL, c integer)")
+    site = pair.site()
+    if reason.endswith("is not valid"):
+        site.execute(setup)
+        with pytest.raises(psycopg.errors.UniqueViolation):  # leaves the index behind, invalid
+            site.execute("CREATE UNIQUE INDEX CONCURRENTLY i ON public.t (a)")
+    elif setup:
+        site.execute(setup)
+    line = error_line(add(pair, "--identity", index, "t"))
+    assert reason in line, line
+    assert site.execute("SELECT count(*) FROM dbsync.replicated_tables WHERE table_name = 't'").fetchone() == (0,)
+
+
+def test_identity_needs_a_matching_unique_index_on_the_agent(pair: DbPair) -> None:
+    pair.site().execute(IDENTITY_DDL)
+    pair.agent().execute(IDENTITY_DDL.split(";")[0])
+    line = error_line(add(pair, "--identity", "contacts_identity", "contacts"))
+    assert "the Agent DB has no primary key or unique index on (email, tenant)" in line, line
+    pair.agent().execute("CREATE UNIQUE INDEX ON public.contacts (tenant, email)")  # any order serves ON CONFLICT
+    proc = add(pair, "--identity", "contacts_identity", "contacts")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "replicating public.contacts (identity: public.contacts_identity, key: email, tenant)"
+
+
+def test_identity_table_through_insert_update_delete_and_key_change(pair: DbPair) -> None:
+    both(pair, IDENTITY_DDL)
+    site = pair.site()
+    site.execute("INSERT INTO public.contacts SELECT g % 3, 'u' || g || '@x', 'n' || g, g FROM generate_series(1, 50) g")
+    proc = add(pair, "--backfill", "--identity", "contacts_identity", "contacts")
+    assert proc.returncode == 0, proc.stderr
+    sync_once(pair)
+    assert_same(pair, ["public.contacts"])
+
+    site.execute("INSERT INTO public.contacts VALUES (7, 'new@x', 'new', 0)")
+    site.execute("UPDATE public.contacts SET name = 'renamed' WHERE n < 10")
+    site.execute("UPDATE public.contacts SET email = 'moved' || n || '@x' WHERE n BETWEEN 10 AND 20")  # key change
+    site.execute("UPDATE public.contacts SET tenant = tenant + 10 WHERE n = 30")  # the other key column
+    site.execute("DELETE FROM public.contacts WHERE n > 40")
+    # Two rows swap their keys in one statement.
+    site.execute(
+        "UPDATE public.contacts SET email = CASE email WHEN 'u21@x' THEN 'u22@x' ELSE 'u21@x' END "
+        "WHERE email IN ('u21@x', 'u22@x') AND tenant = 0"
+    )
+    sync_once(pair)
+    assert_same(pair, ["public.contacts"])
+    assert count(pair.agent_dsn, "public.contacts") == 41
+
+    listing = json.loads(dbsync_cmd("tables", "list", "--json", env=pair.env()).stdout)
+    entry = next(t for t in listing if t["table"] == "public.contacts")
+    assert entry["mode"] == "identity" and entry["identity"] == "public.contacts_identity", entry
+    assert entry["key"] == ["email", "tenant"], entry
+    human = dbsync_cmd("tables", "list", env=pair.env()).stdout.splitlines()
+    assert "public.contacts\tidentity: public.contacts_identity, key: email, tenant" in human, human
+
+    site.execute("TRUNCATE public.contacts")
+    sync_once(pair)
+    assert count(pair.agent_dsn, "public.contacts") == 0
+
+
+def test_insert_only_table_captures_and_applies_every_row(pair: DbPair) -> None:
+    both(pair, EVENTS_DDL)
+    site = pair.site()
+    site.execute("INSERT INTO public.events VALUES ('2026-01-01', 'before', 1.50), ('2026-01-01', 'before', 1.50)")
+    proc = add(pair, "--insert-only", "--backfill", "events")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[:2] == ["replicating public.events (insert-only)", "public.events: backfill complete: 2 rows"]
+    # Identical rows are rows: each arrives, as often as it was inserted.
+    site.execute("INSERT INTO public.events (kind, amount) SELECT 'bulk', g % 3 FROM generate_series(1, 2500) g")
+    site.execute("INSERT INTO public.events VALUES ('2026-01-01', 'before', 1.50)")
+    site.execute("INSERT INTO public.events VALUES ('2026-02-01', NULL, 'NaN')")
+    sync_once(pair, batch_size=400)
+    assert_same(pair, ["public.events"])
+    assert count(pair.agent_dsn, "public.events") == 2504
+
+    listing = json.loads(dbsync_cmd("tables", "list", "--json", env=pair.env()).stdout)
+    entry = next(t for t in listing if t["table"] == "public.events")
+    assert entry["mode"] == "insert-only" and entry["key"] == [] and entry["identity"] is None, entry
+    assert "public.events\tinsert-only" in dbsync_cmd("tables", "list", env=pair.env()).stdout.splitlines()
+
+    # A later backfill would duplicate rows: refused.
+    again = dbsync_cmd("backfill", "events", env=pair.env())
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
+    assert "is replicated insert-only" in again.stderr, again.stderr
+
+
+@pytest.mark.parametrize(
+    ("statement", "op"),
+    [
+        ("UPDATE public.events SET kind = 'changed'", "UPDATE"),
+        ("UPDATE public.events SET kind = 'changed' WHERE false", "UPDATE"),
+        ("DELETE FROM public.events WHERE kind = 'a'", "DELETE"),
+        ("TRUNCATE public.events", "TRUNCATE"),
+    ],
+)
+def test_insert_only_table_refuses_update_delete_truncate_at_the_site(pair: DbPair, statement: str, op: str) -> None:
+    both(pair, EVENTS_DDL)
+    assert add(pair, "--insert-only", "events").returncode == 0
+    site = pair.site()
+    site.execute("INSERT INTO public.events (kind) VALUES ('a'), ('b')")
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+        site.execute(statement)
+    assert str(refused.value).splitlines()[0] == f"dbsync: table public.events is replicated insert-only: {op} is refused"
+    sync_once(pair)
+    assert_same(pair, ["public.events"])
+    # Once it is no longer replicated, the table is the user's again.
+    assert dbsync_cmd("tables", "remove", "events", env=pair.env()).returncode == 0
+    site.execute(statement)
+
+
+def test_insert_only_refuses_a_partitioned_table(pair: DbPair) -> None:
+    both(pair, "CREATE TABLE public.p (a integer) PARTITION BY RANGE (a); "
+               "CREATE TABLE public.p1 PARTITION OF public.p FOR VALUES FROM (0) TO (10)")
+    line = error_line(add(pair, "--insert-only", "p"))
+    assert "insert-only replication takes plain tables only" in line, line
+
+
+def test_insert_only_and_identity_exclude_each_other(pair: DbPair) -> None:
+    both(pair, IDENTITY_DDL)
+    line = error_line(add(pair, "--insert-only", "--identity", "contacts_identity", "contacts"))
+    assert "--identity and --insert-only exclude each other" in line, line
+
+
+def daemon(pair: DbPair, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "dbsync", "run"],
+            env={**pair.env(), "DBSYNC_BATCH_SIZE": "100"},
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+
+
+def test_insert_only_rows_are_applied_exactly_once_across_daemon_kills(pair: DbPair, tmp_path: Path) -> None:
+    """One Site transaction of 30,000 rows is a batch of 300 pages. The daemon is SIGKILLed three
+    times while it applies it; each new daemon opens the batch again from `prev` and must not
+    insert again a row a page already committed (the progress guard), nor lose one."""
+    both(pair, EVENTS_DDL)
+    assert add(pair, "--insert-only", "events").returncode == 0
+    site = pair.site()
+    total = 30_000
+    site.execute("INSERT INTO public.events (kind, amount) SELECT 'k' || (g %% 7), g %% 5 FROM generate_series(1, %s) g",
+                 (total,))
+    agent = pair.agent()
+    mid_batch = 0
+    for kill in range(3):
+        proc = daemon(pair, tmp_path / "daemon.log")
+        try:
+            floor = count(pair.agent_dsn, "public.events")
+            wait_until(lambda: count(pair.agent_dsn, "public.events") > floor + 500 * (kill + 1), 60,
+                       interval=0.005, what="the daemon to apply some pages")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        stored = agent.execute("SELECT batch_snapshot IS NOT NULL FROM dbsync.apply_progress").fetchone()
+        mid_batch += bool(stored and stored[0])
+        assert count(pair.agent_dsn, "public.events") <= total
+    assert mid_batch >= 1, "no kill landed inside the batch: the test proved nothing"
+    proc = daemon(pair, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: count(pair.agent_dsn, "public.events") >= total, 120, what="the daemon to catch up")
+        wait_until(lambda: agent.execute("SELECT batch_snapshot IS NULL FROM dbsync.apply_progress").fetchone()[0],  # type: ignore[index]
+                   30, what="the batch to close")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert count(pair.agent_dsn, "public.events") == total
+    assert_same(pair, ["public.events"])
