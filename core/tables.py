@@ -62,7 +62,7 @@ def add(
     identity: str | None = None,
     insert_only: bool = False,
     copy_appends: bool = False,
-) -> list[ReplicatedTable]:
+) -> list[AddedTable]:
     """Check every table on both sides, then install capture on all of them in one Site transaction.
 
     All or nothing: a set added half-way is worse than one refused, since the same command run
@@ -88,7 +88,7 @@ def add(
             found.setdefault((schema, table), (keys, site_cols, index))
     if problems:
         raise SchemaError(_none_done(problems, len(names), "added"))
-    infos = []
+    infos: list[AddedTable] = []
     label = ""
     try:
         with site.transaction():

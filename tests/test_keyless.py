@@ -8,7 +8,9 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -95,7 +97,9 @@ def test_identity_needs_a_matching_unique_index_on_the_agent(pair: DbPair) -> No
 def test_identity_table_through_insert_update_delete_and_key_change(pair: DbPair) -> None:
     both(pair, IDENTITY_DDL)
     site = pair.site()
-    site.execute("INSERT INTO public.contacts SELECT g % 3, 'u' || g || '@x', 'n' || g, g FROM generate_series(1, 50) g")
+    site.execute(
+        "INSERT INTO public.contacts SELECT g % 3, 'u' || g || '@x', 'n' || g, g FROM generate_series(1, 50) g"
+    )
     proc = add(pair, "--backfill", "--identity", "contacts_identity", "contacts")
     assert proc.returncode == 0, proc.stderr
     sync_once(pair)
@@ -133,7 +137,10 @@ def test_insert_only_table_captures_and_applies_every_row(pair: DbPair) -> None:
     site.execute("INSERT INTO public.events VALUES ('2026-01-01', 'before', 1.50), ('2026-01-01', 'before', 1.50)")
     proc = add(pair, "--insert-only", "--backfill", "events")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[:2] == ["replicating public.events (insert-only)", "public.events: backfill complete: 2 rows"]
+    assert proc.stdout.splitlines()[:2] == [
+        "replicating public.events (insert-only)",
+        "public.events: backfill complete: 2 rows",
+    ]
     # Identical rows are rows: each arrives, as often as it was inserted.
     site.execute("INSERT INTO public.events (kind, amount) SELECT 'bulk', g % 3 FROM generate_series(1, 2500) g")
     site.execute("INSERT INTO public.events VALUES ('2026-01-01', 'before', 1.50)")
@@ -169,7 +176,8 @@ def test_insert_only_table_refuses_update_delete_truncate_at_the_site(pair: DbPa
     site.execute("INSERT INTO public.events (kind) VALUES ('a'), ('b')")
     with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
         site.execute(statement)
-    assert str(refused.value).splitlines()[0] == f"dbsync: table public.events is replicated insert-only: {op} is refused"
+    first = str(refused.value).splitlines()[0]
+    assert first == f"dbsync: table public.events is replicated insert-only: {op} is refused", first
     sync_once(pair)
     assert_same(pair, ["public.events"])
     # Once it is no longer replicated, the table is the user's again.
@@ -178,8 +186,11 @@ def test_insert_only_table_refuses_update_delete_truncate_at_the_site(pair: DbPa
 
 
 def test_insert_only_refuses_a_partitioned_table(pair: DbPair) -> None:
-    both(pair, "CREATE TABLE public.p (a integer) PARTITION BY RANGE (a); "
-               "CREATE TABLE public.p1 PARTITION OF public.p FOR VALUES FROM (0) TO (10)")
+    both(
+        pair,
+        "CREATE TABLE public.p (a integer) PARTITION BY RANGE (a); "
+        "CREATE TABLE public.p1 PARTITION OF public.p FOR VALUES FROM (0) TO (10)",
+    )
     line = error_line(add(pair, "--insert-only", "p"))
     assert "insert-only replication takes plain tables only" in line, line
 
@@ -200,6 +211,10 @@ def daemon(pair: DbPair, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def progressed(pair: DbPair, rows: int) -> Callable[[], bool]:
+    return lambda: count(pair.agent_dsn, "public.events") >= rows
+
+
 def test_insert_only_rows_are_applied_exactly_once_across_daemon_kills(pair: DbPair, tmp_path: Path) -> None:
     """One Site transaction of 30,000 rows is a batch of 300 pages. The daemon is SIGKILLed three
     times while it applies it; each new daemon opens the batch again from `prev` and must not
@@ -208,16 +223,21 @@ def test_insert_only_rows_are_applied_exactly_once_across_daemon_kills(pair: DbP
     assert add(pair, "--insert-only", "events").returncode == 0
     site = pair.site()
     total = 30_000
-    site.execute("INSERT INTO public.events (kind, amount) SELECT 'k' || (g %% 7), g %% 5 FROM generate_series(1, %s) g",
-                 (total,))
+    site.execute(
+        "INSERT INTO public.events (kind, amount) SELECT 'k' || (g %% 7), g %% 5 FROM generate_series(1, %s) g",
+        (total,),
+    )
     agent = pair.agent()
     mid_batch = 0
-    for kill in range(3):
+    for _ in range(3):
         proc = daemon(pair, tmp_path / "daemon.log")
         try:
-            floor = count(pair.agent_dsn, "public.events")
-            wait_until(lambda: count(pair.agent_dsn, "public.events") > floor + 500 * (kill + 1), 60,
-                       interval=0.005, what="the daemon to apply some pages")
+            wait_until(
+                progressed(pair, count(pair.agent_dsn, "public.events") + 500),
+                60,
+                interval=0.005,
+                what="the daemon to apply some pages",
+            )
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
@@ -228,10 +248,71 @@ def test_insert_only_rows_are_applied_exactly_once_across_daemon_kills(pair: DbP
     proc = daemon(pair, tmp_path / "daemon.log")
     try:
         wait_until(lambda: count(pair.agent_dsn, "public.events") >= total, 120, what="the daemon to catch up")
-        wait_until(lambda: agent.execute("SELECT batch_snapshot IS NULL FROM dbsync.apply_progress").fetchone()[0],  # type: ignore[index]
-                   30, what="the batch to close")
+        wait_until(
+            lambda: agent.execute("SELECT batch_snapshot IS NULL FROM dbsync.apply_progress").fetchone()[0],  # type: ignore[index]
+            30,
+            what="the batch to close",
+        )
     finally:
         proc.terminate()
         proc.wait(30)
     assert count(pair.agent_dsn, "public.events") == total
     assert_same(pair, ["public.events"])
+
+
+def reconcile(pair: DbPair, *args: str) -> tuple[int, dict[str, Any], str]:
+    proc = dbsync_cmd("reconcile", "--deep", "--json", "--apply", *args, env=pair.env())
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}, proc.stderr
+
+
+def test_reconcile_and_repair_an_identity_table(pair: DbPair) -> None:
+    both(pair, IDENTITY_DDL)
+    pair.site().execute("INSERT INTO public.contacts SELECT 1, 'u' || g || '@x', 'n', g FROM generate_series(1, 300) g")
+    assert add(pair, "--backfill", "--identity", "contacts_identity", "contacts").returncode == 0
+    sync_once(pair)
+    agent = pair.agent()
+    agent.execute("DELETE FROM public.contacts WHERE n = 5")
+    agent.execute("UPDATE public.contacts SET name = 'drift' WHERE n = 9")
+    agent.execute("INSERT INTO public.contacts VALUES (2, 'stray@x', 'x', 0)")
+    code, report, err = reconcile(pair, "--table", "contacts")
+    assert code == 1, err
+    entry = report["tables"]["public.contacts"]
+    assert entry["missing_keys"] == [{"email": "u5@x", "tenant": "1"}], entry
+    assert entry["changed_keys"] == [{"email": "u9@x", "tenant": "1"}], entry
+    assert entry["extra_keys"] == [{"email": "stray@x", "tenant": "2"}], entry
+    code, report, err = reconcile(pair, "--repair", "--table", "contacts")
+    assert code == 0, err
+    assert_same(pair, ["public.contacts"])
+
+
+def test_reconcile_compares_an_insert_only_table_as_a_multiset(pair: DbPair) -> None:
+    both(pair, EVENTS_DDL)
+    site = pair.site()
+    site.execute("INSERT INTO public.events SELECT '2026-01-01', 'k' || (g % 4), g % 3 FROM generate_series(1, 3000) g")
+    assert add(pair, "--insert-only", "--backfill", "events").returncode == 0
+    sync_once(pair)
+    code, report, err = reconcile(pair, "--table", "events")
+    assert code == 0 and report["tables"]["public.events"]["in_sync"], (report, err)
+    assert report["tables"]["public.events"]["site_rows"] == 3000
+
+    agent = pair.agent()
+    # One of the 250 copies of a row lost, one copy too many of another, and a row the Site never had.
+    agent.execute(
+        "DELETE FROM public.events WHERE ctid = (SELECT min(ctid) FROM public.events WHERE kind = 'k1' AND amount = 1)"
+    )
+    agent.execute("INSERT INTO public.events VALUES ('2026-01-01', 'k2', 2)")
+    agent.execute("INSERT INTO public.events VALUES ('2030-01-01', 'never', 0)")
+    # Rows arriving while it compares are not differences.
+    site.execute("INSERT INTO public.events (kind) SELECT 'late' FROM generate_series(1, 500)")
+    code, report, err = reconcile(pair, "--table", "events")
+    assert code == 1, err
+    entry = report["tables"]["public.events"]
+    assert (entry["missing"], entry["extra"], entry["changed"], entry["unsettled"]) == (1, 2, 0, 0), entry
+    assert [k["copies"] for k in entry["missing_keys"]] == [1], entry
+    assert sorted(k["copies"] for k in entry["extra_keys"]) == [1, 1], entry
+
+    code, report, err = reconcile(pair, "--repair", "--table", "events")
+    assert code == 1, err
+    assert "--repair cannot fix it" in err and "tables add --insert-only --backfill" in err, err
+    assert report["tables"]["public.events"]["repair"]["upserts_logged"] == 0
