@@ -9,12 +9,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from dbsync.daemon.apply import Replay
+from dbsync.daemon.consume import ApplyProgress, Event
+from dbsync.protocol import visible_in
+from dbsync.schema import Column, TableDef, create_table_sql
 from tests.helpers import DbPair, assert_same, count, dbsync_cmd, sync_once, wait_until
 from tests.test_tables import error_line
 
@@ -316,3 +321,71 @@ def test_reconcile_compares_an_insert_only_table_as_a_multiset(pair: DbPair) -> 
     assert code == 1, err
     assert "--repair cannot fix it" in err and "tables add --insert-only --backfill" in err, err
     assert report["tables"]["public.events"]["repair"]["upserts_logged"] == 0
+
+
+def schema_diff(pair: DbPair, *args: str) -> tuple[int, dict[str, Any]]:
+    proc = dbsync_cmd("schema", "diff", "--json", *args, env=pair.env())
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_schema_diff_understands_identity_and_insert_only_tables(pair: DbPair) -> None:
+    both(pair, IDENTITY_DDL)
+    both(pair, EVENTS_DDL)
+    assert add(pair, "--identity", "contacts_identity", "contacts").returncode == 0
+    assert add(pair, "--insert-only", "events").returncode == 0
+    code, report = schema_diff(pair)
+    assert code == 0 and report["in_sync"], report  # neither has a primary key: nothing to say about one
+
+    agent = pair.agent()
+    agent.execute("DROP INDEX public.contacts_identity")
+    pair.site().execute("ALTER TABLE public.events ADD COLUMN note text")
+    code, report = schema_diff(pair)
+    assert code == 1, report
+    [key] = report["tables"]["public.contacts"]
+    assert key["kind"] == "key" and "identity (email, tenant)" in key["note"], key
+    assert key["statement"] == 'CREATE UNIQUE INDEX ON "public"."contacts" ("email", "tenant");', key
+    [column] = report["tables"]["public.events"]
+    assert (column["kind"], column["column"]) == ("missing_column", "note"), column
+
+    code, report = schema_diff(pair, "--apply")  # adds the column; the index is the DBA's to build
+    assert code == 1 and [c["kind"] for c in report["tables"]["public.contacts"]] == ["key"], report
+    agent.execute(key["statement"])
+    assert schema_diff(pair)[0] == 0
+
+    pair.site().execute("DROP INDEX public.contacts_identity")
+    code, report = schema_diff(pair)
+    assert code == 1 and report["tables"]["public.contacts"][0]["kind"] == "registered_key", report
+
+    # A table missing on the Agent DB is created with its identity as a unique constraint.
+    table = TableDef("public", "t", (Column("a", "integer", not_null=True),))
+    assert 'UNIQUE ("a")' in create_table_sql(table, ["a"])
+
+
+@pytest.mark.unit
+def test_visible_in_follows_pg_visible_in_snapshot() -> None:
+    snap = "100:110:102,105"
+    assert visible_in("99", snap) and visible_in("101", snap) and visible_in("109", snap)
+    assert not visible_in("102", snap) and not visible_in("105", snap)
+    assert not visible_in("110", snap) and not visible_in("200", snap)
+    assert visible_in("5", "10:10:") and not visible_in("10", "10:10:")
+
+
+@pytest.mark.unit
+def test_replay_leaves_out_only_rows_the_interrupted_batch_applied() -> None:
+    """The interrupted batch (snapshot 100:110:105, cursor 50) was reopened at 100:130:."""
+    replay = Replay("100:110:105", 90, 50, "100:130:")
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def row(seq: int, txid: int) -> Event:
+        return Event(seq, 1, "I", None, at, '{"a":"1"}', 0, str(txid))
+
+    assert replay.applied(row(40, 101))
+    assert not replay.applied(row(40, 105))  # running at the old snapshot: not in that batch
+    assert not replay.applied(row(51, 101))  # past the old cursor
+    assert not replay.applied(row(45, 120))  # committed after the old snapshot
+    assert not replay.applied(Event(40, 1, "U", '{"id":"1"}', at, None, 1, "101"))  # a keyed event: applied again
+    # The stored progress stays the interrupted batch's until the new cursor passes the old one.
+    assert replay.covers(ApplyProgress("1:1:", "100:130:", 200, 49)) is True
+    assert replay.covers(ApplyProgress("1:1:", "100:130:", 200, 50)) is False
+    assert replay.covers(ApplyProgress("100:130:")) is False
