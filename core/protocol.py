@@ -373,8 +373,10 @@ RETRY_CANDIDATES = Statement(
     """
 SELECT seq, key_no, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
 FROM dbsync.parked_events
-WHERE source = %(source)s AND (table_id, pk::text) IN (
+WHERE source = %(source)s AND ((table_id, pk::text) IN (
     SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = %(source)s AND retry_requested)
+    -- an insert-only table's row has no key: it is retried on its own
+    OR (pk IS NULL AND op <> 'T' AND retry_requested))
 ORDER BY seq, key_no
 """,
     "source",

@@ -389,3 +389,45 @@ def test_replay_leaves_out_only_rows_the_interrupted_batch_applied() -> None:
     assert replay.covers(ApplyProgress("1:1:", "100:130:", 200, 49)) is True
     assert replay.covers(ApplyProgress("1:1:", "100:130:", 200, 50)) is False
     assert replay.covers(ApplyProgress("100:130:")) is False
+
+
+@pytest.mark.parametrize("small_batches", [False, True], ids=["transaction-read", "one-statement-read"])
+def test_insert_only_and_keyed_rows_in_one_page(
+    pair: DbPair, monkeypatch: pytest.MonkeyPatch, small_batches: bool
+) -> None:
+    """Both ways a batch is read (runner.SMALL_BATCHES): an insert-only table's rows come from the
+    log, a keyed table's from read_rows, in the same page, and the one-statement apply writes both."""
+    from dbsync.daemon import runner
+
+    monkeypatch.setattr(runner, "SMALL_BATCHES", small_batches)
+    both(pair, EVENTS_DDL)
+    assert add(pair, "--insert-only", "events").returncode == 0
+    site = pair.site()
+    for n in range(5):
+        with site.transaction():
+            site.execute("INSERT INTO public.events (kind, amount) VALUES ('tx', %s), ('tx', %s)", (n, n))
+            site.execute("INSERT INTO public.conversations (phone_number) VALUES (%s)", (f"+49{n}",))
+            site.execute("UPDATE public.conversations SET contact_name = 'c' WHERE phone_number = %s", (f"+49{n}",))
+    replicator = sync_once(pair)
+    assert replicator.stats.whole == (1 if small_batches else 0)
+    assert_same(pair, ["public.events", "public.conversations"])
+    assert count(pair.agent_dsn, "public.events") == 10
+
+
+def test_an_insert_only_row_the_agent_rejects_is_parked_alone_and_retried(pair: DbPair) -> None:
+    both(pair, EVENTS_DDL)
+    pair.agent().execute("ALTER TABLE public.events ADD CONSTRAINT small CHECK (amount < 100)")
+    assert add(pair, "--insert-only", "events").returncode == 0
+    pair.site().execute("INSERT INTO public.events (kind, amount) VALUES ('a', 1), ('big', 500), ('a', 1), ('b', 2)")
+    sync_once(pair, poison_policy="park")
+    # The rejected row is parked; identical and later rows are not held back behind it (rows have no order).
+    assert count(pair.agent_dsn, "public.events") == 3
+    parked = pair.agent().execute("SELECT op, pk, row_image->>'kind' FROM dbsync.parked_events").fetchall()
+    assert parked == [("I", None, "big")], parked
+
+    pair.agent().execute("ALTER TABLE public.events DROP CONSTRAINT small")
+    asked = dbsync_cmd("retry", "--wait", "0", env=pair.env())
+    assert asked.returncode == 0, asked.stderr
+    sync_once(pair, poison_policy="park")
+    assert_same(pair, ["public.events"])
+    assert pair.agent().execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
