@@ -419,6 +419,8 @@ def check_keys(comparer: Comparer, catchup: CatchUp, target: ComparedTable, keys
     cost follows the number of keys, not the table's size: the daemon's incremental verification
     checks the keys it applied this way. Candidates are rechecked by `recheck`, as in `deep_check`.
     """
+    if target.insert_only:
+        raise ReconcileError(f"{target.label} is insert-only: its rows have no keys (compare it with check_appended)")
     diff = TableDiff(target.label, target.table_id)
     if not keys:
         return diff
@@ -454,7 +456,13 @@ def check_range(
     Each side reads the range in its own key order. Should the two orders differ (text keys
     under different collations), consecutive ranges still cover every Agent row at least once;
     a row placed in different ranges on the two sides is only a candidate, which the recheck
-    (by key) finds equal."""
+    (by key) finds equal.
+
+    An insert-only table has no key to range over, nor one to recheck a row by: it is left out
+    (one empty range), and `reconcile --deep` compares it (check_appended)."""
+    if target.insert_only:
+        log.debug("%s is insert-only: the ranged verification leaves it to `dbsync reconcile --deep`", target.label)
+        return RangeCheck(TableDiff(target.label, target.table_id), None, 0)
     site_q, agent_q = comparer.queries(target)
     params: dict[str, Any] = {"after": after, "skip": rows - 1}
     with comparer.site.transaction():

@@ -271,15 +271,24 @@ def reconcile(pair: DbPair, *args: str) -> tuple[int, dict[str, Any], str]:
     return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}, proc.stderr
 
 
+def drift(pair: DbPair, *statements: str) -> None:
+    """Change the Agent DB behind dbsync's back."""
+    agent = pair.agent()
+    for statement in statements:
+        agent.execute(statement)
+
+
 def test_reconcile_and_repair_an_identity_table(pair: DbPair) -> None:
     both(pair, IDENTITY_DDL)
     pair.site().execute("INSERT INTO public.contacts SELECT 1, 'u' || g || '@x', 'n', g FROM generate_series(1, 300) g")
     assert add(pair, "--backfill", "--identity", "contacts_identity", "contacts").returncode == 0
     sync_once(pair)
-    agent = pair.agent()
-    agent.execute("DELETE FROM public.contacts WHERE n = 5")
-    agent.execute("UPDATE public.contacts SET name = 'drift' WHERE n = 9")
-    agent.execute("INSERT INTO public.contacts VALUES (2, 'stray@x', 'x', 0)")
+    drift(
+        pair,
+        "DELETE FROM public.contacts WHERE n = 5",
+        "UPDATE public.contacts SET name = 'drift' WHERE n = 9",
+        "INSERT INTO public.contacts VALUES (2, 'stray@x', 'x', 0)",
+    )
     code, report, err = reconcile(pair, "--table", "contacts")
     assert code == 1, err
     entry = report["tables"]["public.contacts"]
@@ -301,14 +310,14 @@ def test_reconcile_compares_an_insert_only_table_as_a_multiset(pair: DbPair) -> 
     assert code == 0 and report["tables"]["public.events"]["in_sync"], (report, err)
     assert report["tables"]["public.events"]["site_rows"] == 3000
 
-    agent = pair.agent()
     # One of the 250 copies of a row lost, one copy too many of another, and a row the Site never had.
-    agent.execute(
-        "DELETE FROM public.events WHERE ctid = (SELECT min(ctid) FROM public.events WHERE kind = 'k1' AND amount = 1)"
+    drift(
+        pair,
+        "DELETE FROM public.events WHERE ctid = (SELECT min(ctid) FROM public.events WHERE kind = 'k1' AND amount = 1)",
+        "INSERT INTO public.events VALUES ('2026-01-01', 'k2', 2)",
+        "INSERT INTO public.events VALUES ('2030-01-01', 'never', 0)",
     )
-    agent.execute("INSERT INTO public.events VALUES ('2026-01-01', 'k2', 2)")
-    agent.execute("INSERT INTO public.events VALUES ('2030-01-01', 'never', 0)")
-    # Rows arriving while it compares are not differences.
+    # Rows logged and not yet applied when it starts are not differences.
     site.execute("INSERT INTO public.events (kind) SELECT 'late' FROM generate_series(1, 500)")
     code, report, err = reconcile(pair, "--table", "events")
     assert code == 1, err
@@ -431,3 +440,25 @@ def test_an_insert_only_row_the_agent_rejects_is_parked_alone_and_retried(pair: 
     sync_once(pair, poison_policy="park")
     assert_same(pair, ["public.events"])
     assert pair.agent().execute("SELECT count(*) FROM dbsync.parked_events").fetchone() == (0,)
+
+
+def test_the_ranged_full_verification_leaves_an_insert_only_table_to_reconcile(pair: DbPair) -> None:
+    from dbsync.catchup import CatchUp
+    from dbsync.db import connect
+    from dbsync.reconcile import Comparer, ReconcileError, check_keys, check_range, targets
+
+    both(pair, EVENTS_DDL)
+    assert add(pair, "--insert-only", "events").returncode == 0
+    pair.site().execute("INSERT INTO public.events (kind) VALUES ('a'), ('a')")
+    sync_once(pair)
+    with connect(pair.site_dsn, "Site") as site, connect(pair.agent_dsn, "Agent") as agent:
+        comparer = Comparer(site, agent)
+        try:
+            [target] = targets(site, agent, ["events"])
+            catchup = CatchUp(site, agent, pair.settings(), timeout=10)
+            checked = check_range(comparer, catchup, target, None, 100)
+            assert (checked.upto, checked.rows, checked.diff.differs) == (None, 0, False)
+            with pytest.raises(ReconcileError, match="insert-only"):
+                check_keys(comparer, catchup, target, ['{"a": "1"}'])
+        finally:
+            comparer.close()
