@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -15,12 +16,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from dbsync.daemon.apply import Replay
 from dbsync.daemon.consume import ApplyProgress, Event
 from dbsync.protocol import visible_in
 from dbsync.schema import Column, TableDef, create_table_sql
-from tests.helpers import DbPair, assert_same, count, dbsync_cmd, sync_once, wait_until
+from tests.helpers import Daemon, DbPair, assert_same, count, dbsync_cmd, sync_once, wait_until
+from tests.proxy import Proxy
 from tests.test_tables import error_line
 
 IDENTITY_DDL = """
@@ -462,3 +465,53 @@ def test_the_ranged_full_verification_leaves_an_insert_only_table_to_reconcile(p
                 check_keys(comparer, catchup, target, ['{"a": "1"}'])
         finally:
             comparer.close()
+
+
+def daemon_busy(agent: psycopg.Connection) -> bool:
+    """Whether a statement of the daemon's is running on the Agent DB, or a transaction is open."""
+    row = agent.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'dbsync%%' "
+        "AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_insert_only_rows_are_applied_exactly_once_when_the_agents_answer_is_lost(
+    pair: DbPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Agent link stalls while the daemon writes a page; once the Agent has finished the
+    statement (committed, its answer held in the proxy), the link is cut: the daemon does not
+    know whether its page landed, reconnects, opens the batch again and must not insert twice."""
+    both(pair, EVENTS_DDL)
+    assert add(pair, "--insert-only", "events").returncode == 0
+    total = 20_000
+    pair.site().execute(
+        "INSERT INTO public.events (kind, amount) SELECT 'k' || (g %% 7), g %% 5 FROM generate_series(1, %s) g",
+        (total,),
+    )
+    monkeypatch.setenv("DBSYNC_BATCH_SIZE", "100")
+    agent = pair.agent()
+    target = conninfo_to_dict(pair.agent_dsn)
+    with Proxy(str(target["host"]), int(str(target["port"]))) as proxy:
+        routed = dataclasses.replace(pair, agent_dsn=proxy.route(pair.agent_dsn), _conns=[])
+        with Daemon(routed, log_path=tmp_path / "daemon.log"):
+            for _ in range(3):
+                wait_until(
+                    progressed(pair, count(pair.agent_dsn, "public.events") + 300),
+                    60,
+                    interval=0.005,
+                    what="the daemon to apply some pages",
+                )
+                proxy.stall()
+                wait_until(lambda: not daemon_busy(agent), 10, interval=0.005, what="the Agent to finish the statement")
+                proxy.cut()
+                proxy.resume()
+            wait_until(progressed(pair, total), 120, what="the daemon to catch up")
+            wait_until(
+                lambda: agent.execute("SELECT batch_snapshot IS NULL FROM dbsync.apply_progress").fetchone()[0],  # type: ignore[index]
+                30,
+                what="the batch to close",
+            )
+        assert proxy.accepted > 1  # the daemon reconnected
+    assert count(pair.agent_dsn, "public.events") == total
+    assert_same(pair, ["public.events"])
