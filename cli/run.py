@@ -56,6 +56,11 @@ STOP_GRACE = 4.0
     default=None,
     help="Repair rows the full verification finds differing, through the sync log (default: report only).",
 )
+@click.option(
+    "--auto-add-columns/--no-auto-add-columns",
+    default=None,
+    help="Add a column the Site DB gained to the Agent table, when its existing rows stay equal (default: off).",
+)
 def run(
     config_file: str | None,
     site_dsn: str | None,
@@ -70,12 +75,14 @@ def run(
     full_verify_interval: float | None,
     verify_rows_per_second: int | None,
     verify_repair: bool | None,
+    auto_add_columns: bool | None,
 ) -> None:
     """Replicate continuously until SIGTERM or SIGINT.
 
     Under systemd (Type=notify) it reports readiness, status and watchdog pings itself.
     SIGHUP reads the config file again: batch size, poll interval, lag threshold, log level,
-    alert webhook and poison policy change at once; other settings need a restart.
+    alert webhook, poison policy, verification budget and repair, and
+    auto_add_columns change at once; other settings need a restart.
     """
     load = functools.partial(
         load_settings,
@@ -91,6 +98,7 @@ def run(
         full_verify_interval=full_verify_interval,
         verify_rows_per_second=verify_rows_per_second,
         verify_repair=verify_repair,
+        auto_add_columns=auto_add_columns,
         log_level=_log_level_flag(),
     )
     settings = check(load())

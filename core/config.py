@@ -53,6 +53,9 @@ class Settings:
     full_verify_interval: float | None = None
     verify_rows_per_second: int = 5000
     verify_repair: bool = False
+    # `dbsync run`: a column the Site DB gained is added to the Agent table by the daemon, when
+    # the Agent's existing rows then equal the Site's (dbsync.daemon.columns); off by default.
+    auto_add_columns: bool = False
     config_file: Path | None = field(default=None, compare=False)
 
     def require(self, *names: str) -> Settings:

@@ -24,6 +24,10 @@ class SchemaError(DbsyncError):
 class DriftError(SchemaError):
     """A replicated row carries a column the Agent DB does not have."""
 
+    def __init__(self, message: str, schema: str = "", table: str = "", columns: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.schema, self.table, self.columns = schema, table, columns
+
 
 class ApplyError(DbsyncError):
     """The Agent DB rejected a batch."""

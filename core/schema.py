@@ -48,7 +48,8 @@ SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
                                       'pg_catalog.pg_operator'::pg_catalog.regclass,
                                       'pg_catalog.pg_cast'::pg_catalog.regclass)),
        CASE WHEN a.attcollation <> t.typcollation
-            THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END
+            THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END,
+       a.atthasmissing
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -90,6 +91,9 @@ class Column:
     serial: bool = False  # the default is nextval() of a sequence the column owns
     calls_out: bool = False  # the expression calls a function, operator or cast that is not built in
     collation: str | None = None  # qualified, when not the type's own: pg_catalog."C"
+    # The rows that existed when the column was added hold one stored value (PostgreSQL's fast
+    # default: a default that is not volatile, and no table rewrite since).
+    has_missing: bool = False
 
     @property
     def full_type(self) -> str:
@@ -491,7 +495,7 @@ def table_def(conn: psycopg.Connection, schema: str, name: str) -> TableDef | No
         return None
     oid = row[0]
     columns = tuple(
-        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]), bool(r[7]), r[8])
+        Column(r[0], r[1], bool(r[2]), r[3], r[4], r[5], bool(r[6]), bool(r[7]), r[8], bool(r[9]))
         for r in conn.execute(COLUMNS, {"oid": oid}).fetchall()
     )
     key = conn.execute(PRIMARY_KEY, {"oid": oid}).fetchall()
@@ -523,6 +527,41 @@ def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableRepor
             changes.append(_registered_key(label, replicated.keys, site_def.primary_key))
         reports.append(TableReport(label, changes))
     return reports
+
+
+def auto_addable(site: TableDef, agent: TableDef, names: Sequence[str]) -> tuple[list[Change], list[str]]:
+    """The ADD COLUMNs the daemon may run by itself (`auto_add_columns`) for the Site columns
+    `names`, and why any of them is left to a person.
+
+    A column qualifies only when the rows the Agent already holds end up with the values the
+    Site's rows have: nullable or NOT NULL without a default (NULL on both sides), a default that
+    PostgreSQL stored once for every existing row (not volatile), or a generated column computed
+    from built-in functions. A sequence-filled, identity or per-row (volatile) default, one that
+    calls out of pg_catalog, and what looks like a rename would leave old rows differing or lose
+    their values: those stop the daemon with the reason, as without the setting."""
+    label = display_name(site.schema, site.name)
+    changes = {c.column: c for c in compare(site, agent) if c.kind in ("missing_column", "renamed")}
+    chosen, refused = [], []
+    wanted = set(names)
+    for col in site.columns:  # in the Site's order, so that the Agent's columns come out in it too
+        change = changes.get(col.name)
+        if col.name not in wanted or change is None:
+            continue  # not asked for, or on the Agent by now (a person added it meanwhile)
+        name = col.name
+        why = None
+        if change.kind == "renamed":
+            why = "it looks renamed from an Agent column; rename that column on the Agent DB by hand to keep its values"
+        elif col.serial or col.identity:
+            why = "the Site filled its existing rows from a sequence"
+        elif col.calls_out:
+            why = "its default calls a function, operator or cast that is not built in"
+        elif col.default is not None and not col.generated and not col.has_missing:
+            why = "its default may differ row by row (volatile, or the table was rewritten since)"
+        if why is None:
+            chosen.append(change)
+        else:
+            refused.append(f"column {name} of {label} was not added automatically: {why}")
+    return chosen, refused
 
 
 def apply(agent: psycopg.Connection, changes: Sequence[Change]) -> list[Change]:

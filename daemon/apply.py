@@ -314,7 +314,10 @@ def image_columns(table: ApplyTable, image: str) -> list[str]:
         cols = ", ".join(extra)
         raise DriftError(
             f"column(s) {cols} of {table.label} exist on the Site DB but not on the Agent DB; "
-            f"add them to the Agent table and replication resumes"
+            f"add them to the Agent table and replication resumes",
+            table.schema,
+            table.name,
+            tuple(extra),
         )
     return [c for c in table.insertable if c in present]
 

@@ -29,6 +29,7 @@ LIVE = (
     "poison_policy",
     "verify_rows_per_second",
     "verify_repair",
+    "auto_add_columns",
 )
 # Never shown with a value: a DSN may hold a password.
 _SECRET = ("site_dsn", "agent_dsn")

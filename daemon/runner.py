@@ -37,6 +37,7 @@ from dbsync.config import Settings
 from dbsync.daemon import pg
 from dbsync.daemon.apply import Applier, Catalog
 from dbsync.daemon.backoff import Backoff
+from dbsync.daemon.columns import add_missing_columns
 from dbsync.daemon.consume import (
     READS_AT_CALLER,
     ApplyProgress,
@@ -51,7 +52,7 @@ from dbsync.daemon.consume import (
 from dbsync.daemon.doorbell import Doorbell
 from dbsync.daemon.retention import Retention
 from dbsync.db import display_name
-from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, SchemaError
+from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, DriftError, SchemaError
 from dbsync.protocol import (
     AGENT_SCHEMA_MARK,
     CHANNEL,
@@ -513,6 +514,13 @@ class Replicator:
                     exc = caught
                     if isinstance(caught, asyncpg.PostgresError) and is_rls_error(caught):
                         exc = await self._row_security(caught)
+                    if isinstance(exc, DriftError) and self.settings.auto_add_columns:
+                        added = await self._add_columns(exc)
+                        if isinstance(added, DbsyncError):
+                            exc = added
+                        elif added:
+                            await self._disconnect()
+                            continue  # replicate again at once, with the columns
                     await self._record_error(exc)
                     await self._disconnect()
                     if once:
@@ -554,6 +562,20 @@ class Replicator:
             pause = looked_at + WAKE_INTERVAL - clock.time()
             if rung and pause > 0 and not self.stop.is_set():
                 await self._sleep(pause)
+
+    async def _add_columns(self, drift: DriftError) -> list[str] | DbsyncError:
+        """auto_add_columns: the drift's columns added to the Agent table (names), or why not."""
+        try:
+            added = await asyncio.to_thread(add_missing_columns, self.settings, drift)
+        except DbsyncError as refused:
+            return refused
+        if added:
+            log.warning(
+                "added column(s) %s to %s on the Agent DB (auto_add_columns)",
+                ", ".join(added),
+                display_name(drift.schema, drift.table),
+            )
+        return added
 
     async def _row_security(self, exc: asyncpg.PostgresError) -> RowSecurityError:
         """The one line for a read that row-level security refused: which table, on which side."""

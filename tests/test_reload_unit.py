@@ -43,6 +43,7 @@ def test_live_settings_take_their_new_value() -> None:
         poison_policy="park",
         verify_rows_per_second=250,
         verify_repair=True,
+        auto_add_columns=True,
     )
     plan = diff(BASE, new)
     assert plan.settings == new
@@ -51,7 +52,8 @@ def test_live_settings_take_their_new_value() -> None:
     (line,) = plan.lines()
     assert line == (
         "configuration reloaded: batch_size=500, poll_interval=0.25, poison_policy=park, lag_threshold=30, "
-        "alert_webhook=https://hooks.example.com/..., log_level=debug, verify_rows_per_second=250, verify_repair=true"
+        "alert_webhook=https://hooks.example.com/..., log_level=debug, verify_rows_per_second=250, verify_repair=true, "
+        "auto_add_columns=true"
     )
 
 
