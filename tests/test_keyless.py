@@ -515,3 +515,30 @@ def test_insert_only_rows_are_applied_exactly_once_when_the_agents_answer_is_los
         assert proxy.accepted > 1  # the daemon reconnected
     assert count(pair.agent_dsn, "public.events") == total
     assert_same(pair, ["public.events"])
+
+
+def test_identity_of_a_partitioned_table(pair: DbPair) -> None:
+    """A unique index of a partitioned table (it holds the partition key) serves as its identity:
+    rows moving between partitions, and TRUNCATE of one partition, reach the Agent."""
+    ddl = (
+        "CREATE TABLE public.readings (region text NOT NULL, sensor integer NOT NULL, v numeric) "
+        "PARTITION BY LIST (region); "
+        "CREATE TABLE public.readings_n PARTITION OF public.readings FOR VALUES IN ('n'); "
+        "CREATE TABLE public.readings_s PARTITION OF public.readings FOR VALUES IN ('s'); "
+        "CREATE UNIQUE INDEX readings_identity ON public.readings (sensor, region)"
+    )
+    both(pair, ddl)
+    site = pair.site()
+    site.execute(
+        "INSERT INTO public.readings SELECT CASE WHEN g % 2 = 0 THEN 'n' ELSE 's' END, g, g "
+        "FROM generate_series(1, 40) g"
+    )
+    proc = add(pair, "--backfill", "--identity", "readings_identity", "readings")
+    assert proc.returncode == 0, proc.stderr
+    site.execute("UPDATE public.readings SET region = 's' WHERE sensor = 2")  # moves partition
+    site.execute("UPDATE public.readings SET v = -1 WHERE sensor < 10")
+    site.execute("DELETE FROM public.readings WHERE sensor = 3")
+    site.execute("TRUNCATE public.readings_n")
+    sync_once(pair)
+    assert_same(pair, ["public.readings"])
+    assert count(pair.agent_dsn, "public.readings") == 20
