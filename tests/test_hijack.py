@@ -93,6 +93,7 @@ NAMES = [
     "install_insert_capture",
     "identity_problem",
     "copy_insert_only",
+    "insert_only_table",
     "add_table",
     "drop_key_capture",
     "to_regprocedure",

@@ -17,6 +17,7 @@ $do$;
 DROP FUNCTION dbsync.add_table(regclass, regclass, boolean);
 DROP FUNCTION dbsync.copy_insert_only(integer);
 DROP FUNCTION dbsync.install_insert_capture(integer);
+DROP FUNCTION dbsync.insert_only_table(integer);
 DROP FUNCTION dbsync.identity_problem(regclass, regclass);
 
 CREATE OR REPLACE FUNCTION dbsync.install_capture(p_table_id integer) RETURNS void

@@ -109,6 +109,24 @@ BEGIN
 END
 $fn$;
 
+-- A live insert-only table by its id, or an error.
+CREATE FUNCTION dbsync.insert_only_table(p_table_id integer) RETURNS regclass
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_table regclass;
+BEGIN
+    SELECT r.relid::regclass INTO v_table
+      FROM dbsync.replicated_tables r WHERE r.table_id = p_table_id AND r.removed_at IS NULL AND r.insert_only;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'dbsync: table id % is not replicated insert-only', p_table_id
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v_table;
+END
+$fn$;
+
 -- The capture of an insert-only table: its generated function logs the image of every row an
 -- INSERT statement added (one log row each, set-based from the transition table) and refuses
 -- everything else; its triggers are AFTER INSERT, and BEFORE UPDATE, DELETE and TRUNCATE, all
@@ -127,15 +145,9 @@ BEGIN
         SET search_path = pg_catalog, pg_temp
         AS $fn$
         DECLARE
-            v_table regclass;
+            v_table regclass := dbsync.insert_only_table(p_table_id);
             v_fn    text := dbsync.capture_function(p_table_id);
         BEGIN
-            SELECT r.relid::regclass INTO v_table
-              FROM dbsync.replicated_tables r WHERE r.table_id = p_table_id AND r.removed_at IS NULL AND r.insert_only;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'dbsync: table id %% is not replicated insert-only', p_table_id
-                    USING ERRCODE = 'invalid_parameter_value';
-            END IF;
             EXECUTE pg_catalog.format($gen$
                 CREATE OR REPLACE FUNCTION %%1$s() RETURNS trigger
                 LANGUAGE plpgsql
@@ -191,15 +203,9 @@ BEGIN
         SET row_security = off
         AS $fn$
         DECLARE
-            v_table regclass;
+            v_table regclass := dbsync.insert_only_table(p_table_id);
             v_rows  bigint;
         BEGIN
-            SELECT r.relid::regclass INTO v_table
-              FROM dbsync.replicated_tables r WHERE r.table_id = p_table_id AND r.removed_at IS NULL AND r.insert_only;
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'dbsync: table id %% is not replicated insert-only', p_table_id
-                    USING ERRCODE = 'invalid_parameter_value';
-            END IF;
             EXECUTE pg_catalog.format(
                 'INSERT INTO dbsync.sync_log (table_id, op, row_image) '
                 'SELECT %%s, ''I'', %1$s.hstore(s) FROM (SELECT dbsync_t.* FROM %%s dbsync_t) AS s',
@@ -335,5 +341,6 @@ LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $fn$ SELECT dbsync.add_table(p_table, NULL::regclass, false) $fn$;
 
-REVOKE ALL ON FUNCTION dbsync.identity_problem(regclass, regclass), dbsync.install_insert_capture(integer),
+REVOKE ALL ON FUNCTION dbsync.identity_problem(regclass, regclass), dbsync.insert_only_table(integer),
+    dbsync.install_insert_capture(integer),
     dbsync.copy_insert_only(integer), dbsync.add_table(regclass, regclass, boolean) FROM PUBLIC;
