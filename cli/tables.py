@@ -16,6 +16,7 @@ from dbsync.cli.options import connection_options, json_option
 from dbsync.config import load_settings
 from dbsync.db import connect, first_line
 from dbsync.errors import DbsyncError
+from dbsync.protocol import ReplicatedTable
 
 
 @click.group()
@@ -52,6 +53,18 @@ WHERE_HELP = (
     is_flag=True,
     help="Also copy the rows the tables already hold (see `dbsync backfill`).",
 )
+@click.option(
+    "--identity",
+    "identity",
+    metavar="INDEX",
+    help="For a table without a primary key: the unique index on NOT NULL columns whose columns are its key.",
+)
+@click.option(
+    "--insert-only",
+    "insert_only",
+    is_flag=True,
+    help="For append-only tables without a key: replicate inserts; the Site refuses UPDATE, DELETE and TRUNCATE.",
+)
 @chunk_options
 @click.argument("names", nargs=-1, required=True)
 def add(
@@ -61,30 +74,48 @@ def add(
     listed: tuple[str, ...] | None,
     where: str | None,
     do_backfill: bool,
+    identity: str | None,
+    insert_only: bool,
     chunk_size: int,
     restart: bool,
     max_chunks: int | None,
     names: tuple[str, ...],
 ) -> None:
-    """Replicate the tables NAMES (each must have a primary key and exist on the Agent DB).
+    """Replicate the tables NAMES (each must exist on the Agent DB, and have a primary key unless
+    --identity or --insert-only says how to replicate it).
 
-    Every table is checked first; if any cannot be replicated, none is added."""
+    Every table is checked first; if any cannot be replicated, none is added. With --insert-only
+    --backfill, the rows already there are logged in the same Site transaction that installs the
+    capture (exactly once: there is no key to tell a copied row from a new one)."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
     selection = registry.Selection(listed, where)
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
-        infos = registry.add(site, agent, names, selection)  # all or none
+        infos = registry.add(
+            site, agent, names, selection, identity=identity, insert_only=insert_only, copy_appends=do_backfill
+        )  # all or none
         chosen = registry.selections(site)
         for info in infos:
-            click.echo(f"replicating {info.label} (key: {', '.join(info.keys)}){_described(chosen.get(info.table_id))}")
+            click.echo(f"replicating {info.label} ({describe(info)}){_described(chosen.get(info.table_id))}")
+            if info.copied is not None:
+                click.echo(f"{info.label}: backfill complete: {info.copied} rows")
             try:  # capture works regardless; the copy and repair would refuse
                 rls.require_definer_reads_all(site, [(info.schema, info.name)], "backfill and repair")
             except rls.RowSecurityError as exc:
                 click.echo(f"warning: {exc}", err=True)
-        if do_backfill:
+        if do_backfill and not insert_only:
             backfill_all(
                 site, [info.label for info in infos], chunk_size=chunk_size, restart=restart, max_chunks=max_chunks
             )
+
+
+def describe(info: ReplicatedTable) -> str:
+    """How a table is replicated, for `tables add` and `tables list`."""
+    if info.insert_only:
+        return "insert-only"
+    if info.identity:
+        return f"identity: {info.identity}, key: {', '.join(info.keys)}"
+    return f"key: {', '.join(info.keys)}"
 
 
 class BackfillStopped(BackfillError):
@@ -212,6 +243,8 @@ def list_(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, 
                     "table": i.label,
                     "key": i.keys,
                     "table_id": i.table_id,
+                    "mode": i.mode,
+                    "identity": i.identity,
                     "columns": None if selection.columns is None else list(selection.columns),
                     "where": selection.where,
                 }
@@ -219,7 +252,7 @@ def list_(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, 
         click.echo(json.dumps(out))
         return
     for info in infos:
-        click.echo(f"{info.label}\tkey: {', '.join(info.keys)}{_described(chosen.get(info.table_id))}")
+        click.echo(f"{info.label}\t{describe(info)}{_described(chosen.get(info.table_id))}")
 
 
 @tables.command("refresh")

@@ -53,6 +53,12 @@ def backfill(
     schema, table = registry.resolve(site, name, "Site")
     label = display_name(schema, table)
     rel = regclass(site, schema, table)
+    if _insert_only(site, rel):
+        raise BackfillError(
+            f"{label} is replicated insert-only: its existing rows are copied once, by `dbsync tables add "
+            "--insert-only --backfill` (in the transaction that installs its capture); a later copy would "
+            "duplicate every row inserted since"
+        )
     rls.require_definer_reads_all(site, [(schema, table)], "backfill")
     if restart:
         call(site, RESET, (rel,), f"backfill of {label}")
@@ -72,3 +78,10 @@ def backfill(
         if progress.finished or (max_chunks is not None and chunks >= max_chunks):
             break
     return progress
+
+
+def _insert_only(site: psycopg.Connection, rel: str) -> bool:
+    row = site.execute(
+        "SELECT insert_only FROM dbsync.replicated_tables WHERE relid = %s::regclass AND removed_at IS NULL", (rel,)
+    ).fetchone()
+    return bool(row and row[0])

@@ -44,10 +44,19 @@ class ReplicatedTable:
     name: str
     keys: tuple[str, ...]
     columns: tuple[str, ...] = ()
+    # The unique index standing in for a primary key (`tables add --identity`), when there is one.
+    identity: str | None = None
+    # Replicated insert-only (no key; `keys` is empty): rows travel as images, never read back.
+    insert_only: bool = False
 
     @property
     def label(self) -> str:
         return display_name(self.schema, self.name)
+
+    @property
+    def mode(self) -> str:
+        """How rows are matched: "primary key", "identity" or "insert-only"."""
+        return "insert-only" if self.insert_only else "identity" if self.identity else "primary key"
 
 
 _NAMED = re.compile(r"%\((\w+)\)s|%%|%")
@@ -99,6 +108,19 @@ def to_asyncpg(text: str, names: tuple[str, ...]) -> str:
 def visible(txid: str, snapshot: str) -> str:
     """SQL: the transaction `txid` is committed in `snapshot` (both SQL expressions)."""
     return f"pg_catalog.pg_visible_in_snapshot({txid}, {snapshot})"
+
+
+def visible_in(txid: str, snapshot: str) -> bool:
+    """pg_visible_in_snapshot, for an xid8 and a pg_snapshot as text ("xmin:xmax:xip,..."): committed
+    (or rolled back) before the snapshot was taken. The apply path uses it to tell which of an
+    insert-only table's rows an interrupted batch already applied (dbsync.daemon.apply.Replay)."""
+    xmin, xmax, running = snapshot.split(":")
+    xid = int(txid)
+    if xid < int(xmin):
+        return True
+    if xid >= int(xmax):
+        return False
+    return xid not in {int(x) for x in running.split(",") if x}
 
 
 def committed_between(txid: str, prev: str, snap: str) -> str:
@@ -351,8 +373,10 @@ RETRY_CANDIDATES = Statement(
     """
 SELECT seq, key_no, table_id, op, pk::text AS pk, row_image::text AS row_image, captured_at
 FROM dbsync.parked_events
-WHERE source = %(source)s AND (table_id, pk::text) IN (
+WHERE source = %(source)s AND ((table_id, pk::text) IN (
     SELECT table_id, pk::text FROM dbsync.parked_events WHERE source = %(source)s AND retry_requested)
+    -- an insert-only table's row has no key: it is retried on its own
+    OR (pk IS NULL AND op <> 'T' AND retry_requested))
 ORDER BY seq, key_no
 """,
     "source",

@@ -97,6 +97,11 @@ class ComparedTable:
     agent: TableShape
 
     @property
+    def insert_only(self) -> bool:
+        """No key (0008_site_identity): compared as a multiset of rows (check_appended)."""
+        return not self.site.keys
+
+    @property
     def label(self) -> str:
         return self.site.label
 
@@ -168,6 +173,10 @@ def _compared_table(
     columns = tuple(
         c for c in registry.columns(site, schema, name) if selection.columns is None or c in selection.columns
     )
+    if not keys:  # insert-only: no key to describe
+        return ComparedTable(
+            table_id, TableShape(schema, name, keys, columns, ""), TableShape(schema, name, keys, columns, "")
+        )
     try:
         agent_columns = registry.columns(agent, schema, name)
     except psycopg.errors.UndefinedTable:
@@ -383,11 +392,59 @@ def deep_check(
     catchup: CatchUp,
     target: ComparedTable,
 ) -> TableDiff:
+    if target.insert_only:
+        return check_appended(comparer, catchup, target)
     diff, candidates = first_pass(comparer, target)
     if not candidates:
         return diff
     log.info("%s: %d candidate difference(s); rechecking once the daemon has caught up", target.label, len(candidates))
     return recheck(comparer, catchup, target, candidates, diff)
+
+
+def check_appended(comparer: Comparer, catchup: CatchUp, target: ComparedTable) -> TableDiff:
+    """An insert-only table, compared as a multiset: how many copies of each row (by row hash)
+    each side holds.
+
+    The Site table only grows (its capture refuses UPDATE, DELETE and TRUNCATE) and the Agent
+    DB applies only what the Site committed, so with S1 a Site snapshot the Agent has caught up
+    with, and S2 one taken after the Agent was read, a row in sync has Site(S1) <= Agent <=
+    Site(S2) copies. Fewer than Site(S1) is rows missing, more than Site(S2) rows extra: proven,
+    however fast rows arrive, with no recheck rounds. Buckets of row hashes first, then the
+    hashes of the buckets that differ. A difference is reported as {"row_hash", "copies"}: there
+    is no key to name a row by."""
+    site_q, agent_q = comparer.queries(target)
+    mask = bucket_count(comparer.site, comparer.agent, target) - 1
+    params: dict[str, Any] = {"mask": mask}
+
+    def site_read(query: sql.Composed) -> tuple[str, list[Any]]:
+        with comparer.site.transaction():
+            comparer.site.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            snap = comparer.site.execute("SELECT pg_current_snapshot()::text").fetchone()[0]  # type: ignore[index]
+            return str(snap), list(comparer.site.execute(query, params).fetchall())
+
+    snap, low = site_read(site_q.appended_buckets())
+    catchup.wait(snap, [target.table_id])
+    agent = {b: (int(n), h) for b, n, h in comparer.agent.execute(agent_q.appended_buckets(), params).fetchall()}
+    _, high = site_read(site_q.appended_buckets())
+    lows, highs = ({b: (int(n), h) for b, n, h in rows} for rows in (low, high))
+    diff = TableDiff(target.label, target.table_id, sum(n for n, _ in lows.values()), sum(n for n, _ in agent.values()))
+    differing = sorted(b for b in lows.keys() | agent.keys() if agent.get(b) not in (lows.get(b), highs.get(b)))
+    log.info("%s: %d of %d bucket(s) of row hashes differ", target.label, len(differing), mask + 1)
+    if not differing:
+        return diff
+    params["buckets"] = differing
+    snap, low = site_read(site_q.appended_hashes())
+    catchup.wait(snap, [target.table_id])
+    on_agent: dict[int, int] = {h: int(n) for h, n in comparer.agent.execute(agent_q.appended_hashes(), params)}
+    _, high = site_read(site_q.appended_hashes())
+    site_low, site_high = ({h: int(n) for h, n in rows} for rows in (low, high))
+    for h in sorted(site_low.keys() | site_high.keys() | on_agent.keys()):
+        held = on_agent.get(h, 0)
+        if held < site_low.get(h, 0):
+            diff.missing.append(json.dumps({"row_hash": str(h), "copies": site_low[h] - held}))
+        elif held > site_high.get(h, 0):
+            diff.extra.append(json.dumps({"row_hash": str(h), "copies": held - site_high.get(h, 0)}))
+    return diff
 
 
 def check_keys(comparer: Comparer, catchup: CatchUp, target: ComparedTable, keys: Sequence[str]) -> TableDiff:
@@ -397,6 +454,8 @@ def check_keys(comparer: Comparer, catchup: CatchUp, target: ComparedTable, keys
     cost follows the number of keys, not the table's size: the daemon's incremental verification
     checks the keys it applied this way. Candidates are rechecked by `recheck`, as in `deep_check`.
     """
+    if target.insert_only:
+        raise ReconcileError(f"{target.label} is insert-only: its rows have no keys (compare it with check_appended)")
     diff = TableDiff(target.label, target.table_id)
     if not keys:
         return diff
@@ -432,7 +491,13 @@ def check_range(
     Each side reads the range in its own key order. Should the two orders differ (text keys
     under different collations), consecutive ranges still cover every Agent row at least once;
     a row placed in different ranges on the two sides is only a candidate, which the recheck
-    (by key) finds equal."""
+    (by key) finds equal.
+
+    An insert-only table has no key to range over, nor one to recheck a row by: it is left out
+    (one empty range), and `reconcile --deep` compares it (check_appended)."""
+    if target.insert_only:
+        log.debug("%s is insert-only: the ranged verification leaves it to `dbsync reconcile --deep`", target.label)
+        return RangeCheck(TableDiff(target.label, target.table_id), None, 0)
     site_q, agent_q = comparer.queries(target)
     params: dict[str, Any] = {"after": after, "skip": rows - 1}
     with comparer.site.transaction():

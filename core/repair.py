@@ -35,6 +35,15 @@ class Repair:
 
 
 def repair(comparer: Comparer, catchup: CatchUp, target: ComparedTable, diff: TableDiff) -> Repair:
+    if target.insert_only:
+        # No key to resync a row by: nothing is written, and the difference stays reported.
+        log.warning(
+            "%s is replicated insert-only: --repair cannot fix it (its rows have no key to copy or delete by); "
+            "to rebuild it: `dbsync tables remove`, empty the Agent table, then `dbsync tables add --insert-only "
+            "--backfill` (the Site table's rows are copied in the transaction that installs its capture)",
+            target.label,
+        )
+        return Repair(diff, diff, 0, 0)
     keys = diff.keys()
     rls.require_definer_reads_all(comparer.site, [(target.site.schema, target.site.name)], "repair")
     updated, deleted = resync_keys(comparer.site, target.site.schema, target.site.name, keys)

@@ -114,6 +114,21 @@ class HashQueries:
         self.key_json = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
         self.key_match = key_match(shape, "t", "k")
 
+    # -- an insert-only table (no key): the rows as a multiset of row hashes, bucketed by the hash
+
+    def appended_buckets(self) -> sql.Composed:
+        """(bucket, rows, sum of row hashes) per bucket of row hashes."""
+        return sql.SQL(
+            "SELECT s.h & %(mask)s::int8 AS b, count(*), sum(s.h) FROM (SELECT {} AS h FROM {} t) s GROUP BY 1"
+        ).format(self.row_hash, self.table)
+
+    def appended_hashes(self) -> sql.Composed:
+        """(row hash, copies) of the rows in the buckets %(buckets)s."""
+        return sql.SQL(
+            "SELECT s.h, count(*) FROM (SELECT {} AS h FROM {} t) s "
+            "WHERE (s.h & %(mask)s::int8) = ANY (%(buckets)s::int8[]) GROUP BY 1"
+        ).format(self.row_hash, self.table)
+
     def buckets(self) -> sql.Composed:
         """(bucket, rows, sum of row hashes) per bucket of key hashes; run it with BUCKET_PLANNING.
 

@@ -68,6 +68,17 @@ WHERE con.conrelid = %(oid)s AND con.contype = 'p'
 ORDER BY k.ord
 """
 
+# The column sets (sorted) of the unique indexes ON CONFLICT can use as the key of an identity
+# table: not partial, no expressions, valid, not deferrable.
+UNIQUE_KEYS = """
+SELECT DISTINCT (SELECT pg_catalog.array_agg(a.attname::pg_catalog.text ORDER BY a.attname::pg_catalog.text)
+                 FROM pg_catalog.pg_attribute a
+                 WHERE a.attrelid = i.indrelid AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey))
+FROM pg_catalog.pg_index i
+WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND i.indisvalid AND i.indimmediate
+"""
+
 
 @dataclass(frozen=True)
 class Column:
@@ -107,6 +118,8 @@ class TableDef:
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...] = ()
     pk_name: str | None = None
+    # Column sets (sorted) of its unique indexes usable as a key (UNIQUE_KEYS), the primary key's included.
+    unique_keys: frozenset[tuple[str, ...]] = frozenset()
 
     @property
     def qualified(self) -> str:
@@ -170,10 +183,12 @@ def column_sql(col: Column, *, not_null: bool | None = None) -> str:
     return " ".join(parts)
 
 
-def create_table_sql(table: TableDef) -> str:
+def create_table_sql(table: TableDef, identity: Sequence[str] = ()) -> str:
     lines = [column_sql(c) for c in table.columns]
     if table.primary_key:
         lines.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in table.primary_key)})")
+    if identity and tuple(sorted(identity)) != tuple(sorted(table.primary_key)):
+        lines.append(f"UNIQUE ({', '.join(quote_ident(k) for k in identity)})")
     body = ",\n    ".join(lines)
     return f"CREATE TABLE {table.qualified} (\n    {body}\n);"
 
@@ -221,15 +236,18 @@ def primary_key_sql(table: TableDef, keys: Sequence[str], existing: str | None) 
 BY_HAND = "not applied by --apply"
 
 
-def compare(site: TableDef, agent: TableDef | None) -> list[Change]:
-    """Every difference between a table's Site and Agent definitions, Site order."""
+def compare(
+    site: TableDef, agent: TableDef | None, *, identity: Sequence[str] = (), insert_only: bool = False
+) -> list[Change]:
+    """Every difference between a table's Site and Agent definitions, Site order. `identity`: the
+    key columns of a table replicated by an identity index; `insert_only`: one with no key."""
     label = display_name(site.schema, site.name)
     if agent is None:
         note = "table is missing on the Agent DB; `--apply` creates it (types it uses must exist there)"
         for col in site.columns:
             if col.calls_out and col.default is not None and not col.serial:
                 note += "; " + calls_out_note(site, col)
-        return [Change(label, "missing_table", None, note, create_table_sql(site), safe=True)]
+        return [Change(label, "missing_table", None, note, create_table_sql(site, identity), safe=True)]
     changes: list[Change] = []
     missing = [c for c in site.columns if agent.column(c.name) is None]
     only_agent = [c for c in agent.columns if site.column(c.name) is None]
@@ -265,7 +283,10 @@ def compare(site: TableDef, agent: TableDef | None) -> list[Change]:
             changes.extend(_column_changes(agent, col, other))
     for col in only_agent:
         changes.append(_agent_only(agent, col, renamed=col.name in renames.values()))
-    changes.extend(_key_changes(site, agent))
+    if identity:
+        changes.extend(_identity_changes(site, agent, identity))
+    elif not insert_only:
+        changes.extend(_key_changes(site, agent))
     return changes
 
 
@@ -423,6 +444,25 @@ def _key_changes(site: TableDef, agent: TableDef) -> list[Change]:
     ]
 
 
+def _identity_changes(site: TableDef, agent: TableDef, identity: Sequence[str]) -> list[Change]:
+    """An identity table needs a unique index on its key on the Agent DB (for ON CONFLICT); the
+    primary keys of the two sides do not matter."""
+    if tuple(sorted(identity)) in agent.unique_keys:
+        return []
+    cols = ", ".join(quote_ident(k) for k in identity)
+    return [
+        Change(
+            display_name(site.schema, site.name),
+            "key",
+            None,
+            f"the table is replicated by the identity ({', '.join(identity)}), and the Agent DB has no primary key or "
+            f"unique index on it, which the daemon's upsert needs; {BY_HAND}: building an index locks the table "
+            f"and fails on duplicates",
+            f"CREATE UNIQUE INDEX ON {agent.qualified} ({cols});",
+        )
+    ]
+
+
 def _registered_key(label: str, registered: Sequence[str], primary_key: Sequence[str]) -> Change:
     return Change(
         label,
@@ -431,6 +471,17 @@ def _registered_key(label: str, registered: Sequence[str], primary_key: Sequence
         f"the Site's primary key ({', '.join(primary_key) or 'none'}) is not the key dbsync captures and matches "
         f"rows by ({', '.join(registered)}), set when the table was added: once both sides have the new key, "
         f"`dbsync tables remove` the table and `dbsync tables add` it again",
+    )
+
+
+def _lost_identity(label: str, identity: Sequence[str]) -> Change:
+    return Change(
+        label,
+        "registered_key",
+        None,
+        f"the table is replicated by the identity ({', '.join(identity)}), and the Site DB has no unique index on "
+        f"it any more: create one again, or `dbsync tables remove` the table and `dbsync tables add` it with "
+        f"another --identity",
     )
 
 
@@ -448,7 +499,8 @@ def table_def(conn: psycopg.Connection, schema: str, name: str) -> TableDef | No
         for r in conn.execute(COLUMNS, {"oid": oid}).fetchall()
     )
     key = conn.execute(PRIMARY_KEY, {"oid": oid}).fetchall()
-    return TableDef(schema, name, columns, tuple(r[1] for r in key), key[0][0] if key else None)
+    unique = frozenset(tuple(r[0]) for r in conn.execute(UNIQUE_KEYS, {"oid": oid}).fetchall())
+    return TableDef(schema, name, columns, tuple(r[1] for r in key), key[0][0] if key else None, unique)
 
 
 def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableReport]:
@@ -462,8 +514,16 @@ def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableRepor
             note = "replicated, but the Site DB has no such table any more; `dbsync tables remove` it"
             reports.append(TableReport(label, [Change(label, "missing_on_site", None, note)]))
             continue
-        changes = compare(site_def, table_def(agent, replicated.schema, replicated.name))
-        if sorted(replicated.keys) != sorted(site_def.primary_key):
+        identity = replicated.keys if replicated.identity else ()
+        changes = compare(
+            site_def,
+            table_def(agent, replicated.schema, replicated.name),
+            identity=identity,
+            insert_only=replicated.insert_only,
+        )
+        if identity and tuple(sorted(identity)) not in site_def.unique_keys:
+            changes.append(_lost_identity(label, identity))
+        elif not identity and not replicated.insert_only and sorted(replicated.keys) != sorted(site_def.primary_key):
             changes.append(_registered_key(label, replicated.keys, site_def.primary_key))
         reports.append(TableReport(label, changes))
     return reports

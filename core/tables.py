@@ -71,46 +71,81 @@ def primary_key(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
 
 
 def add(
-    site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str], selection: Selection = EVERYTHING
-) -> list[ReplicatedTable]:
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    names: Sequence[str],
+    selection: Selection = EVERYTHING,
+    *,
+    identity: str | None = None,
+    insert_only: bool = False,
+    copy_appends: bool = False,
+) -> list[AddedTable]:
     """Check every table on both sides, then install capture on all of them in one Site transaction.
 
     All or nothing: a set added half-way is worse than one refused, since the same command run
     again says "already replicated" for the tables it did install. Every problem found is named in
     the one error; a table named twice (however spelled) is added once. A column list or row
-    filter (`selection`) names one table's columns, so it comes with one table only."""
+    filter (`selection`) names one table's columns, so it comes with one table only.
+
+    `identity` names the unique index that stands in for a missing primary key (one table only);
+    `insert_only` registers keyless append-only tables, whose existing rows `copy_appends` logs
+    in the same transaction (`copied` of each result): a copy any later would duplicate rows
+    inserted in between."""
+    if identity is not None and insert_only:
+        raise SchemaError("--identity and --insert-only exclude each other: a table has a key or has none")
+    if identity is not None and len(set(names)) > 1:
+        raise SchemaError("--identity names the index of one table: add the tables one at a time")
     if not selection.everything and len(set(names)) > 1:
         raise SchemaError("--columns and --where apply to one table: add the tables one at a time")
+    if not selection.everything and insert_only:
+        raise SchemaError(
+            "--columns and --where do not apply to --insert-only tables: their rows are logged whole, as inserted"
+        )
     filters = has_filters(site)
     if not selection.everything and not filters:
         raise SchemaError(NO_FILTERS)
-    found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+    found: dict[tuple[str, str], tuple[list[str], list[str], str | None]] = {}
     problems = []
     for name in names:
         try:
-            schema, table, keys, site_cols = _check_add(site, agent, name, selection.columns)
+            schema, table, keys, site_cols, index = _check_add(
+                site, agent, name, identity, insert_only, selection.columns
+            )
         except SchemaError as exc:
             problems.append(str(exc))
         else:
-            found.setdefault((schema, table), (keys, site_cols))
+            found.setdefault((schema, table), (keys, site_cols, index))
     if problems:
         raise SchemaError(_none_done(problems, len(names), "added"))
-    infos = []
+    infos: list[AddedTable] = []
     label = ""
     try:
         with site.transaction():
-            for (schema, table), (keys, site_cols) in found.items():
+            for (schema, table), (keys, site_cols, index) in found.items():
                 label = display_name(schema, table)
                 table_id = site.execute(
-                    "SELECT dbsync.add_table(%s::regclass)", (sql.Identifier(schema, table).as_string(site),)
+                    "SELECT dbsync.add_table(%s::regclass, %s::regclass, %s)",
+                    (sql.Identifier(schema, table).as_string(site), index, insert_only),
                 ).fetchone()[0]  # type: ignore[index]
                 if filters:  # also clears what a table removed and added again had
                     _set_selection(site, schema, table, selection)
-                infos.append(ReplicatedTable(table_id, schema, table, tuple(keys), tuple(site_cols)))
+                copied = None
+                if insert_only and copy_appends:
+                    copied = site.execute("SELECT dbsync.copy_insert_only(%s)", (table_id,)).fetchone()[0]  # type: ignore[index]
+                infos.append(
+                    AddedTable(table_id, schema, table, tuple(keys), tuple(site_cols), index, insert_only, copied)
+                )
     except psycopg.Error as exc:
         reason = f"cannot add {label}: {first_line(exc).removeprefix('dbsync: ')}"
         raise SchemaError(_none_done([reason], len(names), "added")) from None
     return infos
+
+
+@dataclass(frozen=True)
+class AddedTable(ReplicatedTable):
+    """A table `add` registered; `copied`: the existing rows of an insert-only table it logged."""
+
+    copied: int | None = None
 
 
 def remove(site: psycopg.Connection, names: Sequence[str]) -> list[str]:
@@ -141,14 +176,31 @@ def remove(site: psycopg.Connection, names: Sequence[str]) -> list[str]:
 
 
 def _check_add(
-    site: psycopg.Connection, agent: psycopg.Connection, name: str, listed: tuple[str, ...] | None = None
-) -> tuple[str, str, list[str], list[str]]:
-    """(schema, table, key columns, Site columns) of a table that can be added; SchemaError if not."""
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    name: str,
+    identity: str | None,
+    insert_only: bool,
+    listed: tuple[str, ...] | None = None,
+) -> tuple[str, str, list[str], list[str], str | None]:
+    """(schema, table, key columns, Site columns, identity index) of a table that can be added;
+    SchemaError if not."""
     schema, table = resolve(site, name, "Site")
     label = display_name(schema, table)
-    keys = primary_key(site, schema, table)
-    if not keys:
-        raise SchemaError(f"table {label} has no primary key; dbsync needs one to apply changes idempotently")
+    index = None
+    if insert_only:
+        keys: list[str] = []
+    elif identity is not None:
+        index = identity_index(site, schema, table, identity)
+        keys = index_columns(site, index)
+    else:
+        keys = primary_key(site, schema, table)
+        if not keys:
+            raise SchemaError(
+                f"table {label} has no primary key; dbsync needs a key to apply changes idempotently: "
+                "add it with `--identity INDEX` (a unique index on NOT NULL columns) or, if rows are only "
+                "ever inserted, `--insert-only`"
+            )
     if _replicated(site, schema, table):
         raise SchemaError(f"table {label} is already replicated (`dbsync backfill {label}` copies its existing rows)")
     site_cols = columns(site, schema, table)
@@ -160,16 +212,73 @@ def _check_add(
     missing = [c for c in replicated if c not in agent_cols]
     if missing:
         raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(missing)}")
-    agent_keys = primary_key(agent, schema, table)
-    if sorted(agent_keys) != sorted(keys):
+    if insert_only:
+        return schema, table, keys, site_cols, index
+    if index is None:
+        agent_keys = primary_key(agent, schema, table)
+        if sorted(agent_keys) != sorted(keys):
+            raise SchemaError(
+                f"table {label}: the Agent DB's primary key ({', '.join(agent_keys) or 'none'}) "
+                f"differs from the Site DB's ({', '.join(keys)})"
+            )
+    elif not has_unique_index(agent, schema, table, keys):
         raise SchemaError(
-            f"table {label}: the Agent DB's primary key ({', '.join(agent_keys) or 'none'}) "
-            f"differs from the Site DB's ({', '.join(keys)})"
+            f"table {label}: the Agent DB has no primary key or unique index on ({', '.join(keys)}), "
+            "which the apply's ON CONFLICT needs; create one there first"
         )
     # Rows are matched by key on both sides: each key type needs an equality operator there.
     key_equality(site, schema, table, keys)
     key_equality(agent, schema, table, keys)
-    return schema, table, keys, site_cols
+    return schema, table, keys, site_cols, index
+
+
+def identity_index(site: psycopg.Connection, schema: str, table: str, name: str) -> str:
+    """The index `name` (as typed; unqualified, it is looked for in the table's schema too) as
+    regclass text, once the Site says it can be the table's identity; SchemaError if not."""
+    label = display_name(schema, table)
+    try:
+        oid = resolve_table_oid(site, name)
+        if oid is None and "." not in name:
+            oid = resolve_table_oid(site, f"{sql.Identifier(schema).as_string(site)}.{name}")
+    except psycopg.Error as exc:
+        raise SchemaError(f"{name!r} is not a valid index name: {first_line(exc)}") from None
+    if oid is None:
+        raise SchemaError(f"index {name!r} does not exist on the Site DB (the identity of {label})")
+    row = site.execute(
+        "SELECT c.oid::regclass::text, dbsync.identity_problem(%s::regclass, c.oid::regclass) "
+        "FROM pg_class c WHERE c.oid = %s::oid",
+        (sql.Identifier(schema, table).as_string(site), oid),
+    ).fetchone()
+    assert row is not None
+    if row[1] is not None:
+        raise SchemaError(f"cannot use {row[0]} as the identity of {label}: {row[1]}")
+    return str(row[0])
+
+
+def index_columns(conn: psycopg.Connection, index: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indexrelid = %s::regclass ORDER BY k.ord",
+        (index,),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+# A unique index on exactly the key columns (any order), as ON CONFLICT (keys) can use.
+UNIQUE_ON = """
+SELECT 1 FROM pg_index i
+WHERE i.indrelid = %(rel)s::regclass AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND i.indisvalid AND i.indimmediate
+  AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a
+       WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey))
+      = (SELECT array_agg(k ORDER BY k) FROM unnest(%(keys)s::text[]) AS k)
+"""
+
+
+def has_unique_index(conn: psycopg.Connection, schema: str, table: str, keys: Sequence[str]) -> bool:
+    rel = sql.Identifier(schema, table).as_string(conn)
+    return conn.execute(UNIQUE_ON, {"rel": rel, "keys": list(keys)}).fetchone() is not None
 
 
 def check_column_list(label: str, listed: tuple[str, ...] | None, site_cols: list[str], keys: list[str]) -> None:
@@ -295,10 +404,10 @@ def _replicated(site: psycopg.Connection, schema: str, name: str) -> bool:
 
 def listing(site: psycopg.Connection) -> list[ReplicatedTable]:
     rows = site.execute(
-        "SELECT table_id, schema_name, table_name, key_columns FROM dbsync.replicated_tables "
-        "WHERE removed_at IS NULL ORDER BY schema_name, table_name"
+        "SELECT table_id, schema_name, table_name, key_columns, identity_index::regclass::text, insert_only "
+        "FROM dbsync.replicated_tables WHERE removed_at IS NULL ORDER BY schema_name, table_name"
     ).fetchall()
-    return [ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows]
+    return [ReplicatedTable(r[0], r[1], r[2], tuple(r[3]), identity=r[4], insert_only=r[5]) for r in rows]
 
 
 def _exists(conn: psycopg.Connection, schema: str, name: str) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 
@@ -43,6 +43,7 @@ from dbsync.protocol import (
     UNPARK,
     ReplicatedTable,
     save_progress_returning,
+    visible_in,
 )
 from dbsync.rls import ACTIVE_ASYNCPG, is_rls_error, refusal
 
@@ -68,6 +69,8 @@ class ApplyTable:
     key_equality: tuple[KeyEquality, ...] = field(default=(), hash=False, compare=False)
     # Columns of type json or jsonb, or a domain over one (see _source).
     json_typed: frozenset[str] = frozenset()
+    # Replicated insert-only: no key; every row a page carries is inserted as it is.
+    insert_only: bool = False
 
     @property
     def label(self) -> str:
@@ -113,6 +116,11 @@ class ApplyTable:
     def upsert_sql(self, columns: Sequence[str], param: int = 1, guard: str = "true") -> str:
         cols = ", ".join(quote_ident(c) for c in columns)
         values = ", ".join(self._cast("r", c) for c in columns)
+        if self.insert_only:  # no key to meet: exactly once comes from the guarded progress
+            return (
+                f"INSERT INTO {self.qualified} ({cols}) OVERRIDING SYSTEM VALUE "
+                f"SELECT {values} FROM {self._source(columns, 'r', param)} WHERE {guard}"
+            )
         keys = ", ".join(quote_ident(k) for k in self.keys)
         sets = ", ".join(self._assign(c) for c in columns if c not in self.keys and c not in self.always_identity)
         action = f"DO UPDATE SET {sets}" if sets else "DO NOTHING"
@@ -151,8 +159,9 @@ class ApplyTable:
 # overwrites them; below it a value lives in the row itself and rewriting it is cheap.
 KEEP_STORED_BYTES = 1000
 
+# A table without key columns is replicated insert-only (0008_site_identity).
 SITE_REGISTRY = """
-SELECT table_id, schema_name, table_name, key_columns
+SELECT table_id, schema_name, table_name, key_columns, pg_catalog.cardinality(key_columns) = 0 AS insert_only
 FROM dbsync.replicated_tables
 """
 
@@ -208,7 +217,10 @@ class Catalog:
             return self._tables[table_id]
         if table_id not in self._registry:
             rows = await site.fetch(SITE_REGISTRY)
-            self._registry = {r["table_id"]: ReplicatedTable(r[0], r[1], r[2], tuple(r[3])) for r in rows}
+            self._registry = {
+                r["table_id"]: ReplicatedTable(r[0], r[1], r[2], tuple(r[3]), insert_only=r["insert_only"])
+                for r in rows
+            }
         if table_id not in self._registry:
             raise SchemaError(f"the sync log names table id {table_id}, which dbsync.replicated_tables does not know")
         table = await load_apply_table(agent, self._registry[table_id])
@@ -231,11 +243,15 @@ async def load_apply_table(agent: asyncpg.Connection, replicated: ReplicatedTabl
     missing = [k for k in keys if k not in names]
     if missing:
         raise SchemaError(f"table {label} on the Agent DB lacks key column(s) {', '.join(missing)}")
-    if not await agent.fetchval(AGENT_KEY_INDEX, schema, name, sorted(keys)):
-        raise SchemaError(f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})")
-    equality = key_equalities(
-        [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
-    )
+    equality: list[KeyEquality] = []
+    if not replicated.insert_only:
+        if not await agent.fetchval(AGENT_KEY_INDEX, schema, name, sorted(keys)):
+            raise SchemaError(
+                f"table {label} on the Agent DB has no primary key or unique index on ({', '.join(keys)})"
+            )
+        equality = key_equalities(
+            [tuple(r) for r in await agent.fetch(KEY_EQUALITY_ASYNCPG, oid, list(keys))], f"{label} on the Agent DB"
+        )
     return ApplyTable(
         table_id=table_id,
         schema=schema,
@@ -248,6 +264,7 @@ async def load_apply_table(agent: asyncpg.Connection, replicated: ReplicatedTabl
         toastable=frozenset(c["name"] for c in cols if c["toastable"]),
         key_equality=tuple(equality),
         json_typed=frozenset(c["name"] for c in cols if c["json_typed"]),
+        insert_only=replicated.insert_only,
     )
 
 
@@ -259,12 +276,17 @@ class TablePlan:
     truncate: bool = False
     last: dict[str, str | None] = field(default_factory=dict)  # pk text -> row image, None when absent
     columns: list[str] = field(default_factory=list)  # what the upsert writes, from the last image
+    appended: list[str] = field(default_factory=list)  # an insert-only table's rows, every one
 
     def add(self, ev: Event) -> None:
         if ev.op == "T":
             # A row present at the snapshot was inserted after the TRUNCATE, so logged after it.
             self.truncate = True
             self.last.clear()
+            self.appended.clear()
+        elif ev.appended:
+            assert ev.image is not None
+            self.appended.append(ev.image)
         else:
             assert ev.pk is not None
             self.last.pop(ev.pk, None)  # keep dict order = order of last write
@@ -277,7 +299,7 @@ class TablePlan:
         return [pk for pk, image in self.last.items() if image is None]
 
     def upserts(self) -> list[str]:
-        return [image for image in self.last.values() if image is not None]
+        return [image for image in self.last.values() if image is not None] + self.appended
 
 
 def json_array(items: Iterable[str]) -> str:
@@ -343,6 +365,8 @@ class Applier:
         self.one_statement_pages = 0
         # Page shape -> (its tables, the one statement's text); see _write_page.
         self._page_sql: dict[tuple[object, ...], tuple[tuple[ApplyTable, ...], str]] = {}
+        # A batch opened again after an interruption, while its stored progress is the old one.
+        self._replay: Replay | None = None
 
     async def relax_commit(self, agent: asyncpg.Connection) -> None:
         """Commit on `agent` without waiting for the WAL flush (the runner calls it once a
@@ -465,12 +489,13 @@ class Applier:
         returns how many events were parked."""
         last: dict[tuple[int, str | None], Event] = {}
         for ev in events:
-            key = (ev.table_id, ev.pk) if ev.op != "T" else (ev.table_id, f"T{ev.seq}")
+            # A TRUNCATE, and an insert-only table's row, is each one its own write.
+            key = (ev.table_id, f"{ev.op}{ev.seq}") if ev.op == "T" or ev.appended else (ev.table_id, ev.pk)
             last.pop(key, None)
             last[key] = ev
         parked = 0
         for ev in last.values():
-            if ev.op != "T" and ev.key in held:
+            if ev.op != "T" and not ev.appended and ev.key in held:
                 await self._park(site, agent, ev, "held back: an earlier event for this key is parked")
                 parked += 1
                 continue
@@ -492,7 +517,8 @@ class Applier:
                         f"{' key ' + ev.pk if ev.pk else ''}): {reason}"
                     ) from exc
                 await self._park(site, agent, ev, reason)
-                held.add(ev.key)
+                if not ev.appended:  # an appended row holds nothing back: rows have no order
+                    held.add(ev.key)
                 parked += 1
         return parked
 
@@ -537,6 +563,13 @@ class Applier:
         the Site connection `site` (the caller may then read ahead on its own).
         """
         events = _test_drop_event(events)
+        before, events = self._begin(before, after, events)
+        after = self._to_store(after)
+        if not events:  # every row already applied by the interrupted batch (Replay)
+            if planned is not None:
+                planned()
+            await self._save(agent, before, after, events)
+            return 0
         held = await self._held_keys(agent, events)
         if not held:
             plans = await self._plans(site, agent, events)
@@ -595,7 +628,47 @@ class Applier:
         return done, failed
 
     async def save(self, agent: asyncpg.Connection, before: ApplyProgress, after: ApplyProgress) -> None:
-        await self._save(agent, before, after, [])  # one statement: its own transaction
+        before, _ = self._begin(before, after, [])
+        await self._save(agent, before, self._to_store(after), [])  # one statement: its own transaction
+
+    # -- a batch opened again ------------------------------------------------------------------
+    # The runner opens a batch left open by a stopped daemon again from `prev`, at a new snapshot,
+    # and applies its pages again: harmless for keyed rows (the same keys, rows at least as new),
+    # but an insert-only table's rows would be inserted twice. The stored progress says which
+    # were applied: those of transactions visible in its batch snapshot with seq <= its cursor.
+    # Those are left out, and the stored progress keeps saying so until the new batch's cursor
+    # has passed the old one (a crash in between finds the same progress again); from there the
+    # new batch's own (snapshot, cursor) covers everything applied. The runner sees its own
+    # batch throughout: _stored and _to_store translate between the two.
+
+    def _stored(self, progress: ApplyProgress) -> ApplyProgress:
+        """What the Agent DB holds where the runner holds `progress`."""
+        r = self._replay
+        if r is not None and r.covers(progress):
+            return replace(progress, batch_snapshot=r.snapshot, batch_hi=r.hi, batch_cursor=r.cursor)
+        return progress
+
+    def _to_store(self, after: ApplyProgress) -> ApplyProgress:
+        """What to store for the runner's `after`."""
+        r = self._replay
+        if r is not None and r.covers(after):
+            return replace(after, batch_snapshot=r.snapshot, batch_hi=r.hi, batch_cursor=r.cursor)
+        return after  # past the old cursor, or the batch closed: the runner's own progress
+
+    def _begin(
+        self, before: ApplyProgress, after: ApplyProgress, events: Sequence[Event]
+    ) -> tuple[ApplyProgress, Sequence[Event]]:
+        """The stored progress the page starts from, and its events less the insert-only rows an
+        interrupted batch already applied."""
+        stored = self._stored(before)
+        batch = after.batch_snapshot or after.prev_snapshot
+        if stored.in_batch and batch != stored.batch_snapshot:
+            assert stored.batch_snapshot is not None and stored.batch_cursor is not None
+            self._replay = Replay(stored.batch_snapshot, stored.batch_hi, stored.batch_cursor, batch)
+        r = self._replay
+        if r is None or r.reopened != batch:
+            return stored, events
+        return stored, [e for e in events if not r.applied(e)]
 
     def _progress_args(
         self, before: ApplyProgress, after: ApplyProgress, events: Sequence[Event]
@@ -623,6 +696,28 @@ class Applier:
                 f"the progress of source {self.source!r} on the Agent DB changed underneath this daemon; "
                 "is another dbsync daemon applying the same source?"
             )
+
+
+@dataclass(frozen=True)
+class Replay:
+    """An interrupted batch (`snapshot`, `hi`, `cursor`, as stored) opened again at `reopened`."""
+
+    snapshot: str
+    hi: int | None
+    cursor: int
+    reopened: str
+
+    def covers(self, progress: ApplyProgress) -> bool:
+        """`progress` is in the reopened batch, short of the interrupted one's cursor."""
+        return (
+            progress.batch_snapshot == self.reopened
+            and progress.batch_cursor is not None
+            and progress.batch_cursor < self.cursor
+        )
+
+    def applied(self, ev: Event) -> bool:
+        """An insert-only row the interrupted batch applied."""
+        return ev.appended and ev.seq <= self.cursor and ev.txid is not None and visible_in(ev.txid, self.snapshot)
 
 
 class ConcurrentConsumerError(ApplyError):

@@ -56,11 +56,13 @@ FROM s CROSS JOIN LATERAL (
 # 0007_site_stable_read: it reads at the calling statement's snapshot): OPEN_BATCH's row, then,
 # when the batch holds at most $3 events, one row per event with its row image (NULL when the key
 # is absent at the snapshot; the event columns are NULL when there is nothing or too much).
-# Each distinct key of a table is read once, by its place in that table's key list.
+# Each distinct key of a table is read once, by its place in that table's key list. An insert-only
+# table's event (no key, 0008_site_identity) carries its row's image in the log: never read back.
 SMALL_BATCH = f"""
 WITH b AS ({OPEN_BATCH}),
 page AS (
-    SELECT l.seq, l.table_id, l.op::text AS op, k.key_no, k.key::text AS pk, l.captured_at
+    SELECT l.seq, l.table_id, l.op::text AS op, k.key_no, k.key::text AS pk, l.captured_at, l.txid::text AS txid,
+           CASE WHEN l.pk IS NULL AND l.keys IS NULL THEN dbsync.key_json(l.row_image)::text END AS appended
     FROM b
     JOIN dbsync.sync_log l ON l.seq >= b.lo AND l.seq <= b.hi
     JOIN dbsync.replicated_tables r ON r.table_id OPERATOR(pg_catalog.=) l.table_id
@@ -77,7 +79,8 @@ found AS (
     CROSS JOIN LATERAL dbsync.read_rows(g.table_id, g.keys) AS f
 )
 SELECT b.snap, b.lo, b.hi, b.events, b.next_xid, b.applied_xmax,
-       p.seq, p.table_id, p.op, p.key_no, p.pk, p.captured_at, f.image::text AS image
+       p.seq, p.table_id, p.op, p.key_no, p.pk, p.captured_at, p.txid,
+       coalesce(f.image::text, p.appended) AS image
 FROM b
 LEFT JOIN page p ON true
 LEFT JOIN keyed k ON k.table_id OPERATOR(pg_catalog.=) p.table_id AND k.pk OPERATOR(pg_catalog.=) p.pk
@@ -93,13 +96,16 @@ WHERE p.oid = pg_catalog.to_regprocedure('dbsync.read_rows(integer, json)')
 
 # The next page of the open batch, in seq order: log rows while fewer than $5 keys come before
 # them (a log row of a statement carries up to 100 keys), at most $6 log rows and one more (which
-# says whether more follow). Each key is one event; rows past the cut come without their keys.
+# says whether more follow). Each key is one event; rows past the cut come without their keys. An
+# insert-only table's log row is one event, its row image `appended` (0008_site_identity).
 READ_PAGE = f"""
-SELECT p.seq, p.table_id, p.op, k.key_no, k.key::text AS pk, p.captured_at, p.upto OPERATOR(pg_catalog.-) p.n AS before
+SELECT p.seq, p.table_id, p.op, k.key_no, k.key::text AS pk, p.captured_at, p.upto OPERATOR(pg_catalog.-) p.n AS before,
+       p.txid::text AS txid,
+       CASE WHEN p.pk IS NULL AND p.keys IS NULL THEN dbsync.key_json(p.row_image)::text END AS appended
 FROM (
     SELECT l.*, pg_catalog.sum(l.n) OVER (ORDER BY l.seq) AS upto
     FROM (
-        SELECT seq, table_id, op::text AS op, pk, keys, captured_at,
+        SELECT seq, txid, table_id, op::text AS op, pk, keys, row_image, captured_at,
                coalesce(pg_catalog.array_length(keys, 1), 1) AS n
         FROM dbsync.sync_log
         WHERE seq > $3 AND seq <= $4
@@ -149,10 +155,16 @@ class Event:
     captured_at: datetime
     image: str | None = None  # the row at the snapshot; None when the key is absent there
     key_no: int = 0  # the key's place in its log row (which may carry many)
+    txid: str | None = None  # the writing transaction (xid8 text), where the page read it
 
     @property
     def key(self) -> tuple[int, str | None]:
         return self.table_id, self.pk
+
+    @property
+    def appended(self) -> bool:
+        """An insert-only table's row: no key, the image captured with the insert."""
+        return self.pk is None and self.op != "T"
 
 
 @dataclass(frozen=True)
@@ -212,7 +224,7 @@ async def read_small_batch(
     if count == 0 or count > limit:
         return opened, count, snap, None
     events = [
-        Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], r["image"], r["key_no"] or 0)
+        Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], r["image"], r["key_no"] or 0, r["txid"])
         for r in rows
     ]
     return opened, count, snap, Page(events=events, more=False)
@@ -253,11 +265,11 @@ async def read_page(
         part = keep[start:end]
         images = await _read_rows(site, part)
         for r in part:
-            image = images.get((r["table_id"], r["pk"]))
+            image = images.get((r["table_id"], r["pk"])) if r["pk"] is not None else r["appended"]
             events.append(
-                Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], image, r["key_no"] or 0)
+                Event(r["seq"], r["table_id"], r["op"], r["pk"], r["captured_at"], image, r["key_no"] or 0, r["txid"])
             )
-        size += sum(len(i) for i in images.values())
+        size += sum(len(i) for i in images.values()) + sum(len(r["appended"] or "") for r in part)
         start = end
         if start < len(keep) and size >= max_bytes:
             more = True

@@ -127,6 +127,8 @@ def rows_of(dsn: str, table: str) -> list[str]:
             "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
             (table,),
         ).fetchone()[0]  # type: ignore[index]
+        if keys is None:  # no primary key (identity or insert-only tables): the rows as a sorted multiset
+            return sorted(r[0] for r in conn.execute(f"SELECT ROW({cols})::text FROM {table} t").fetchall())
         return [r[0] for r in conn.execute(f"SELECT ROW({cols})::text FROM {table} t ORDER BY {keys}").fetchall()]
 
 

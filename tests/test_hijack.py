@@ -101,6 +101,11 @@ NAMES = [
     "reader_function",
     "install_reader",
     "install_key_capture",
+    "install_insert_capture",
+    "identity_problem",
+    "copy_insert_only",
+    "insert_only_table",
+    "add_table",
     "drop_key_capture",
     "to_regprocedure",
     "json_agg",
@@ -584,3 +589,30 @@ def test_the_filters_operators_are_planted(attacked: tuple[DbPair, str]) -> None
     site.execute("INSERT INTO public.attacked (id, mood, note) VALUES (5, 'calm', 'n')")
     site.execute(f"SELECT count(*) FROM public.attacked WHERE {FILTER}")
     assert ran(site) != []
+
+
+def test_insert_only_capture_and_apply_run_nothing_planted(attacked: tuple[DbPair, str]) -> None:
+    """An insert-only table logs whole row images: the capture's hstore of a row must be the
+    extension's hstore(record), never the attacker's hstore(public.attacked), and the apply,
+    the copy and the multiset reconcile must not meet the attacker's enum casts either."""
+    pair, attacker = attacked
+    site, agent = pair.site(), pair.agent()
+    for conn in (site, agent):
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+    site.execute("INSERT INTO public.attacked (id, mood, note) VALUES (1, 'calm', 'before')")
+    _cli(pair, "tables", "add", "--insert-only", "--backfill", "public.attacked")
+    writer = psycopg.connect(pair.site_dsn, autocommit=True)
+    try:
+        writer.execute(f"SET ROLE {attacker}")
+        writer.execute("INSERT INTO public.attacked (id, mood, note, tags) VALUES (2, 'angry', 'x', ARRAY['a'])")
+        writer.execute("INSERT INTO public.attacked (id, mood) SELECT g, 'calm' FROM generate_series(3, 40) g")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            writer.execute("UPDATE public.attacked SET note = 'changed'")
+    finally:
+        writer.close()
+    sync_once(pair)
+    assert_same(pair, ["public.attacked"])
+    _cli(pair, "reconcile", "--table", "public.attacked")
+    _cli(pair, "tables", "remove", "public.attacked")
+    assert ran(site) == [], "the attacker's objects ran on the Site DB"
+    assert ran(agent) == [], "the attacker's objects ran on the Agent DB"

@@ -19,6 +19,7 @@ from tests.helpers import DbPair, assert_same, sync_once, wait_until
 
 KEY_CAPTURE = "0006_site_key_capture"
 STABLE_READ = "0007_site_stable_read"
+IDENTITY = "0008_site_identity"
 FILTERS = "0009_site_filters"
 CONSUMERS = "0010_site_consumers"
 
@@ -108,7 +109,13 @@ def test_migrating_under_writers_over_an_old_backlog_loses_and_doubles_nothing(b
         w.start()
     try:
         wait_until(lambda: formats(pair.site_dsn)[0] >= 300, timeout=60, what="an old-format backlog")
-        assert migrations.apply(pair.site_dsn, "site", ["whatsapp"]) == [KEY_CAPTURE, STABLE_READ, FILTERS, CONSUMERS]
+        assert migrations.apply(pair.site_dsn, "site", ["whatsapp"]) == [
+            KEY_CAPTURE,
+            STABLE_READ,
+            IDENTITY,
+            FILTERS,
+            CONSUMERS,
+        ]
         wait_until(lambda: formats(pair.site_dsn)[1] >= 300, timeout=60, what="key-only events after the upgrade")
     finally:
         stop.set()

@@ -1,4 +1,4 @@
--- depends: 0007_site_stable_read
+-- depends: 0008_site_identity
 -- Column lists and row filters (issue 13): a replicated table may leave columns and rows out.
 --
 -- * replicated_tables.column_list: the columns replicated (NULL: all), in the table's order and
@@ -190,6 +190,15 @@ BEGIN
       FROM dbsync.replicated_tables r WHERE r.relid = p_table AND r.removed_at IS NULL FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'dbsync: table % is not replicated', p_table USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- An insert-only table (0008_site_identity) logs whole rows as they are inserted, read by no reader.
+    IF (SELECT r.insert_only FROM dbsync.replicated_tables r WHERE r.table_id = v_id) THEN
+        IF p_columns IS NOT NULL OR p_where IS NOT NULL THEN
+            RAISE EXCEPTION 'dbsync: table % is replicated insert-only: a column list or row filter does not apply',
+                p_table USING ERRCODE = 'feature_not_supported';
+        END IF;
+        UPDATE dbsync.replicated_tables SET column_list = NULL, row_filter = NULL WHERE table_id = v_id;
+        RETURN;
     END IF;
     IF p_columns IS NOT NULL THEN
         SELECT string_agg(quote_ident(c), ', ') INTO v_problem FROM unnest(p_columns) AS c
@@ -447,7 +456,7 @@ DECLARE
     t record;
 BEGIN
     FOR t IN SELECT r.table_id FROM dbsync.replicated_tables r JOIN pg_catalog.pg_class c ON c.oid = r.relid
-              WHERE r.removed_at IS NULL ORDER BY r.table_id LOOP
+              WHERE r.removed_at IS NULL AND NOT r.insert_only ORDER BY r.table_id LOOP
         PERFORM dbsync.install_reader(t.table_id);
     END LOOP;
 END
