@@ -100,6 +100,11 @@ WAKE_INTERVAL = 0.005
 # anew, and keeps doing so while it guesses a fresh plan may be cheaper: planning the one-statement
 # small batch costs more than running it).
 GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+# Nor compiled: JIT compiles a statement whose estimated cost passes jit_above_cost again at every
+# execution. The small batch is estimated at 1,000 rows per function scan, far above what it reads,
+# and where the server has LLVM (Debian's PostgreSQL 15, managed services) it spent ~80 ms of
+# every look compiling a statement that runs in under 1 ms: the daemon fell behind a steady writer.
+NO_JIT = "SET jit = off"
 # Server-side keepalives on the Agent connection: if this host vanishes without closing the
 # socket, the server drops the session (and the lock) in about 6 s, so a standby can take over.
 # SET after connecting, not startup parameters: PgBouncer refuses those by default.
@@ -214,6 +219,7 @@ class Replicator:
         self.reader = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
         self._small_batches = SMALL_BATCHES and bool(await self.reader.fetchval(READS_AT_CALLER))
         await self.reader.execute(GENERIC_PLANS)
+        await self.reader.execute(NO_JIT)
         # Replicated rows must not fire the Agent DB's own triggers and foreign keys.
         try:
             await agent.execute("SET session_replication_role = replica")
