@@ -85,12 +85,9 @@ PAGE_BYTES = 8 * 1024 * 1024
 LINGER = 0.005
 # A batch of at most this many events is opened and read in one statement (read_small_batch).
 SMALL_BATCH_EVENTS = 100
-# Off: with it on, two tests fail on PostgreSQL 15 about half the time, and why is not known yet
-# (tests/test_faults.py::test_server_ends_idle_session[site]: the daemon does not recover within
-# 15 s after the server ends its Site sessions; tests/test_reconcile.py::
-# test_repair_under_live_writes_with_daemon: reconcile reports keys it could not settle).
-# Batches are read in their REPEATABLE READ transaction meanwhile.
-SMALL_BATCHES = False
+# On unless the Site lacks 0007_site_stable_read (READS_AT_CALLER); off, batches are read in their
+# REPEATABLE READ transaction.
+SMALL_BATCHES = True
 # Any role may NOTIFY the channel, as often as it likes: the notifications that arrive within
 # this long of the previous look are one wake-up, so a flood costs at most one look per interval.
 WAKE_INTERVAL = 0.005

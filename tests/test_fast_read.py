@@ -27,7 +27,7 @@ def _one_by_one(pair: DbPair, n: int, base: int = 1) -> None:
 
 
 def test_a_small_batch_is_read_whole_in_one_statement(pair: DbPair, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "SMALL_BATCHES", True)  # off by default (see runner.SMALL_BATCHES)
+    monkeypatch.setattr(runner, "SMALL_BATCHES", True)  # the default; set so the test holds either way
     _one_by_one(pair, 5)
     pair.site().execute("UPDATE public.conversations SET contact_name = 'Ana' WHERE id = 2")
     pair.site().execute("DELETE FROM public.conversations WHERE id = 4")
@@ -56,7 +56,17 @@ def test_every_table_gets_a_reader_and_read_rows_uses_it(pair: DbPair) -> None:
     assert marked.fetchone() == ("s",)
 
 
-def test_by_default_every_batch_is_read_in_its_transaction(pair: DbPair) -> None:
+def test_by_default_a_small_batch_is_read_whole(pair: DbPair) -> None:
+    _one_by_one(pair, 3)
+    replicator = sync_once(pair)
+    assert replicator.stats.whole == 1 and replicator.stats.events == 3
+    assert_same(pair, ["public.conversations"])
+
+
+def test_with_small_batches_off_every_batch_is_read_in_its_transaction(
+    pair: DbPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "SMALL_BATCHES", False)
     _one_by_one(pair, 3)
     replicator = sync_once(pair)
     assert replicator.stats.whole == 0 and replicator.stats.events == 3
