@@ -552,11 +552,19 @@ class Replicator:
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
             if delay == 0:
                 continue
+            self._check_site_links()
             rung = await self._wait(self.wake, self.settings.poll_interval if delay is None else delay)
             # Coalesce: every ring within WAKE_INTERVAL of the last look is one wake-up.
             pause = looked_at + WAKE_INTERVAL - clock.time()
             if rung and pause > 0 and not self.stop.is_set():
                 await self._sleep(pause)
+
+    def _check_site_links(self) -> None:
+        """Before a wait that only a notification may end: a Site session that ended while the
+        last look ran woke the daemon for that look, which may not have used it (an armed
+        doorbell needs no statement, the batch is read on the other connection)."""
+        if any(conn is None or conn.is_closed() for conn in (self.site, self.reader)):
+            raise ConnectError("the Site DB ended the daemon's session")
 
     async def _row_security(self, exc: asyncpg.PostgresError) -> RowSecurityError:
         """The one line for a read that row-level security refused: which table, on which side."""
