@@ -4,6 +4,8 @@ with one clear line."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import struct
 from typing import Any
 
 import asyncpg
@@ -13,6 +15,8 @@ from dbsync.daemon.dsn import connect_kwargs
 from dbsync.db import SAFE_SESSION, first_line
 from dbsync.errors import ConnectError
 from dbsync.pooler import BACKEND_PID, check_own_session
+
+log = logging.getLogger("dbsync.daemon")
 
 # Errors that mean "the connection is gone or unusable, or the statement was cut short":
 # reconnect and retry, nothing is wrong with the data. Class 57 includes 57014 query_canceled on
@@ -49,6 +53,7 @@ async def connect(
     kwargs["server_settings"].update(server_settings or {})
     kwargs["command_timeout"] = io_timeout
     conn = await _open(kwargs, dsn, role)
+    close_on_session_end(conn)
     try:
         # The pooler probe first: through a transaction-mode pooler a SET would stay behind on a
         # shared server. Then SAFE_SESSION, before any other query (dbsync.db.SAFE_SESSION).
@@ -95,3 +100,92 @@ async def refuse_transaction_pooler(conn: asyncpg.Connection, kwargs: dict[str, 
         except Exception:  # noqa: BLE001 - the probe is done with; a slow close must not fail the session
             probe.terminate()
     check_own_session(role, dsn, first, other, await _backend_pid(conn))
+
+
+# -- the end of a session ---------------------------------------------------------------------
+# A server that ends a session (pg_terminate_backend, idle_session_timeout, a shutdown) sends an
+# ErrorResponse of severity FATAL, or PANIC, and closes the socket; nothing follows it. asyncpg
+# keeps a statement in flight waiting for the ReadyForQuery that never comes until the close
+# reaches it, and an idle session looks alive until its next statement. When the close is lost
+# on the way (a lost FIN, a middlebox that keeps the client's side open), that is io_timeout of
+# a stalled daemon. The guard below sees the FATAL arrive and closes the transport at once:
+# asyncpg then fails the statement with ConnectionDoesNotExistError naming the server's error,
+# and runs the connection's termination listeners.
+
+# Bytes of the stream kept to find the last message in: a FATAL ErrorResponse (severity, code,
+# message, context, file, line, routine) fits many times over.
+TAIL = 8192
+_ENDS_SESSION = (b"FATAL", b"PANIC")
+
+
+def ends_session(tail: bytes) -> bool:
+    """Does `tail`, the last bytes received, end with a whole ErrorResponse that ends the session?
+
+    An ErrorResponse is 'E', its int32 length (itself included), then fields (a code byte and a
+    NUL-terminated text) and a NUL. The non-localized severity 'V' is read, or 'S' when the
+    server sends no 'V' (before PostgreSQL 9.6)."""
+    start = len(tail)
+    while (start := tail.rfind(b"E", 0, start)) >= 0:
+        body = tail[start + 5 :]
+        if len(tail) - start >= 6 and struct.unpack_from("!i", tail, start + 1)[0] == len(body) + 4:
+            fields = _fields(body)
+            if fields is not None:
+                return fields.get(b"V", fields.get(b"S")) in _ENDS_SESSION
+    return False
+
+
+def _fields(body: bytes) -> dict[bytes, bytes] | None:
+    """The fields of an ErrorResponse body, or None when `body` is not one."""
+    if not body.endswith(b"\0\0"):
+        return None
+    fields: dict[bytes, bytes] = {}
+    for item in body[:-2].split(b"\0"):
+        if not item:
+            return None
+        fields[item[:1]] = item[1:]
+    return fields if b"C" in fields else None
+
+
+class _SessionEndGuard(asyncio.Protocol):
+    """Passes everything between the transport and asyncpg's protocol; aborts the transport once
+    the server has sent a FATAL ErrorResponse (see ends_session)."""
+
+    def __init__(self, transport: asyncio.Transport, inner: asyncio.Protocol) -> None:
+        self.transport = transport
+        self.inner = inner
+        self.tail = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+        self.tail = (self.tail + bytes(data[-TAIL:]))[-TAIL:]
+        if (b"FATAL\0" in self.tail or b"PANIC\0" in self.tail) and ends_session(self.tail):
+            self.transport.abort()
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+def close_on_session_end(conn: asyncpg.Connection) -> bool:
+    """Put the guard between `conn`'s transport and its protocol; False when asyncpg's
+    connection no longer looks as expected (tests/test_session_end.py then fails): the daemon
+    still recovers, after io_timeout."""
+    transport = getattr(conn, "_transport", None)  # asyncpg has no public handle on it
+    inner = getattr(conn, "_protocol", None)
+    if (
+        isinstance(transport, asyncio.Transport)
+        and isinstance(inner, asyncio.Protocol)
+        and transport.get_protocol() is inner
+    ):
+        transport.set_protocol(_SessionEndGuard(transport, inner))
+        return True
+    log.warning("cannot watch this connection for the end of its session; a lost close waits for io_timeout")
+    return False

@@ -86,12 +86,9 @@ PAGE_BYTES = 8 * 1024 * 1024
 LINGER = 0.005
 # A batch of at most this many events is opened and read in one statement (read_small_batch).
 SMALL_BATCH_EVENTS = 100
-# Off: with it on, two tests fail on PostgreSQL 15 about half the time, and why is not known yet
-# (tests/test_faults.py::test_server_ends_idle_session[site]: the daemon does not recover within
-# 15 s after the server ends its Site sessions; tests/test_reconcile.py::
-# test_repair_under_live_writes_with_daemon: reconcile reports keys it could not settle).
-# Batches are read in their REPEATABLE READ transaction meanwhile.
-SMALL_BATCHES = False
+# On unless the Site lacks 0007_site_stable_read (READS_AT_CALLER); off, batches are read in their
+# REPEATABLE READ transaction.
+SMALL_BATCHES = True
 # Any role may NOTIFY the channel, as often as it likes: the notifications that arrive within
 # this long of the previous look are one wake-up, so a flood costs at most one look per interval.
 WAKE_INTERVAL = 0.005
@@ -101,6 +98,11 @@ WAKE_INTERVAL = 0.005
 # anew, and keeps doing so while it guesses a fresh plan may be cheaper: planning the one-statement
 # small batch costs more than running it).
 GENERIC_PLANS = "SET plan_cache_mode = force_generic_plan"
+# Nor compiled: JIT compiles a statement whose estimated cost passes jit_above_cost again at every
+# execution. The small batch is estimated at 1,000 rows per function scan, far above what it reads,
+# and where the server has LLVM (Debian's PostgreSQL 15, managed services) it spent ~80 ms of
+# every look compiling a statement that runs in under 1 ms: the daemon fell behind a steady writer.
+NO_JIT = "SET jit = off"
 # Server-side keepalives on the Agent connection: if this host vanishes without closing the
 # socket, the server drops the session (and the lock) in about 6 s, so a standby can take over.
 # SET after connecting, not startup parameters: PgBouncer refuses those by default.
@@ -220,6 +222,7 @@ class Replicator:
         self.reader = await pg.connect(self.settings.site_dsn, "Site", io_timeout=self.settings.io_timeout)
         self._small_batches = SMALL_BATCHES and bool(await self.reader.fetchval(READS_AT_CALLER))
         await self.reader.execute(GENERIC_PLANS)
+        await self.reader.execute(NO_JIT)
         # Replicated rows must not fire the Agent DB's own triggers and foreign keys.
         try:
             await agent.execute("SET session_replication_role = replica")
@@ -568,6 +571,7 @@ class Replicator:
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
             if delay == 0:
                 continue
+            self._check_site_links()
             rung = await self._wait(self.wake, self.settings.poll_interval if delay is None else delay)
             # Coalesce: every ring within WAKE_INTERVAL of the last look is one wake-up.
             pause = looked_at + WAKE_INTERVAL - clock.time()
@@ -587,6 +591,13 @@ class Replicator:
                 display_name(drift.schema, drift.table),
             )
         return added
+
+    def _check_site_links(self) -> None:
+        """Before a wait that only a notification may end: a Site session that ended while the
+        last look ran woke the daemon for that look, which may not have used it (an armed
+        doorbell needs no statement, the batch is read on the other connection)."""
+        if any(conn is None or conn.is_closed() for conn in (self.site, self.reader)):
+            raise ConnectError("the Site DB ended the daemon's session")
 
     async def _row_security(self, exc: asyncpg.PostgresError) -> RowSecurityError:
         """The one line for a read that row-level security refused: which table, on which side."""

@@ -973,6 +973,32 @@ def test_bounded_memory(pair: DbPair, kit: Kit, monkeypatch: pytest.MonkeyPatch)
     assert_same(pair, ("public.big", *WHATSAPP_TABLES))
 
 
+def test_idle_daemon_notices_the_end_of_its_listening_session_alone(pair: DbPair, kit: Kit) -> None:
+    """Only the Site session that LISTENs is ended while the daemon idles (armed, polling
+    hourly). Its termination wakes the daemon for a look, and that look works: it reads through
+    the other Site session and the armed doorbell needs no statement. The daemon must still
+    reconnect, not go back to a wait that only a notification on the dead session could end (it
+    lost this race now and then when test_idle_daemon_notices_a_dead_site_link_at_once ended
+    both sessions)."""
+    site = pair.site()
+    d = kit.daemon(pair, "--poll-interval", "3600")
+    wait_until(
+        lambda: site.execute("SELECT armed FROM dbsync.doorbell").fetchone()[0],  # type: ignore[index]
+        20, 0.02, "the idle daemon to arm the doorbell",
+    )
+    before = set(dbsync_backends(pair.site_dsn))
+    listening = site.execute(  # the Site session connects first, the reader after it
+        "SELECT pid FROM pg_stat_activity WHERE pid = ANY (%s) ORDER BY backend_start LIMIT 1", (list(before),)
+    ).fetchone()
+    assert listening is not None and len(before) == 2
+    terminate(pair.site_dsn, [listening[0]])
+    wait_until(lambda: set(dbsync_backends(pair.site_dsn)) - before, 15, 0.02, "the daemon to reconnect to the Site")
+    site.execute("INSERT INTO conversations (phone_number) VALUES ('+4915100000043')")
+    wait_converged(pair, 10)
+    assert d.proc.poll() is None
+    assert_same(pair)
+
+
 def test_idle_daemon_notices_a_dead_site_link_at_once(pair: DbPair, kit: Kit) -> None:
     """A Site link that dies while the daemon waits (armed, polling hourly) must not leave it
     deaf: the termination wakes it, it reconnects, re-arms, and the next write is applied."""

@@ -118,6 +118,8 @@ def daemon_session(dsn: str) -> tuple[bool, str]:
     async def go() -> tuple[bool, str]:
         conn = await pg.connect(dsn, "Site")
         try:
+            # Over TLS too, the session's end is watched for (pg.close_on_session_end).
+            assert isinstance(conn._transport.get_protocol(), pg._SessionEndGuard)
             row = await conn.fetchrow(
                 "SELECT s.ssl, current_user::text FROM pg_catalog.pg_stat_ssl s "
                 "WHERE s.pid = pg_catalog.pg_backend_pid()"
