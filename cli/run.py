@@ -11,7 +11,7 @@ import signal
 import click
 from click.core import ParameterSource
 
-from dbsync.cli.options import connection_options
+from dbsync.cli.options import connection_options, consumer_timeout_option
 from dbsync.config import POISON_POLICIES, Settings, load_settings
 from dbsync.daemon.reload import Reloader, check
 from dbsync.daemon.service import Service
@@ -64,6 +64,13 @@ STOP_GRACE = 4.0
     help="Repair rows the full verification finds differing, through the sync log (default: report only).",
 )
 @click.option(
+    "--consumer",
+    metavar="NAME",
+    default=None,
+    help="This daemon's name among the consumers of the Site log (default: <source>@<Agent DB>/<cluster id>).",
+)
+@consumer_timeout_option
+@click.option(
     "--auto-add-columns/--no-auto-add-columns",
     default=None,
     help="Add a column the Site DB gained to the Agent table, when its existing rows stay equal (default: off).",
@@ -83,6 +90,8 @@ def run(
     verify_interval: float | None,
     verify_rows_per_second: int | None,
     verify_repair: bool | None,
+    consumer: str | None,
+    consumer_timeout: float | None,
     auto_add_columns: bool | None,
 ) -> None:
     """Replicate continuously until SIGTERM or SIGINT.
@@ -107,6 +116,8 @@ def run(
         verify_interval=verify_interval,
         verify_rows_per_second=verify_rows_per_second,
         verify_repair=verify_repair,
+        consumer=consumer,
+        consumer_timeout=consumer_timeout,
         auto_add_columns=auto_add_columns,
         log_level=_log_level_flag(),
     )

@@ -82,22 +82,22 @@ def status(
         ("tables", ", ".join(st.tables) or "none"),
     ]
     if st.verify is not None:
-        rows += [("full verify", _verify_line(st.verify)), ("verify mismatches", st.verify_mismatches)]
-    for c in st.consumers:
-        state = "STALE" if c["stale"] else "ok"
-        rows.append(
-            (
-                f"consumer {c['name']}",
-                f"{c['events_behind']} events, {c['seconds_behind']:.1f} s behind; "
-                f"seen {c['seconds_since_seen']:.0f} s ago; "
-                + state
-                + ("; missed history" if c["missed_history"] else ""),
-            )
-        )
+        if st.verify["verified_seq"] is None or st.verify["last_pass_started_at"] or st.verify["pass_started_at"]:
+            rows.append(("full verify", _verify_line(st.verify)))
+        if st.verify["verified_seq"] is not None:
+            rows.append(("verified up to", f"seq {st.verify['verified_seq']} (incremental verification)"))
+        rows.append(("verify mismatches", st.verify_mismatches))
     rows.append(("health", "ok" if st.healthy else "UNHEALTHY: " + "; ".join(st.problems)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+    # Consumers after the table: a consumer's name is as long as its Agent DB's makes it.
+    for c in st.consumers:
+        state = "STALE" if c["stale"] else "ok"
+        click.echo(
+            f"consumer {c['name']}  {c['events_behind']} events, {c['seconds_behind']:.1f} s behind; "
+            f"seen {c['seconds_since_seen']:.0f} s ago; {state}" + ("; missed history" if c["missed_history"] else "")
+        )
     if st.verify is not None:
         for item in st.verify["mismatched_keys"]:
             click.echo(f"  {item['table']}  {item['kind']:<7}  {json.dumps(item['key'])}")

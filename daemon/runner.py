@@ -210,6 +210,7 @@ class Replicator:
         self.agent = agent
         await agent.execute(AGENT_KEEPALIVES)
         await agent.execute(GENERIC_PLANS)
+        await agent.execute(NO_JIT)  # the one-statement page is estimated far above what it writes
         if not await agent.fetchval(SCHEMA_EXISTS.asyncpg, AGENT_SCHEMA_MARK):
             raise SchemaError(no_schema("Agent"))
         await self._become_active(agent)

@@ -198,6 +198,15 @@ class Service:
             self.alerter.update("lag", False, "this daemon is a standby now; the active one reports lag", details)
         stall = self._stall()
         self.alerter.update("stalled", stall is not None, stall or "replicating again", details)
+        if r.active:
+            stale = r.retention.stale
+            summary = (
+                f"{len(stale)} consumer(s) of the Site log not seen for over {self.settings.consumer_timeout:g} s "
+                f"hold it for every consumer: {', '.join(stale)} (`dbsync consumers drop NAME` if gone)"
+                if stale
+                else "every consumer of the Site log has been seen again (or was dropped)"
+            )
+            self.alerter.update("consumer", bool(stale), summary, {"stale_consumers": list(stale)})
 
     def _evaluate_verify(self, open_now: Mapping[tuple[int, str], Mismatch]) -> None:
         """One incident while any row is known to differ; it clears when rechecks find them equal."""
@@ -286,6 +295,7 @@ class Service:
             reconnects=r.stats.reconnects,
             last_apply_at=r.stats.last_apply_at,
             verify=self._verify_gauges(),
+            stale_consumers=len(r.retention.stale) if r.active else None,
         )
         return 200, CONTENT_TYPE, self.metrics.render(gauges)
 

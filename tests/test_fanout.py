@@ -19,8 +19,10 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from dbsync.consumers import agent_consumer_name
+from dbsync.embedded.cluster import free_port
 from tests.helpers import Daemon, DbPair, Server, assert_same, dbname, dbsync_cmd, replicate, same, wait_until
 from tests.test_privileges import SITE_GRANTS
+from tests.test_service import Webhook, scrape_when, serving
 
 _n = iter(range(1_000_000))
 
@@ -196,27 +198,48 @@ def covers_log(pair: DbPair, consumer: str) -> bool:
 
 
 def test_stale_consumer_is_reported(pair: DbPair, tmp_path: Path) -> None:
+    """Logged once, counted in /metrics, alerted through the webhook, listed by `consumers list`
+    and `dbsync status`, never dropped by itself; dropping it resolves the alert and frees the log."""
     added = dbsync_cmd("consumers", "add", "gone-copy", env=pair.env())
     assert added.returncode == 0, added.stderr
     pair.site().execute("INSERT INTO conversations (phone_number) VALUES ('+491')")
     log = tmp_path / "daemon.log"
-    with Daemon(with_env(pair, DBSYNC_CONSUMER_TIMEOUT="1"), log_path=log):
-        wait_until(lambda: same(pair), what="the Agent DB to apply")
-        wait_until(lambda: "'gone-copy' has not been seen" in log.read_text(), what="the daemon to log the stale one")
-    listed = dbsync_cmd("consumers", "list", "--consumer-timeout", "1", env=pair.env())
-    assert listed.returncode == 1
-    assert any(line.startswith("gone-copy") and "STALE" in line for line in listed.stdout.splitlines()), listed.stdout
-    status = dbsync_cmd("status", "--json", "--consumer-timeout", "1", env=pair.env())
-    assert status.returncode == 1
-    report = json.loads(status.stdout)
-    ghost = [c for c in report["consumers"] if c["name"] == "gone-copy"]
-    assert ghost and ghost[0]["stale"] and ghost[0]["events_behind"] >= 1
-    assert any("gone-copy" in p for p in report["problems"])
-    human = dbsync_cmd("status", "--consumer-timeout", "1", env=pair.env())
-    assert "consumer gone-copy" in human.stdout and "STALE" in human.stdout
-    # Reported, never dropped by itself; the log is still kept for it.
-    assert "gone-copy" in dbsync_cmd("consumers", "list", "--json", env=pair.env()).stdout
-    assert log_rows(pair) >= 1
+    port, hook = free_port(), Webhook()
+    args = ("--consumer-timeout", "1", "--http", f"127.0.0.1:{port}", "--alert-webhook", hook.url)
+    try:
+        with Daemon(pair, *args, log_path=log):
+            wait_until(lambda: same(pair), what="the Agent DB to apply")
+            wait_until(
+                lambda: "'gone-copy' has not been seen" in log.read_text(), what="the daemon to log the stale one"
+            )
+            wait_until(lambda: serving(port), what="the daemon's HTTP endpoint")
+            wait_until(lambda: scrape_when(port, lambda m: m.get("dbsync_stale_consumers") == 1), what="the gauge")
+            (fired,) = wait_until(lambda: hook.messages("consumer", "firing"), what="the alert")
+            assert "gone-copy" in fired["summary"], fired
+
+            listed = dbsync_cmd("consumers", "list", "--consumer-timeout", "1", env=pair.env())
+            assert listed.returncode == 1
+            lines = listed.stdout.splitlines()
+            assert any(line.startswith("gone-copy") and "STALE" in line for line in lines), listed.stdout
+            status = dbsync_cmd("status", "--json", "--consumer-timeout", "1", env=pair.env())
+            assert status.returncode == 1
+            report = json.loads(status.stdout)
+            ghost = [c for c in report["consumers"] if c["name"] == "gone-copy"]
+            assert ghost and ghost[0]["stale"] and ghost[0]["events_behind"] >= 1
+            assert any("gone-copy" in p for p in report["problems"])
+            human = dbsync_cmd("status", "--consumer-timeout", "1", env=pair.env())
+            assert "consumer gone-copy" in human.stdout and "STALE" in human.stdout
+            # Reported, never dropped by itself; the log is still kept for it.
+            assert "gone-copy" in dbsync_cmd("consumers", "list", "--json", env=pair.env()).stdout
+            assert log_rows(pair) >= 1
+
+            dropped = dbsync_cmd("consumers", "drop", "gone-copy", env=pair.env())
+            assert dropped.returncode == 0, dropped.stderr
+            wait_until(lambda: scrape_when(port, lambda m: m.get("dbsync_stale_consumers") == 0), what="gauge 0")
+            wait_until(lambda: hook.messages("consumer", "resolved"), what="the alert to resolve")
+            wait_until(lambda: log_rows(pair) == 0, what="the log to be freed")
+    finally:
+        hook.close()
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from dbsync.daemon.apply import TEST_DROP_EVENT
 from dbsync.embedded.cluster import free_port
-from tests.helpers import Daemon, DbPair, same, wait_until
+from tests.helpers import Daemon, DbPair, dbsync_cmd, same, wait_until
 from tests.test_faults import Kit, kit, routed, small_pages, wait_applying  # noqa: F401 - fixtures
 from tests.test_service import Webhook, log_text, metrics, scrape_when, serving
 from tests.test_verify import hook, status_json  # noqa: F401 - a fixture
@@ -74,6 +74,9 @@ def test_a_lost_apply_is_found_and_repaired(
         assert code == 0 and st["verify_mismatches"] == 0, st
         verify = st["verify"]
         assert isinstance(verify, dict) and verify["verified_seq"] >= top, verify
+        human = dbsync_cmd("status", env=pair.env()).stdout.splitlines()
+        assert any(line.startswith("verified up to") and "incremental verification" in line for line in human), human
+        assert not any(line.startswith("full verify") for line in human), human  # no full pass configured
     text = log_text(log)
     assert 'public.conversations: row {"id" : "7"} is missing on the Agent DB' in text, text
     assert "+7" not in text and "c7" not in text  # the key, never the row's values
