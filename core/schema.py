@@ -14,7 +14,7 @@ such a column is a note, not a difference. One that cannot be filled refuses eve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 
@@ -507,6 +507,7 @@ def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableRepor
     """One report per replicated table, in the registry's order."""
     require_schema(site, agent)
     reports = []
+    chosen = registry.selections(site)
     for replicated in registry.listing(site):
         label = display_name(replicated.schema, replicated.name)
         site_def = table_def(site, replicated.schema, replicated.name)
@@ -514,6 +515,9 @@ def diff(site: psycopg.Connection, agent: psycopg.Connection) -> list[TableRepor
             note = "replicated, but the Site DB has no such table any more; `dbsync tables remove` it"
             reports.append(TableReport(label, [Change(label, "missing_on_site", None, note)]))
             continue
+        listed = chosen.get(replicated.table_id, registry.EVERYTHING).columns
+        if listed is not None:  # a column list (`tables add --columns`): the rest never leaves the Site
+            site_def = replace(site_def, columns=tuple(c for c in site_def.columns if c.name in listed))
         identity = replicated.keys if replicated.identity else ()
         changes = compare(
             site_def,

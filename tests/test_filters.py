@@ -361,3 +361,20 @@ def test_the_daemons_full_verification_respects_the_selection(pair: DbPair, tmp_
         # Rows the alter moved may be seen differing until its resync is applied; none stays open.
         wait_until(lambda: metrics(port)["dbsync_verify_open_mismatches"] == 0, what="no open mismatch")
     assert_filtered(pair, "tenant = 2")
+
+
+def test_schema_diff_compares_only_the_listed_columns(pair: DbPair) -> None:
+    """The Agent lacks the unlisted secret: no difference. A listed column it lacks is one, and
+    a column the Site gains off the list is none of the Agent's business."""
+    site, agent = _setup(pair)
+    _cli(pair, "tables", "add", "--columns", COLUMNS, "public.tickets")
+    out = json.loads(_cli(pair, "schema", "diff", "--json"))
+    assert out["tables"]["public.tickets"] == [] or not any(c["differs"] for c in out["tables"]["public.tickets"])
+    site.execute("ALTER TABLE public.tickets ADD COLUMN note text")
+    changes = json.loads(_cli(pair, "schema", "diff", "--json"))["tables"]["public.tickets"]
+    assert all(c["column"] != "note" for c in changes), changes
+    agent.execute("ALTER TABLE public.tickets DROP COLUMN title")
+    result = dbsync_cmd("schema", "diff", "--json", env=pair.env())
+    assert result.returncode == 1, result.stdout + result.stderr
+    changes = json.loads(result.stdout)["tables"]["public.tickets"]
+    assert [(c["kind"], c["column"]) for c in changes if c["differs"]] == [("missing_column", "title")], changes
