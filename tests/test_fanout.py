@@ -332,7 +332,9 @@ def test_a_daemon_role_moves_only_its_own_position(pair: DbPair, second_agent: D
         site.execute("INSERT INTO conversations (phone_number) VALUES ('+491')")
         with psycopg.connect(a, autocommit=True) as conn:
             now = conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]  # type: ignore[index]
-            assert conn.execute("SELECT dbsync.consumer_applied(%s, %s)", (name_a, now)).fetchone() == (True,)
+            # Its own position it may report (as what its Agent DB has applied: nothing yet; a
+            # position ahead of that would let the other daemon's prune delete what it still needs).
+            assert conn.execute("SELECT dbsync.consumer_applied(%s, '3:3:')", (name_a,)).fetchone() == (True,)
             attacks = [
                 ("SELECT dbsync.consumer_applied(%s, %s)", (name_b, now)),
                 ("UPDATE dbsync.consumers SET applied_snapshot = %s::pg_snapshot WHERE name = %s", (now, name_b)),
@@ -462,3 +464,23 @@ def test_a_registration_waits_for_a_prune_in_progress_and_sees_what_it_deleted(p
     listed = dbsync_cmd("consumers", "list", "--json", env=pair.env())
     late = [c for c in json.loads(listed.stdout) if c["name"] == "late"]
     assert late and late[0]["missed_history"]
+
+
+def test_a_position_that_goes_back_past_the_pruned_log_is_flagged(pair: DbPair) -> None:
+    """Forward reports never flag a consumer; one that goes back past what was pruned (an Agent DB
+    restored from a backup) has missed history, and `dbsync status` says so."""
+    site = pair.site()
+    snapshot = "SELECT pg_current_snapshot()::text"
+    site.execute("SELECT dbsync.register_consumer('restored', %s)", (site.execute(snapshot).fetchone()[0],))  # type: ignore[index]
+    for phone in ("+491", "+492"):
+        site.execute("INSERT INTO conversations (phone_number) VALUES (%s)", (phone,))
+        site.execute("SELECT dbsync.consumer_applied('restored', %s)", (site.execute(snapshot).fetchone()[0],))  # type: ignore[index]
+        assert site.execute("SELECT dbsync.prune_log(1000)").fetchone() == (1,)
+    missed = "SELECT missed_history FROM dbsync.consumers WHERE name = 'restored'"
+    assert site.execute(missed).fetchone() == (False,)
+    site.execute("SELECT dbsync.consumer_applied('restored', '3:3:')")
+    assert site.execute(missed).fetchone() == (True,)
+    report = json.loads(dbsync_cmd("status", "--json", env=pair.env()).stdout)
+    (restored,) = [c for c in report["consumers"] if c["name"] == "restored"]
+    assert restored["missed_history"], restored
+

@@ -76,7 +76,11 @@ END
 $fn$;
 
 -- Record that consumer `p_name` has applied everything visible in `p_snapshot`, and that it is
--- alive. False when no such consumer is registered (dropped: the daemon registers again).
+-- alive. False when no such consumer is registered (dropped: the daemon registers again). A
+-- position that goes back (it does not see a transaction the recorded one saw: an Agent DB
+-- restored from a backup, a position once reported ahead of what was applied) is judged like a
+-- registration: if events it has not applied may have been pruned, the consumer is flagged as
+-- having missed history. Forward reports never are.
 CREATE FUNCTION dbsync.consumer_applied(p_name text, p_snapshot text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -93,7 +97,15 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     UPDATE dbsync.consumers c
-    SET applied_snapshot = p_snapshot::pg_catalog.pg_snapshot, seen_at = pg_catalog.now()
+    SET applied_snapshot = p_snapshot::pg_catalog.pg_snapshot, seen_at = pg_catalog.now(),
+        missed_history = c.missed_history OR (
+            (pg_catalog.pg_snapshot_xmax(p_snapshot::pg_catalog.pg_snapshot)
+                 OPERATOR(pg_catalog.<) pg_catalog.pg_snapshot_xmax(c.applied_snapshot)
+             OR EXISTS (SELECT FROM pg_catalog.pg_snapshot_xip(p_snapshot::pg_catalog.pg_snapshot) AS x(txid)
+                         WHERE pg_catalog.pg_visible_in_snapshot(x.txid, c.applied_snapshot)))
+            AND COALESCE((SELECT h.pruned_txid OPERATOR(pg_catalog.>=)
+                                 pg_catalog.pg_snapshot_xmin(p_snapshot::pg_catalog.pg_snapshot)
+                            FROM dbsync.log_horizon h), false))
     WHERE c.name OPERATOR(pg_catalog.=) p_name;
     RETURN true;
 END
