@@ -148,3 +148,25 @@ def test_without_the_migration_every_batch_is_read_in_its_transaction(
     replicator = sync_once(pair)
     assert replicator.stats.whole == 0 and replicator.stats.events == 4
     assert_same(pair, ["public.conversations"])
+
+
+def test_a_reader_looks_keys_up_by_index_on_a_small_table(pair: DbPair) -> None:
+    """The daemon's generic plans take a reader's key list for 100 keys: on a table of a few
+    thousand rows the planner preferred one scan of the whole table to 100 index lookups, and
+    every small batch read the table whole (0011_site_keyed_reads)."""
+    replicate(pair, "CREATE TABLE public.notes (id bigint PRIMARY KEY, body text)", "public.notes")
+    site = pair.site()
+    site.execute("INSERT INTO public.notes SELECT g, 'note ' || g FROM generate_series(1, 3000) g")
+    site.execute("ANALYZE public.notes")
+    find = "SELECT table_id FROM dbsync.replicated_tables WHERE table_name = 'notes'"
+    table_id = site.execute(find).fetchone()[0]  # type: ignore[index]
+    statement = site.execute("SELECT dbsync.reader_statement(%s)", (table_id,)).fetchone()[0]  # type: ignore[index]
+    site.execute("SET plan_cache_mode = force_generic_plan")
+    site.execute(f"PREPARE reader(json) AS {statement}")
+    plan = "\n".join(r[0] for r in site.execute("""EXPLAIN EXECUTE reader('[{"id": "5"}]')""").fetchall())
+    assert "Index Scan using notes_pkey" in plan and "Seq Scan on notes" not in plan, plan
+    got = site.execute("""EXECUTE reader('[{"id": "5"}, {"id": "99999"}]')""").fetchall()
+    assert got == [(1, {"id": "5", "body": "note 5"})], got
+    # The installed reader is generated from the same statement.
+    read = site.execute("""SELECT * FROM dbsync.read_rows(%s, '[{"id": "5"}]')""", (table_id,))
+    assert [tuple(r) for r in read] == got

@@ -22,6 +22,7 @@ STABLE_READ = "0007_site_stable_read"
 IDENTITY = "0008_site_identity"
 FILTERS = "0009_site_filters"
 CONSUMERS = "0010_site_consumers"
+KEYED_READS = "0011_site_keyed_reads"
 
 
 def apply_site_before(dsn: str, last_excluded: str) -> list[str]:
@@ -115,6 +116,7 @@ def test_migrating_under_writers_over_an_old_backlog_loses_and_doubles_nothing(b
             IDENTITY,
             FILTERS,
             CONSUMERS,
+            KEYED_READS,
         ]
         wait_until(lambda: formats(pair.site_dsn)[1] >= 300, timeout=60, what="key-only events after the upgrade")
     finally:
