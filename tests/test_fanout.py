@@ -378,7 +378,7 @@ def test_upgrade_gives_the_old_daemon_role_what_it_calls_now(bare_pair: DbPair) 
     site.execute(f"CREATE ROLE {role} LOGIN")
     try:
         site.execute(f"GRANT USAGE ON SCHEMA dbsync TO {role}; GRANT SELECT, DELETE ON dbsync.sync_log TO {role}")
-        assert migrations.apply(bare_pair.site_dsn, "site", ["whatsapp"]) == [CONSUMERS]
+        assert migrations.apply(bare_pair.site_dsn, "site", ["whatsapp"])[:1] == [CONSUMERS]  # and any later
         for function in (
             "dbsync.register_consumer(text, text, name)",
             "dbsync.consumer_applied(text, text)",
