@@ -285,9 +285,7 @@ def test_notify_is_one_empty_doorbell_per_transaction(pair: DbPair, items: int) 
 
     with writer.transaction():
         for i in range(50):
-            writer.execute(
-                "INSERT INTO public.items VALUES (%s, %s, %s)", (i, f"secret name +49 170 {i:07d}", i)
-            )
+            writer.execute("INSERT INTO public.items VALUES (%s, %s, %s)", (i, f"secret name +49 170 {i:07d}", i))
         writer.execute("UPDATE public.items SET label = 'secret again'")
         writer.execute("DELETE FROM public.items WHERE id < 10")
     writer.execute("NOTIFY marker")
@@ -497,9 +495,7 @@ def test_writer_session_settings_do_not_change_images(pair: DbPair) -> None:
 def test_key_text_does_not_depend_on_the_writers_settings(pair: DbPair) -> None:
     """A key whose text output depends on session settings (a timestamptz, a float) is logged in
     the pinned form whatever the writer has set, so one row always has one key."""
-    replicate(
-        pair, "CREATE TABLE public.tkey (at timestamptz, x float8, v text, PRIMARY KEY (at, x))", "public.tkey"
-    )
+    replicate(pair, "CREATE TABLE public.tkey (at timestamptz, x float8, v text, PRIMARY KEY (at, x))", "public.tkey")
     site = pair.site()
     start = last_seq(site)
     with psycopg.connect(pair.site_dsn, autocommit=True) as writer:
@@ -547,3 +543,77 @@ def test_plain_tables_capture_per_statement_and_partitioned_trees_per_row(pair: 
     assert [(e.op, e.pk) for e in events(site, start)] == [("I", {"id": "1"}), ("I", {"id": "2"}), ("U", {"id": "1"})]
     sync_once(pair)
     assert_same(pair, ["public.tree"])
+
+
+def _log_rows(conn: psycopg.Connection, after: int) -> list[tuple[str, int, str, str]]:
+    """(op, keys in the log row, first key, last key) of each log row after `after`."""
+    rows = conn.execute(
+        "SELECT op::text, cardinality(keys) / coalesce(array_length(keys, 2), 1), keys[1][1], "
+        "keys[array_length(keys, 1)][1] FROM dbsync.sync_log WHERE seq > %s ORDER BY seq",
+        (after,),
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        ("INSERT INTO public.items (id, label) VALUES (1000, 'a')", [("I", 1, "1000", "1000")]),
+        (
+            "INSERT INTO public.items (id, label) SELECT g, 'a' FROM generate_series(1000, 1099) g",
+            [("I", 100, "1000", "1099")],
+        ),
+        (
+            "INSERT INTO public.items (id, label) SELECT g, 'a' FROM generate_series(1000, 1100) g",
+            [("I", 100, "1000", "1099"), ("I", 1, "1100", "1100")],
+        ),
+        ("INSERT INTO public.items (id, label) SELECT g, 'a' FROM generate_series(1, 0) g", []),
+        ("UPDATE public.items SET label = 'b' WHERE id = 3", [("U", 1, "3", "3")]),
+        ("UPDATE public.items SET label = label WHERE id = 3", []),
+        ("UPDATE public.items SET label = 'b' WHERE id < 0", []),
+        ("UPDATE public.items SET label = 'b' WHERE id BETWEEN 1 AND 100", [("U", 100, "1", "100")]),
+        (
+            "UPDATE public.items SET label = 'b' WHERE id BETWEEN 1 AND 101",
+            [("U", 100, "1", "100"), ("U", 1, "101", "101")],
+        ),
+        # Rows it left as they were are not logged; the rest are, in one log row.
+        (
+            "UPDATE public.items SET label = CASE WHEN id % 2 = 0 THEN 'b' ELSE label END WHERE id <= 10",
+            [("U", 5, "2", "10")],
+        ),
+        ("UPDATE public.items SET id = id + 1000 WHERE id = 7", [("D", 1, "7", "7"), ("I", 1, "1007", "1007")]),
+        ("UPDATE public.items SET id = id WHERE id = 5", []),  # nothing changed
+        ("DELETE FROM public.items WHERE id = 9", [("D", 1, "9", "9")]),
+        ("DELETE FROM public.items WHERE id BETWEEN 1 AND 100", [("D", 100, "1", "100")]),
+        ("DELETE FROM public.items WHERE id BETWEEN 1 AND 101", [("D", 100, "1", "100"), ("D", 1, "101", "101")]),
+    ],
+)
+def test_statements_of_up_to_100_rows_and_beyond_log_the_same_keys(
+    pair: DbPair, items: int, statement: str, expected: list[tuple[str, int, str, str]]
+) -> None:
+    """Up to 100 rows, a statement takes the one-aggregate path (0012_site_small_statements);
+    beyond, or when an UPDATE changes a key, the general one: 100 keys to a log row either way,
+    in the statement's row order, unchanged rows left out."""
+    site = pair.site()
+    site.execute("INSERT INTO public.items (id, label, qty) SELECT g, 'a', g FROM generate_series(1, 200) g")
+    after = last_seq(site)
+    site.execute(statement)
+    got = _log_rows(site, after)
+    if len({op for op, *_ in expected}) > 1:
+        assert got == expected  # a changed key: its delete before its insert
+    else:
+        assert sorted(got) == sorted(expected)  # the chunks of one statement come in any order
+
+
+def test_a_key_changed_to_an_equal_value_is_an_update_on_both_paths(pair: DbPair) -> None:
+    """1.0 and 1.00 are one numeric key: the row is updated (its key's text with it), not deleted
+    and inserted, whether the statement is small (one aggregate) or large (the general path)."""
+    replicate(pair, "CREATE TABLE public.amounts (k numeric PRIMARY KEY, note text)", "public.amounts")
+    site = pair.site()
+    site.execute("INSERT INTO public.amounts SELECT g::numeric(10, 1), 'n' FROM generate_series(1, 150) g")
+    after = last_seq(site)
+    site.execute("UPDATE public.amounts SET k = k::numeric(10, 2) WHERE k = 1")
+    assert _log_rows(site, after) == [("U", 1, "1.00", "1.00")]
+    after = last_seq(site)
+    site.execute("UPDATE public.amounts SET k = k::numeric(10, 2) WHERE k BETWEEN 2 AND 150")
+    assert sorted(_log_rows(site, after)) == [("U", 49, "102.00", "150.00"), ("U", 100, "2.00", "101.00")]

@@ -23,6 +23,7 @@ IDENTITY = "0008_site_identity"
 FILTERS = "0009_site_filters"
 CONSUMERS = "0010_site_consumers"
 KEYED_READS = "0011_site_keyed_reads"
+SMALL_STATEMENTS = "0012_site_small_statements"
 
 
 def apply_site_before(dsn: str, last_excluded: str) -> list[str]:
@@ -117,6 +118,7 @@ def test_migrating_under_writers_over_an_old_backlog_loses_and_doubles_nothing(b
             FILTERS,
             CONSUMERS,
             KEYED_READS,
+            SMALL_STATEMENTS,
         ]
         wait_until(lambda: formats(pair.site_dsn)[1] >= 300, timeout=60, what="key-only events after the upgrade")
     finally:
