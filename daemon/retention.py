@@ -120,13 +120,10 @@ class Retention:
         if now < self._next:
             return 0
         self._next = now + self.interval
-        if self.verified_for is not None:
-            assert agent is not None
-            mark = await self._verified(agent)
-            if mark is None:
-                return 0
-            prev_snapshot = mark
-        await self.report(site, prev_snapshot, durable)
+        position = await self.position(prev_snapshot, agent)
+        if position is None:
+            return 0
+        await self.report(site, position, durable)
         deadline = now + self.budget
         deleted = 0
         while True:
@@ -141,6 +138,14 @@ class Retention:
         if self._registered:
             await self._check_stale(site)
         return deleted
+
+    async def position(self, prev_snapshot: str, agent: asyncpg.Connection | None) -> str | None:
+        """What this consumer may report as applied: `prev_snapshot`, or with `verified_for` the
+        verified mark read on `agent` (None while there is none: report nothing)."""
+        if self.verified_for is None:
+            return prev_snapshot
+        assert agent is not None
+        return await self._verified(agent)
 
     async def report(
         self, site: asyncpg.Connection, prev_snapshot: str, durable: Callable[[], Awaitable[None]] | None = None

@@ -520,7 +520,9 @@ class Replicator:
                         await self.drain()
                         assert self.site is not None and self.agent is not None
                         durable = functools.partial(self.applier.make_durable, self.agent)
-                        await self.retention.report(self.site, self.progress.prev_snapshot, durable)
+                        position = await self.retention.position(self.progress.prev_snapshot, self.agent)
+                        if position is not None:
+                            await self.retention.report(self.site, position, durable)
                         return
                     await self._loop()
                 except ConfigError:

@@ -218,3 +218,23 @@ def test_applied_events_are_deleted_and_pending_ones_kept(pair: DbPair) -> None:
         wait_until(lambda: same(pair), 30, 0.05, "the held transaction to be applied")
         wait_until(lambda: log_rows(site) == 0, 30, 0.1, "its event to be pruned too")
     assert_same(pair)
+
+
+def test_run_once_with_incremental_verification_keeps_what_is_unverified(pair: DbPair) -> None:
+    """With verify_interval, the position a consumer reports is its verified mark, also when the
+    daemon runs --once (which verifies nothing): reporting its apply progress instead would let
+    the log be pruned under keys the verification has yet to read, and a later report of the
+    (older) mark would look like a consumer gone back past the pruned log."""
+    site = pair.site()
+    site.execute("INSERT INTO conversations (phone_number) SELECT '+49152' || g FROM generate_series(1, 50) g")
+    sync_once(pair, verify_interval=60.0)
+    assert_same(pair)
+    name = site.execute("SELECT name FROM dbsync.consumers").fetchone()
+    assert name is not None, "run --once registered no consumer"
+    unseen = site.execute(
+        "SELECT count(*) FROM dbsync.sync_log l, dbsync.consumers c WHERE c.name = %s "
+        "AND NOT pg_visible_in_snapshot(l.txid, c.applied_snapshot)",
+        (name[0],),
+    ).fetchone()
+    assert unseen is not None and unseen[0] > 0, "run --once reported events as applied that nothing verified"
+    assert log_rows(site) > 0
