@@ -306,6 +306,12 @@ class Replicator:
         """Sleep, but wake at once on stop."""
         await self._wait(self.stop, seconds)
 
+    async def _pause(self, seconds: float) -> None:
+        """The pause between two looks (at most LINGER or WAKE_INTERVAL, a few ms): a plain sleep,
+        after which the loop sees a stop. It runs up to ~200 times a second, and waiting on the
+        two events as _sleep does cost the event loop about 75 us more each time."""
+        await asyncio.sleep(seconds)
+
     async def _wait(self, event: asyncio.Event, seconds: float) -> bool:
         """Wait for `event` or stop, at most `seconds`, ticking at least every tick_interval.
 
@@ -566,7 +572,7 @@ class Replicator:
                 await self.doorbell.busy(self.site)
                 pause = looked_at + LINGER - clock.time()  # one look per LINGER, not a pause after each
                 if not self.progress.in_batch and self._batch_events < self.settings.batch_size and pause > 0:
-                    await self._sleep(pause)
+                    await self._pause(pause)
                 continue
             await self._retry_parked()
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
@@ -577,7 +583,7 @@ class Replicator:
             # Coalesce: every ring within WAKE_INTERVAL of the last look is one wake-up.
             pause = looked_at + WAKE_INTERVAL - clock.time()
             if rung and pause > 0 and not self.stop.is_set():
-                await self._sleep(pause)
+                await self._pause(pause)
 
     async def _add_columns(self, drift: DriftError) -> list[str] | DbsyncError:
         """auto_add_columns: the drift's columns added to the Agent table (names), or why not."""
