@@ -469,9 +469,10 @@ class Replicator:
         """Events of a committed page by (table, op), less those that were parked."""
         assert self.site and self.agent
         out: Counter[tuple[str, str]] = Counter()
-        for ev in events:
-            table = await self.catalog.table(self.site, self.agent, ev.table_id)  # cached by the apply
-            out[table.label, ev.op] += 1
+        # Counted by table id first: a table's label is built (and quoted) once a page, not per event.
+        for (table_id, op), n in Counter((ev.table_id, ev.op) for ev in events).items():
+            table = await self.catalog.table(self.site, self.agent, table_id)  # cached by the apply
+            out[table.label, op] += n
         if parked:
             seqs = [ev.seq for ev in events]
             for row in await self.agent.fetch(PARKED_IN_PAGE.asyncpg, self.settings.source, seqs):
