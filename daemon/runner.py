@@ -306,6 +306,12 @@ class Replicator:
         """Sleep, but wake at once on stop."""
         await self._wait(self.stop, seconds)
 
+    async def _pause(self, seconds: float) -> None:
+        """The pause between two looks (at most LINGER or WAKE_INTERVAL, a few ms): a plain sleep,
+        after which the loop sees a stop. It runs up to ~200 times a second, and waiting on the
+        two events as _sleep does cost the event loop about 75 us more each time."""
+        await asyncio.sleep(seconds)
+
     async def _wait(self, event: asyncio.Event, seconds: float) -> bool:
         """Wait for `event` or stop, at most `seconds`, ticking at least every tick_interval.
 
@@ -463,9 +469,10 @@ class Replicator:
         """Events of a committed page by (table, op), less those that were parked."""
         assert self.site and self.agent
         out: Counter[tuple[str, str]] = Counter()
-        for ev in events:
-            table = await self.catalog.table(self.site, self.agent, ev.table_id)  # cached by the apply
-            out[table.label, ev.op] += 1
+        # Counted by table id first: a table's label is built (and quoted) once a page, not per event.
+        for (table_id, op), n in Counter((ev.table_id, ev.op) for ev in events).items():
+            table = await self.catalog.table(self.site, self.agent, table_id)  # cached by the apply
+            out[table.label, op] += n
         if parked:
             seqs = [ev.seq for ev in events]
             for row in await self.agent.fetch(PARKED_IN_PAGE.asyncpg, self.settings.source, seqs):
@@ -568,7 +575,7 @@ class Replicator:
                 await self.doorbell.busy(self.site)
                 pause = looked_at + LINGER - clock.time()  # one look per LINGER, not a pause after each
                 if not self.progress.in_batch and self._batch_events < self.settings.batch_size and pause > 0:
-                    await self._sleep(pause)
+                    await self._pause(pause)
                 continue
             await self._retry_parked()
             delay = await self.doorbell.idle(self.site, self._last_snapshot)
@@ -579,7 +586,7 @@ class Replicator:
             # Coalesce: every ring within WAKE_INTERVAL of the last look is one wake-up.
             pause = looked_at + WAKE_INTERVAL - clock.time()
             if rung and pause > 0 and not self.stop.is_set():
-                await self._sleep(pause)
+                await self._pause(pause)
 
     async def _add_columns(self, drift: DriftError) -> list[str] | DbsyncError:
         """auto_add_columns: the drift's columns added to the Agent table (names), or why not."""

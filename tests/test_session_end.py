@@ -136,3 +136,45 @@ READY = b"Z\0\0\0\x05I"
 )
 def test_ends_session(tail: bytes, ends: bool) -> None:
     assert pg.ends_session(tail) is ends
+
+
+class _Inner(asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        pass
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _guard_fed(*chunks: bytes) -> bool:
+    """Whether the guard aborts its transport once `chunks` have arrived, one receive each."""
+    transport = _Transport()
+    guard = pg._SessionEndGuard(transport, _Inner())  # type: ignore[arg-type]
+    for chunk in chunks:
+        guard.data_received(chunk)
+    return transport.aborted
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("severity", [b"FATAL", b"PANIC"])
+def test_the_guard_sees_a_fatal_split_anywhere_across_receives(severity: bytes) -> None:
+    """The guard parses its tail only while a marker is in it: a marker cut in two by a receive,
+    a message whose end comes receives after its marker, a message behind 20 kB of rows."""
+    for before in (b"", ROW, ROW * 2000):
+        stream = before + _error(severity)
+        for cut in range(len(before), len(stream)):
+            assert _guard_fed(stream[:cut], stream[cut:]), (len(before), cut)
+    assert _guard_fed(*(bytes([b]) for b in ROW + _error(severity)))
+
+
+@pytest.mark.unit
+def test_the_guard_lets_ordinary_traffic_through() -> None:
+    assert not _guard_fed(*([ROW * 30] * 1000), _error(b"ERROR", code=b"P0001"), READY)
+    # A marker in row data is not a message, and ages out of the tail.
+    assert not _guard_fed(b"xxFATAL\0yy" * 3, *([ROW * 30] * 100))
+    assert not _guard_fed(_error(b"FATAL") + READY)
