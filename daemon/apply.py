@@ -145,10 +145,15 @@ class ApplyTable:
 
     def overlap_sql(self, deletes: int, upserts: int) -> str:
         """SQL: a key of the JSON array in parameter `deletes` equals (by the key type's equality)
-        a key of the rows in parameter `upserts`, as text keys 1.0 and 1.00 of a numeric do."""
+        a key of the rows in parameter `upserts`, as text keys 1.0 and 1.00 of a numeric do.
+
+        A count, not EXISTS: planned for the 100 rows a recordset is estimated at, EXISTS expects
+        a match soon and compares every pair in a nested loop (9,000,000 comparisons for a page
+        of 1,000 deletes and 9,000 upserts); a count joins by hash, or by sort for a key type
+        without a hash opclass."""
         return (
-            f"EXISTS (SELECT FROM {self._source(self.keys, 'k', deletes)} "
-            f"JOIN {self._source(self.keys, 'u', upserts)} ON {self._match('k', 'u')})"
+            f"(SELECT pg_catalog.count(*) FROM {self._source(self.keys, 'k', deletes)} "
+            f"JOIN {self._source(self.keys, 'u', upserts)} ON {self._match('k', 'u')}) OPERATOR(pg_catalog.>) 0"
         )
 
     def truncate_sql(self) -> str:
