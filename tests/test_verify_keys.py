@@ -16,10 +16,11 @@ from dbsync.catchup import CatchUp
 from dbsync.daemon import apply as apply_module
 from dbsync.daemon.apply import TEST_DROP_EVENT
 from dbsync.daemon.runner import Replicator
+from dbsync.daemon.verify import KEYED_JOINS
 from dbsync.daemon.verify_keys import HandedKeys, KeyVerifier
 from dbsync.db import connect
 from dbsync.embedded.cluster import free_port
-from dbsync.reconcile import ComparedTable, Comparer, TableDiff, targets
+from dbsync.reconcile import KEY_LOOKUPS, ComparedTable, Comparer, TableDiff, targets
 from dbsync.resync import resync_keys
 from tests.helpers import Daemon, DbPair, dbsync_cmd, same, sync_once, wait_until
 from tests.test_faults import Kit, kit, routed, small_pages, wait_applying  # noqa: F401 - fixtures
@@ -259,3 +260,33 @@ def test_after_a_restart_the_pass_reads_the_log(pair: DbPair, monkeypatch: pytes
     assert verifier.log_reads >= 2 and verifier.handed.handed == 0
     assert verifier.verified_seq is not None and verifier.verified_seq >= applied_seq(pair)
     assert repaired(pair)
+
+
+ROWS_READ = """
+SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
+WHERE relid = 'public.conversations'::regclass
+"""
+
+
+def test_a_key_check_reads_the_rows_of_its_keys_not_the_table(pair: DbPair) -> None:
+    """With the verification's session settings the comparison by key looks each key up in its
+    index: 5 keys of a 2,000-row table read 5 rows (planned for 100 keys, it read all 2,000
+    through a hash join; counted in the transaction's own statistics)."""
+    site = pair.site()
+    site.execute(ADD_50.replace("50", "2000"))
+    site.execute("ANALYZE conversations")
+    keys = [r[0] for r in site.execute("SELECT json_build_object('id', id::text)::text FROM conversations LIMIT 5")]
+    with connect(pair.site_dsn, "Site") as conn, connect(pair.agent_dsn, "Agent") as agent:
+        comparer = Comparer(conn, agent)
+        try:
+            (target,) = [t for t in targets(conn, agent, []) if t.label == "public.conversations"]
+            query = comparer.queries(target)[0].rows_by_key()
+            for statement in KEYED_JOINS:
+                conn.execute(statement)
+            with conn.transaction():
+                for statement in KEY_LOOKUPS:
+                    conn.execute(statement)
+                assert len(conn.execute(query, {"keys": "[" + ",".join(keys) + "]"}).fetchall()) == 5
+                assert conn.execute(ROWS_READ).fetchone() == (5,)
+        finally:
+            comparer.close()
