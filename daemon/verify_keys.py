@@ -191,6 +191,7 @@ class KeyVerifier:
         self.handed = HandedKeys()
         self._memory: tuple[str, list[KeyRow], list[int]] | None = None
         self.log_reads = 0  # statements that read keys (or a pass's bounds) from the Site's log
+        self._from_log: bool | None = None  # where the last pass took its keys (logged when it changes)
 
     @property
     def interval(self) -> float:
@@ -310,6 +311,14 @@ class KeyVerifier:
         found = read_mark(agent, s.source)
         assert found is not None and found.target_snapshot is not None
         self._memory = None if rows is None else (found.target_snapshot, rows, [r[0] for r in rows])
+        if self._from_log != (rows is None):
+            self._from_log = rows is None
+            log.info(
+                "incremental verification: %s",
+                "this pass reads its keys from the Site's log (none handed over from the mark on)"
+                if rows is None
+                else "passes take the keys the apply read",
+            )
         return found
 
     def _end(self, agent: psycopg.Connection, mark: verified.Mark) -> None:
