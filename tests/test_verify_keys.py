@@ -89,6 +89,8 @@ def test_a_lost_apply_is_found_and_repaired(
     text = log_text(log)
     assert 'public.conversations: row {"id" : "7"} is missing on the Agent DB' in text, text
     assert "+7" not in text and "c7" not in text  # the key, never the row's values
+    # The service hands the apply's pages to the verifier: no pass read its keys from the log.
+    assert "passes take the keys the apply read" in text and "reads its keys from the Site's log" not in text, text
     assert "Traceback" not in text
 
 
@@ -124,7 +126,9 @@ def test_a_key_applied_before_a_kill_is_verified_after_the_restart(
         wait_until(
             lambda: site.execute("SELECT count(*) FROM dbsync.sync_log").fetchone() == (0,), what="the log pruned"
         )
-    assert 'public.conversations: row {"id" : "7"} is missing on the Agent DB' in log_text(log)
+    text = log_text(log)
+    assert 'public.conversations: row {"id" : "7"} is missing on the Agent DB' in text
+    assert "this pass reads its keys from the Site's log" in text, text  # nothing was handed over before it
 
 
 def test_writers_and_cut_links_make_no_false_mismatch(pair: DbPair, kit: Kit, small_pages: None) -> None:  # noqa: F811
