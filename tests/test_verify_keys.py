@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from dbsync.catchup import CatchUp
+from dbsync.catchup import CatchUp, CatchUpError
 from dbsync.daemon import apply as apply_module
 from dbsync.daemon.apply import TEST_DROP_EVENT
 from dbsync.daemon.runner import Replicator
-from dbsync.daemon.verify import KEYED_JOINS
+from dbsync.daemon.verify import KEYED_JOINS, OwnApply
 from dbsync.daemon.verify_keys import HandedKeys, KeyVerifier
 from dbsync.db import connect
 from dbsync.embedded.cluster import free_port
@@ -294,3 +294,21 @@ def test_a_key_check_reads_the_rows_of_its_keys_not_the_table(pair: DbPair) -> N
                 assert conn.execute(ROWS_READ).fetchone() == (5,)
         finally:
             comparer.close()
+
+
+def test_the_verifications_wait_polls_the_apply_alone(pair: DbPair) -> None:
+    """OwnApply returns once the events a snapshot sees are applied, and says in one line when they
+    are not within its timeout (it never looks for another daemon: the apply is its own)."""
+    sync_once(pair)
+    site = pair.site()
+    site.execute(ADD_50)
+    snap = str(site.execute("SELECT pg_current_snapshot()::text").fetchone()[0])  # type: ignore[index]
+    table = site.execute("SELECT table_id FROM dbsync.replicated_tables WHERE table_name = 'conversations'").fetchone()[
+        0
+    ]  # type: ignore[index]
+    with connect(pair.site_dsn, "Site") as s, connect(pair.agent_dsn, "Agent") as agent:
+        wait = OwnApply(s, agent, pair.settings(), timeout=0.2)
+        with pytest.raises(CatchUpError, match=r"^the apply has not applied 50 event\(s\) within 0.2 s$"):
+            wait.wait(snap, [table])
+        sync_once(pair)
+        wait.wait(snap, [table])
