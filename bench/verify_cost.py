@@ -6,7 +6,9 @@ reports replication latency (p50, p99) and the Site DB's load from the start of 
 the daemon has stopped: the Site server's CPU seconds (the postmaster and every backend, exited
 ones included, from /proc), the rows read from every table of the Site database
 (pg_stat_all_tables: seq_tup_read + idx_tup_fetch, the writers', the daemon's and the verifier's
-together), and the keys the verification compared (dbsync.verify_mark) against the rows written.
+together, and by table: sequential and index reads), and the keys the verification compared
+(dbsync.verify_mark) against the rows written. The summary gives medians and, for the spread,
+each rep's ratio of the verifying run to the plain one (the two run back to back).
 The issue's target: at most +20% Site read load, p99 no more than 2 ms higher.
 """
 
@@ -85,12 +87,24 @@ def _counters(w: World, site_dsn: str, agent_dsn: str) -> tuple[float, int, int,
         reads, writes = site.execute(SITE_READS).fetchone()  # type: ignore[misc]
     with connect(agent_dsn) as agent:
         keys = agent.execute(KEYS_VERIFIED).fetchone()[0]  # type: ignore[index]
-    if os.environ.get("VERIFY_COST_DEBUG"):
-        with connect(site_dsn) as site:
-            print(site.execute(BY_TABLE).fetchall(), flush=True)
     pid = w.site.cluster.pid
     assert pid is not None
     return server_cpu(pid), int(reads), int(writes), int(keys)
+
+
+def _by_table(site_dsn: str) -> dict[str, tuple[int, int]]:
+    with connect(site_dsn) as site:
+        return {r[0]: (int(r[1]), int(r[2])) for r in site.execute(BY_TABLE).fetchall()}
+
+
+def _read_where(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Rows read during a run by table, [sequential, through an index], tables that read none left out."""
+    out: dict[str, list[int]] = {}
+    for name, (seq, idx) in sorted(after.items()):
+        was = before.get(name, (0, 0))
+        if (seq - was[0], idx - was[1]) != (0, 0):
+            out[name] = [seq - was[0], idx - was[1]]
+    return out
 
 
 def one(
@@ -104,6 +118,7 @@ def one(
         w.agent.checkpoint()
         time.sleep(1.0)
         before = _counters(w, site_dsn, agent_dsn)
+        tables_before = _by_table(site_dsn)
         daemon0 = backends_cpu(site_dsn)
         result = latency.measure(
             consumer,
@@ -123,6 +138,7 @@ def one(
     time.sleep(1.5)
     after = _counters(w, site_dsn, agent_dsn)
     cpu, reads, writes, keys = (a - b for a, b in zip(after, before, strict=True))
+    where = _read_where(tables_before, _by_table(site_dsn))
     return {
         "verify_interval": interval,
         "rep": rep,
@@ -132,6 +148,7 @@ def one(
         "site_rows_written": writes,
         "keys_verified": keys,
         **{k: result[k] for k in ("p50_ms", "p99_ms", "achieved_changes_per_s", "lost", "daemon_cpu_share")},
+        "site_rows_read_by_table": where,
     }
 
 
@@ -192,6 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         round(on["daemon_site_cpu_s"] / off["daemon_site_cpu_s"], 3) if off["daemon_site_cpu_s"] else None
     )
     summary["p99_delta_ms"] = round(on["p99_ms"] - off["p99_ms"], 2)
+    pairs = [
+        (next(r for r in runs if r["rep"] == rep and r["verify_interval"] is None), r)
+        for rep in range(args.reps)
+        for r in runs
+        if r["rep"] == rep and r["verify_interval"] is not None
+    ]
+    summary["per_rep"] = {
+        "site_reads_ratio": [
+            round(b["site_rows_read"] / a["site_rows_read"], 3) for a, b in pairs if a["site_rows_read"]
+        ],
+        "site_cpu_ratio": [round(b["site_cpu_s"] / a["site_cpu_s"], 3) for a, b in pairs if a["site_cpu_s"]],
+        "p99_delta_ms": [round(b["p99_ms"] - a["p99_ms"], 2) for a, b in pairs],
+    }
     print(json.dumps({"runs": runs, "summary": summary}, indent=1))
     return 0
 

@@ -73,12 +73,14 @@ WHERE ((l.txid >= pg_catalog.pg_snapshot_xmax({_VERIFIED}) AND l.txid < pg_catal
 PASS_KEYS = f"""
 SELECT p.seq, p.table_id, k.key::text
 FROM (
-    SELECT l.seq, l.table_id, l.pk, l.keys, coalesce(pg_catalog.array_length(l.keys, 1), 1) AS n,
-           pg_catalog.sum(coalesce(pg_catalog.array_length(l.keys, 1), 1)) OVER (ORDER BY l.seq) AS upto
-    FROM dbsync.sync_log l
-    WHERE l.seq > %(cursor)s AND l.seq <= %(hi)s AND {_IN_PASS}
-    ORDER BY l.seq
-    LIMIT %(keys)s
+    SELECT l.*, pg_catalog.sum(l.n) OVER (ORDER BY l.seq) AS upto
+    FROM (
+        SELECT l.seq, l.table_id, l.pk, l.keys, coalesce(pg_catalog.array_length(l.keys, 1), 1) AS n
+        FROM dbsync.sync_log l
+        WHERE l.seq > %(cursor)s AND l.seq <= %(hi)s AND {_IN_PASS}
+        ORDER BY l.seq
+        LIMIT %(keys)s
+    ) l
 ) p
 JOIN dbsync.replicated_tables r ON r.table_id OPERATOR(pg_catalog.=) p.table_id
 LEFT JOIN LATERAL dbsync.log_keys(p.pk, p.keys, r.key_columns) AS k ON true

@@ -188,6 +188,10 @@ class Replicator:
         self.progress_known = False
         # Called after each page commits on the Agent DB (the demo uses it).
         self.on_page = on_page
+        # Called after each page commits, with the page as read from the Site: the batch's prev
+        # and snapshot, its events, whether more pages follow, the batch's event count (the
+        # incremental verification takes the keys from here, dbsync.daemon.verify_keys).
+        self.on_batch_page: Callable[[str, str, Sequence[Event], bool, int], None] | None = None
         # The service's hooks: a page report for metrics, a state change, a sign of life.
         self.on_report: Callable[[PageReport], None] | None = None
         self.on_state: Callable[[str], None] | None = None
@@ -429,6 +433,10 @@ class Replicator:
                 await asyncio.wait([ahead])
             if ahead is not None and not ahead.cancelled():
                 ahead.exception()  # retrieved: a failed read-ahead was raised above or is moot
+        if self.on_batch_page is not None and progress.batch_snapshot is not None:
+            self.on_batch_page(
+                progress.prev_snapshot, progress.batch_snapshot, page.events, page.more, self._batch_events
+            )
         if not after.in_batch:
             await self._end_batch()
         self.stats.events += len(page.events)

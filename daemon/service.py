@@ -68,6 +68,8 @@ class Service:
         self._poke = asyncio.Event()
         self._crashed: BaseException | None = None
         r.on_report = self.metrics.record
+        if self.verifier is not None and self.verifier.keys is not None:
+            r.on_batch_page = self.verifier.keys.handed.page  # the applied keys, in memory
         r.on_state = self._on_state
         if self.notifier.watchdog_interval is not None:
             r.on_tick = self.notifier.watchdog

@@ -12,7 +12,7 @@ from dbsync.config import load_settings
 from dbsync.daemon.apply import TEST_DROP_EVENT, _test_drop_event
 from dbsync.daemon.consume import Event
 from dbsync.daemon.verify import _END, _resume, budget_wait, range_rows
-from dbsync.daemon.verify_keys import CHUNK_KEYS, chunk_keys, pass_cap
+from dbsync.daemon.verify_keys import CHUNK_KEYS, HandedKeys, chunk_keys, next_rows, pass_cap
 from dbsync.reconcile import ComparedTable
 from dbsync.rowhash import TableShape
 from dbsync.verify import Progress
@@ -141,3 +141,45 @@ def test_the_lost_apply_hook_is_off_unless_set(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(TEST_DROP_EVENT, '{"id": "7"}')
     assert [e.seq for e in _test_drop_event(page)] == [1]
     assert _test_drop_event(page) is page  # once per process
+
+
+def _events(*seqs_keys: tuple[int, str | None]) -> list[Event]:
+    now = datetime.now(UTC)
+    return [Event(seq, 1, "U", key, now) for seq, key in seqs_keys]
+
+
+def test_handed_batches_chain_from_the_mark_in_seq_order() -> None:
+    """Batches count once whole; a pass takes those chaining from the mark, sorted by seq (a
+    transaction that committed later may hold an earlier seq), and drops what came before."""
+    handed = HandedKeys()
+    handed.page("s0", "s1", _events((5, "a"), (6, "b")), True, 3)
+    assert handed.take("s0") is None and handed.latest is None  # the batch is not whole yet
+    handed.page("s0", "s1", _events((7, "c")), False, 3)
+    handed.page("s1", "s2", _events((4, "d"), (8, None)), False, 2)
+    handed.page("s5", "s6", _events((20, "z")), False, 1)  # after a gap
+    assert handed.latest == "s6"
+    assert handed.take("s9") is None
+    target, rows = handed.take("s0") or ("", [])
+    assert target == "s2" and [r[0] for r in rows] == [4, 5, 6, 7, 8] and rows[-1][2] is None
+    assert handed.take("s0") is None  # taken
+    handed.forget("s6")
+    assert handed.take("s5") is None
+
+
+def test_a_batch_opened_again_or_short_is_not_trusted_and_the_cap_empties_memory() -> None:
+    handed = HandedKeys(cap=3)
+    handed.page("s0", "s1", _events((1, "a")), True, 2)
+    handed.page("s0", "s1b", _events((1, "a"), (2, "b")), False, 2)  # reopened at a new snapshot
+    assert (handed.take("s0") or ("", []))[0] == "s1b"
+    handed.page("s1b", "s2", _events((3, "c")), False, 2)  # fewer events than the batch opened with
+    assert handed.take("s1b") is None and handed.latest is None
+    handed.page("s2", "s3", _events((4, "d"), (5, "e"), (6, "f"), (7, "g")), False, 4)
+    assert handed.take("s2") is None and handed.overflows == 1
+
+
+def test_memory_chunks_are_whole_log_rows() -> None:
+    rows = [(1, 1, "a"), (2, 1, "b"), (2, 1, "c"), (2, 1, "d"), (3, 1, "e")]
+    seqs = [r[0] for r in rows]
+    assert next_rows(rows, seqs, 0, 2) == rows[:4]  # log row 2 taken whole
+    assert next_rows(rows, seqs, 2, 2) == rows[4:]
+    assert next_rows(rows, seqs, 3, 2) == []
