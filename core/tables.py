@@ -79,6 +79,7 @@ def add(
     identity: str | None = None,
     insert_only: bool = False,
     copy_appends: bool = False,
+    policy: Policy | None = None,
 ) -> list[AddedTable]:
     """Check every table on both sides, then install capture on all of them in one Site transaction.
 
@@ -90,13 +91,18 @@ def add(
     `identity` names the unique index that stands in for a missing primary key (one table only);
     `insert_only` registers keyless append-only tables, whose existing rows `copy_appends` logs
     in the same transaction (`copied` of each result): a copy any later would duplicate rows
-    inserted in between."""
+    inserted in between.
+
+    `policy`: write-back (`site` is then the Agent DB, whose changes are captured): the conflict
+    policy stored with each registration (sql/site/0013_site_write_back.sql; not enforced yet)."""
     if identity is not None and insert_only:
         raise SchemaError("--identity and --insert-only exclude each other: a table has a key or has none")
     if identity is not None and len(set(names)) > 1:
         raise SchemaError("--identity names the index of one table: add the tables one at a time")
     if not selection.everything and len(set(names)) > 1:
         raise SchemaError("--columns and --where apply to one table: add the tables one at a time")
+    if policy is not None and policy.agent_owns and len(set(names)) > 1:
+        raise SchemaError("--agent-owns names one table's columns: add the tables one at a time")
     if not selection.everything and insert_only:
         raise SchemaError(
             "--columns and --where do not apply to --insert-only tables: their rows are logged whole, as inserted"
@@ -129,6 +135,11 @@ def add(
                 ).fetchone()[0]  # type: ignore[index]
                 if filters:  # also clears what a table removed and added again had
                     _set_selection(site, schema, table, selection)
+                if policy is not None:
+                    site.execute(
+                        "SELECT dbsync.set_conflict_policy(%s::regclass, %s, %s)",
+                        (sql.Identifier(schema, table).as_string(site), policy.conflict, list(policy.agent_owns)),
+                    )
                 copied = None
                 if insert_only and copy_appends:
                     copied = site.execute("SELECT dbsync.copy_insert_only(%s)", (table_id,)).fetchone()[0]  # type: ignore[index]
@@ -139,6 +150,25 @@ def add(
         reason = f"cannot add {label}: {first_line(exc).removeprefix('dbsync: ')}"
         raise SchemaError(_none_done([reason], len(names), "added")) from None
     return infos
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A write-back table's conflict policy (issue 12 item 3), as the Agent DB's registry stores it."""
+
+    conflict: str = "site-wins"
+    agent_owns: tuple[str, ...] = ()
+
+
+CONFLICT_POLICIES = ("site-wins", "agent-wins", "latest")
+
+
+def policies(capture: psycopg.Connection) -> dict[int, Policy]:
+    """The stored policy of each table registered on a write-back registry (the Agent DB's)."""
+    rows = capture.execute(
+        "SELECT table_id, conflict, agent_owns FROM dbsync.replicated_tables WHERE removed_at IS NULL"
+    ).fetchall()
+    return {r[0]: Policy(r[1], tuple(r[2])) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -305,6 +335,13 @@ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
 """
 
 SET_SELECTION = "SELECT dbsync.set_table_filter(%s::regclass, %s::text[], %s::text)"
+
+
+def captures(conn: psycopg.Connection) -> bool:
+    """Whether a database has dbsync's capture chain: always the Site DB; the Agent DB after
+    `dbsync migrate --two-way`."""
+    row = conn.execute("SELECT pg_catalog.to_regclass('dbsync.sync_log') IS NOT NULL").fetchone()
+    return bool(row and row[0])
 
 
 def has_filters(site: psycopg.Connection) -> bool:
