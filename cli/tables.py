@@ -263,16 +263,29 @@ def alter(
 
 @tables.command("remove")
 @connection_options
+@click.option(
+    "--from",
+    "origin",
+    type=click.Choice(["site", "agent"]),
+    default="site",
+    show_default=True,
+    help="Which side's capture to remove: agent for write-back tables.",
+)
 @click.argument("names", nargs=-1, required=True)
-def remove(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
+def remove(
+    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, origin: str, names: tuple[str, ...]
+) -> None:
     """Stop capturing the tables NAMES; changes already logged are still applied.
 
     If any of them is missing or not replicated, none is removed."""
-    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
-    assert settings.site_dsn
-    with connect(settings.site_dsn, "Site") as site:
-        for label in registry.remove(site, names):  # all or none
-            click.echo(f"no longer replicating {label}")
+    field = f"{origin}_dsn"
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require(field)
+    dsn = getattr(settings, field)
+    with connect(dsn, origin.capitalize()) as conn:
+        if origin == "agent" and not registry.captures(conn):
+            raise SchemaError("the Agent DB does not capture changes: nothing to remove (`dbsync migrate --two-way`)")
+        for label in registry.remove(conn, names):  # all or none
+            click.echo(f"no longer replicating {label}" + (" from the Agent DB" if origin == "agent" else ""))
 
 
 @tables.command("list")

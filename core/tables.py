@@ -115,7 +115,13 @@ def add(
     for name in names:
         try:
             schema, table, keys, site_cols, index = _check_add(
-                site, agent, name, identity, insert_only, selection.columns
+                site,
+                agent,
+                name,
+                identity,
+                insert_only,
+                selection.columns,
+                ("Agent", "Site") if policy else ("Site", "Agent"),
             )
         except SchemaError as exc:
             problems.append(str(exc))
@@ -212,10 +218,13 @@ def _check_add(
     identity: str | None,
     insert_only: bool,
     listed: tuple[str, ...] | None = None,
+    sides: tuple[str, str] = ("Site", "Agent"),
 ) -> tuple[str, str, list[str], list[str], str | None]:
     """(schema, table, key columns, Site columns, identity index) of a table that can be added;
-    SchemaError if not."""
-    schema, table = resolve(site, name, "Site")
+    SchemaError if not. `sides`: the capturing and the applying database's names in messages
+    (write-back captures on the Agent DB)."""
+    src, dst = sides
+    schema, table = resolve(site, name, src)
     label = display_name(schema, table)
     index = None
     if insert_only:
@@ -237,23 +246,23 @@ def _check_add(
     check_column_list(label, listed, site_cols, keys)
     agent_cols = columns(agent, schema, table) if _exists(agent, schema, table) else None
     if agent_cols is None:
-        raise SchemaError(f"table {label} does not exist on the Agent DB; create it there first")
+        raise SchemaError(f"table {label} does not exist on the {dst} DB; create it there first")
     replicated = [c for c in site_cols if listed is None or c in listed]
     missing = [c for c in replicated if c not in agent_cols]
     if missing:
-        raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(missing)}")
+        raise SchemaError(f"table {label} on the {dst} DB lacks column(s) {', '.join(missing)}")
     if insert_only:
         return schema, table, keys, site_cols, index
     if index is None:
         agent_keys = primary_key(agent, schema, table)
         if sorted(agent_keys) != sorted(keys):
             raise SchemaError(
-                f"table {label}: the Agent DB's primary key ({', '.join(agent_keys) or 'none'}) "
-                f"differs from the Site DB's ({', '.join(keys)})"
+                f"table {label}: the {dst} DB's primary key ({', '.join(agent_keys) or 'none'}) "
+                f"differs from the {src} DB's ({', '.join(keys)})"
             )
     elif not has_unique_index(agent, schema, table, keys):
         raise SchemaError(
-            f"table {label}: the Agent DB has no primary key or unique index on ({', '.join(keys)}), "
+            f"table {label}: the {dst} DB has no primary key or unique index on ({', '.join(keys)}), "
             "which the apply's ON CONFLICT needs; create one there first"
         )
     # Rows are matched by key on both sides: each key type needs an equality operator there.

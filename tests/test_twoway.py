@@ -201,6 +201,9 @@ def test_tables_add_from_agent_stores_and_validates_the_policy(pair: DbPair) -> 
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr
     proc = dbsync_cmd("tables", "add", "--from", "agent", "--conflict", "nobody-wins", ITEMS, env=env)
     assert proc.returncode != 0
+    pair.agent().execute("CREATE TABLE public.agent_only (id int PRIMARY KEY)")
+    proc = dbsync_cmd("tables", "add", "--from", "agent", "public.agent_only", env=env)
+    assert proc.returncode != 0 and "does not exist on the Site DB" in proc.stderr, proc.stderr
     out = ok(
         dbsync_cmd("tables", "add", "--from", "agent", "--conflict", "latest", "--agent-owns", "stage", ITEMS, env=env)
     )
@@ -213,6 +216,15 @@ def test_tables_add_from_agent_stores_and_validates_the_policy(pair: DbPair) -> 
     assert back["conflict"] == "latest" and back["agent_owns"] == ["stage"]
     text = ok(dbsync_cmd("tables", "list", env=env))
     assert f"{ITEMS}\tfrom agent, key: id, conflict: latest" in text, text
+    out = ok(dbsync_cmd("tables", "remove", "--from", "agent", ITEMS, env=env))
+    assert out.strip() == f"no longer replicating {ITEMS} from the Agent DB", out
+    listed = json.loads(ok(dbsync_cmd("tables", "list", "--json", env=env)))
+    assert [(t["table"], t["from"]) for t in listed] == [
+        ("public.conversations", "site"),
+        ("public.items", "site"),
+        ("public.leads", "site"),
+        ("public.whatsapp_messages", "site"),
+    ]
 
 
 # -- no echo -----------------------------------------------------------------------------------------
@@ -354,10 +366,7 @@ def test_two_way_load_with_sigkill_ends_equal(pair: DbPair, limited: DbPair, tmp
         status = json.loads(proc.stdout)
         assert status["source"] == "site" and status["write_back"]["source"] == "agent"
         assert status["write_back"]["tables"] == [ITEMS]
-        metrics = wait_until(lambda: _metrics(port), what="metrics of both directions")
-        assert "dbsync_active 1" in metrics and "dbsync_write_back_active 1" in metrics, metrics
-        for database in ("site", "agent"):
-            assert f'dbsync_write_back_connected{{database="{database}"}} 1' in metrics, metrics
+        wait_until(lambda: _metrics(port), what="metrics of both directions: active, connected to both databases")
     assert_same(pair, [ITEMS])
     assert _count(pair.site_dsn) == 2 * PER_SIDE
     assert writes(pair.site_dsn, 1, PER_SIDE) == 2 * PER_SIDE, log.read_text()[-3000:]
@@ -367,14 +376,27 @@ def test_two_way_load_with_sigkill_ends_equal(pair: DbPair, limited: DbPair, tmp
     assert writes(pair.site_dsn, AGENT_KEYS, AGENT_KEYS + PER_SIDE) >= PER_SIDE
 
 
-def _metrics(port: int) -> str | None:
-    """The metrics page once both directions hold their lock."""
+def _metrics(port: int) -> set[str] | None:
+    """The samples of the metrics page (not its HELP lines), once both directions hold their lock
+    and are connected to both databases (a direction connects to its source after taking the lock)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             page = str(response.read().decode())
     except OSError:  # not listening yet
         return None
-    return page if "dbsync_write_back_active 1" in page and "dbsync_active 1" in page else None
+    samples = {line for line in page.splitlines() if not line.startswith("#")}
+    return samples if samples >= WANTED else None
+
+
+WANTED = {
+    "dbsync_active 1",
+    "dbsync_write_back_active 1",
+    *(
+        f'{name}{{database="{db}"}} 1'
+        for name in ("dbsync_connected", "dbsync_write_back_connected")
+        for db in ("site", "agent")
+    ),
+}
 
 
 def _count(dsn: str, low: int = 0, high: int = 1 << 62) -> int:
