@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -18,6 +20,8 @@ from dbsync.db import connect, first_line
 from dbsync.errors import DbsyncError, SchemaError
 from dbsync.protocol import ReplicatedTable
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 
 @click.group()
 def tables() -> None:
@@ -31,6 +35,14 @@ def _column_list(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not names:
         raise click.BadParameter("name at least one column", ctx=ctx, param=param)
     return names
+
+
+def origin_option(help_text: str) -> Callable[[F], F]:
+    """--from site|agent: which side's registry (agent: write-back, `dbsync migrate --two-way`)."""
+    option: Callable[[F], F] = click.option(
+        "--from", "origin", type=click.Choice(["site", "agent"]), default="site", show_default=True, help=help_text
+    )
+    return option
 
 
 COLUMNS_HELP = (
@@ -65,14 +77,9 @@ WHERE_HELP = (
     is_flag=True,
     help="For append-only tables without a key: replicate inserts; the Site refuses UPDATE, DELETE and TRUNCATE.",
 )
-@click.option(
-    "--from",
-    "origin",
-    type=click.Choice(["site", "agent"]),
-    default="site",
-    show_default=True,
-    help="Which side's changes to capture: agent registers the tables for write-back (Agent -> Site), "
-    "which `dbsync migrate --two-way` installs.",
+@origin_option(
+    "Which side's changes to capture: agent registers the tables for write-back (Agent -> Site), "
+    "which `dbsync migrate --two-way` installs."
 )
 @click.option(
     "--conflict",
@@ -263,14 +270,7 @@ def alter(
 
 @tables.command("remove")
 @connection_options
-@click.option(
-    "--from",
-    "origin",
-    type=click.Choice(["site", "agent"]),
-    default="site",
-    show_default=True,
-    help="Which side's capture to remove: agent for write-back tables.",
-)
+@origin_option("Which side's capture to remove: agent for write-back tables.")
 @click.argument("names", nargs=-1, required=True)
 def remove(
     config_file: str | None, site_dsn: str | None, agent_dsn: str | None, origin: str, names: tuple[str, ...]
