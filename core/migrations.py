@@ -107,7 +107,7 @@ def other(side: str) -> str:
 
 # The roles dbsync applies with on a two-way database (sql/site/0013_site_write_back.sql): the
 # login role migrating it is the one the daemon connects as with the same settings.
-REGISTER_APPLIER = "INSERT INTO dbsync.appliers (role_name) VALUES (SESSION_USER) ON CONFLICT DO NOTHING"
+REGISTER_APPLIER = "SELECT dbsync.register_applier(SESSION_USER)"
 
 
 def apply_two_way(dsn: str, side: str) -> list[str]:

@@ -51,6 +51,7 @@ NAMES = [
     # 0013_site_write_back.
     "skip_applied",
     "set_conflict_policy",
+    "register_applier",
     # 0010_site_consumers and what it calls.
     "register_consumer",
     "consumer_applied",

@@ -83,6 +83,10 @@ def objects(dsn: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+SKIP_TRIGGER = "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'dbsync.sync_log'::regclass AND NOT tgisinternal"
+APPLIERS = "SELECT count(*) FROM dbsync.appliers WHERE role_name = session_user"
+
+
 def two_way(pair: DbPair) -> None:
     env = pair.env()
     ok(dbsync_cmd("migrate", "--two-way", env=env))
@@ -103,15 +107,16 @@ def both_ways(pair: DbPair) -> None:
 def test_two_way_install_registers_and_uninstalls_both_chains(pair: DbPair) -> None:
     env = pair.env()
     agent_only = objects(pair.agent_dsn)
+    with psycopg.connect(pair.site_dsn, autocommit=True) as conn:  # one-way: capture as it was
+        assert conn.execute(SKIP_TRIGGER).fetchone()[0] == 0  # type: ignore[index]
     out = ok(dbsync_cmd("migrate", "--two-way", env=env))
     assert "0001_agent_core" in out.splitlines()[0] and "0001_site_core" in out.splitlines()[1], out
     for dsn in (pair.site_dsn, pair.agent_dsn):
         with psycopg.connect(dsn, autocommit=True) as conn:
             assert conn.execute("SELECT to_regclass('dbsync.sync_log') IS NOT NULL").fetchone()[0]  # type: ignore[index]
             assert conn.execute("SELECT to_regclass('dbsync.apply_progress') IS NOT NULL").fetchone()[0]  # type: ignore[index]
-            assert (
-                conn.execute("SELECT count(*) FROM dbsync.appliers WHERE role_name = session_user").fetchone()[0] == 1
-            )  # type: ignore[index]
+            assert conn.execute(APPLIERS).fetchone()[0] == 1  # type: ignore[index]
+            assert conn.execute(SKIP_TRIGGER).fetchone()[0] == 1  # type: ignore[index]
     again = ok(dbsync_cmd("migrate", "--two-way", env=env))
     assert again.count("nothing pending") == 2, again
 
@@ -274,7 +279,7 @@ def limited(pair: DbPair) -> Iterator[DbPair]:
             conn.execute(stmt)
         conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {ITEMS} TO {role}")
         conn.execute(f"GRANT INSERT ON public.writes TO {role}")  # the counting trigger's
-        conn.execute(f"INSERT INTO dbsync.appliers (role_name) VALUES ('{role}')")
+        conn.execute("SELECT dbsync.register_applier(%s)", (role,))
     yield DbPair(
         site_dsn=make_conninfo(pair.site_dsn, user=roles["site"]),
         agent_dsn=make_conninfo(pair.agent_dsn, user=roles["agent"]),

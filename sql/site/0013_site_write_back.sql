@@ -5,15 +5,15 @@
 -- would travel back: loop prevention.
 --
 -- * dbsync.appliers: the roles dbsync's daemon applies with on this database (registered by
---   `dbsync migrate --two-way`, or by the DBA). A session of one of them that sets
+--   `dbsync migrate --two-way`, or by the DBA, with dbsync.register_applier). A session of one of them that sets
 --   dbsync.applying = on logs nothing: its writes are the other side's changes arriving.
 --   The setting alone is not enough: any role may set a custom setting, and an application role
 --   that could hide its writes from capture would make the two sides differ unseen. It is
 --   honoured only for the session's login role (SESSION_USER, which SET ROLE does not change).
 -- * The check sits on the log, not in every table's capture function: one BEFORE INSERT trigger
---   whose WHEN clause (a setting lookup, no function call) is false for every application
---   session, so one-way capture keeps its cost. It covers every way an event is logged (row and
---   statement capture, TRUNCATE, insert-only tables).
+--   whose WHEN clause (a setting lookup) is false for every application session. It covers every
+--   way an event is logged (row and statement capture, TRUNCATE, insert-only tables), and is
+--   installed only where an applier is registered: one-way capture is unchanged.
 -- * replicated_tables.conflict / agent_owns: the table's conflict policy, stored with its
 --   registration for the step that enforces it (issue 12 item 3; not enforced yet).
 
@@ -38,10 +38,27 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION dbsync.skip_applied() FROM PUBLIC;
 
-CREATE TRIGGER dbsync_skip_applied BEFORE INSERT ON dbsync.sync_log
-    FOR EACH ROW
-    WHEN (pg_catalog.current_setting('dbsync.applying'::text, true) OPERATOR(pg_catalog.=) 'on'::text)
-    EXECUTE FUNCTION dbsync.skip_applied();
+-- Register a login role as one dbsync applies with here, and install the log trigger if it is
+-- not yet: only a database dbsync also applies to (two-way) has it, so a one-way Site DB's
+-- capture costs what it did (measured with the trigger: some 5-10 us more per captured statement
+-- on this project's loaded 2-core machine, from one BEFORE ROW trigger call per log row).
+CREATE FUNCTION dbsync.register_applier(p_role name) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    INSERT INTO dbsync.appliers (role_name) VALUES (p_role) ON CONFLICT DO NOTHING;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid OPERATOR(pg_catalog.=) 'dbsync.sync_log'::pg_catalog.regclass
+                      AND t.tgname OPERATOR(pg_catalog.=) 'dbsync_skip_applied') THEN
+        CREATE TRIGGER dbsync_skip_applied BEFORE INSERT ON dbsync.sync_log
+            FOR EACH ROW
+            WHEN (pg_catalog.current_setting('dbsync.applying'::text, true) OPERATOR(pg_catalog.=) 'on'::text)
+            EXECUTE FUNCTION dbsync.skip_applied();
+    END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION dbsync.register_applier(name) FROM PUBLIC;
 
 ALTER TABLE dbsync.replicated_tables
     ADD COLUMN conflict text NOT NULL DEFAULT 'site-wins'
