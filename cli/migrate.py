@@ -14,23 +14,37 @@ from dbsync.errors import ConfigError
 @connection_options
 @click.option("--pack", "packs", multiple=True, help="Also apply (or roll back) a schema pack (e.g. whatsapp).")
 @click.option(
+    "--two-way",
+    is_flag=True,
+    help="Also install write-back (Agent -> Site): the capture chain on the Agent DB and the apply chain on "
+    "the Site DB, registering each DSN's role as the one dbsync applies with there. Needs both DSNs.",
+)
+@click.option(
     "--rollback",
     is_flag=True,
     help="Roll back every dbsync migration instead (uninstall): drops the dbsync schema, its log and progress.",
 )
 def migrate(
-    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, packs: tuple[str, ...], rollback: bool
+    config_file: str | None,
+    site_dsn: str | None,
+    agent_dsn: str | None,
+    packs: tuple[str, ...],
+    two_way: bool,
+    rollback: bool,
 ) -> None:
     """Apply pending migrations to every database configured (Site, Agent, or both).
 
     With --rollback, remove them instead, newest first: capture triggers, the sync log and the
-    Site functions, or the Agent's progress and parked events. Stop every daemon first.
+    Site functions, or the Agent's progress and parked events; on a --two-way install both
+    chains of each database. Stop every daemon first.
     """
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn)
     targets = [(side, getattr(settings, f"{side}_dsn")) for side in migrations.SIDES]
     targets = [(side, dsn) for side, dsn in targets if dsn]
     if not targets:
         raise ConfigError("no database to migrate: pass --site-dsn and/or --agent-dsn (or set them in the config)")
+    if two_way and not rollback and len(targets) < len(migrations.SIDES):
+        raise ConfigError("--two-way installs write-back on both databases: pass --site-dsn and --agent-dsn")
     # Every database must be reachable (and the right one) before any is changed.
     if rollback:
         for side, dsn in targets:
@@ -44,5 +58,7 @@ def migrate(
         migrations.check(dsn, side)
     for side, dsn in targets:
         done = migrations.apply(dsn, side, list(packs))
+        if two_way:
+            done += migrations.apply_two_way(dsn, side)
         what = ", ".join(done) if done else "nothing pending"
         click.echo(f"{side} DB ({describe_dsn(dsn)}): {what}")

@@ -11,7 +11,7 @@ import click
 from dbsync.cli.options import connection_options, consumer_timeout_option, json_option
 from dbsync.config import load_settings
 from dbsync.db import connect
-from dbsync.status import read_status
+from dbsync.status import Status, read_status, write_back_installed
 
 
 @click.command()
@@ -42,8 +42,9 @@ def status(
     """Show the high-water mark, the newest log sequence and the lag.
 
     Exits 1 when unhealthy (no active daemon, lag over the threshold, parked events, a failing
-    apply), so monitoring scripts can use it. With --watch it shows lag, apply rate, active
-    daemon and parked events live, and exits 0 on Ctrl-C.
+    apply), so monitoring scripts can use it. Where `dbsync migrate --two-way` installed
+    write-back, the Agent -> Site direction is shown too (JSON: "write_back") and counts. With
+    --watch it shows lag, apply rate, active daemon and parked events live, and exits 0 on Ctrl-C.
     """
     settings = load_settings(
         config_file,
@@ -64,11 +65,29 @@ def status(
         return
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
         st = read_status(site, agent, settings.source, settings.lag_threshold, settings.consumer_timeout)
+        back = None
+        if write_back_installed(site, agent):  # the Agent DB captures, the Site DB applies
+            back = read_status(
+                agent, site, settings.write_back_source, settings.lag_threshold, settings.consumer_timeout
+            )
+    healthy = st.healthy and (back is None or back.healthy)
     if as_json:
-        click.echo(json.dumps(st.as_dict(), indent=2))
-        if not st.healthy:
+        out = st.as_dict()
+        out["write_back"] = None if back is None else back.as_dict()
+        click.echo(json.dumps(out, indent=2))
+        if not healthy:
             raise SystemExit(1)
         return
+    _show(st)
+    if back is not None:
+        click.echo("")
+        click.echo("write-back (Agent DB -> Site DB):")
+        _show(back)
+    if not healthy:
+        raise SystemExit(1)
+
+
+def _show(st: Status) -> None:
     rows = [
         ("source", st.source),
         ("high-water mark", st.high_water_mark),
@@ -103,8 +122,6 @@ def status(
             click.echo(f"  {item['table']}  {item['kind']:<7}  {json.dumps(item['key'])}")
         if st.verify_mismatches > len(st.verify["mismatched_keys"]):
             click.echo(f"  ... and {st.verify_mismatches - len(st.verify['mismatched_keys'])} more")
-    if not st.healthy:
-        raise SystemExit(1)
 
 
 def _verify_line(verify: dict[str, Any]) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -15,8 +17,10 @@ from dbsync.cli.backfill import chunk_options, run_backfill
 from dbsync.cli.options import connection_options, json_option
 from dbsync.config import load_settings
 from dbsync.db import connect, first_line
-from dbsync.errors import DbsyncError
+from dbsync.errors import DbsyncError, SchemaError
 from dbsync.protocol import ReplicatedTable
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group()
@@ -31,6 +35,14 @@ def _column_list(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not names:
         raise click.BadParameter("name at least one column", ctx=ctx, param=param)
     return names
+
+
+def origin_option(help_text: str) -> Callable[[F], F]:
+    """--from site|agent: which side's registry (agent: write-back, `dbsync migrate --two-way`)."""
+    option: Callable[[F], F] = click.option(
+        "--from", "origin", type=click.Choice(["site", "agent"]), default="site", show_default=True, help=help_text
+    )
+    return option
 
 
 COLUMNS_HELP = (
@@ -65,6 +77,24 @@ WHERE_HELP = (
     is_flag=True,
     help="For append-only tables without a key: replicate inserts; the Site refuses UPDATE, DELETE and TRUNCATE.",
 )
+@origin_option(
+    "Which side's changes to capture: agent registers the tables for write-back (Agent -> Site), "
+    "which `dbsync migrate --two-way` installs."
+)
+@click.option(
+    "--conflict",
+    type=click.Choice(registry.CONFLICT_POLICIES),
+    help="With --from agent: who wins when both sides changed a row (default site-wins). Stored with the "
+    "table, NOT enforced yet: a row changed on both sides before either change arrived can end up different "
+    "on the two sides (`dbsync reconcile` finds it).",
+)
+@click.option(
+    "--agent-owns",
+    "agent_owns",
+    callback=_column_list,
+    metavar="A,B",
+    help="With --from agent: the columns whose Agent values win (not key columns). Stored; not enforced yet.",
+)
 @chunk_options
 @click.argument("names", nargs=-1, required=True)
 def add(
@@ -76,6 +106,9 @@ def add(
     do_backfill: bool,
     identity: str | None,
     insert_only: bool,
+    origin: str,
+    conflict: str | None,
+    agent_owns: tuple[str, ...] | None,
     chunk_size: int,
     restart: bool,
     max_chunks: int | None,
@@ -86,17 +119,37 @@ def add(
 
     Every table is checked first; if any cannot be replicated, none is added. With --insert-only
     --backfill, the rows already there are logged in the same Site transaction that installs the
-    capture (exactly once: there is no key to tell a copied row from a new one)."""
+    capture (exactly once: there is no key to tell a copied row from a new one).
+
+    With --from agent the Agent DB's changes to NAMES are captured instead, for the Agent -> Site
+    direction that `dbsync run` then also replicates (`dbsync migrate --two-way` first)."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn", "agent_dsn")
     assert settings.site_dsn and settings.agent_dsn
     selection = registry.Selection(listed, where)
+    policy = None
+    if origin == "agent":
+        policy = registry.Policy(conflict or "site-wins", agent_owns or ())
+    elif conflict is not None or agent_owns is not None:
+        raise click.UsageError("--conflict and --agent-owns are for write-back tables: add --from agent")
     with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+        if origin == "agent":
+            if not registry.captures(agent):
+                raise SchemaError("the Agent DB does not capture changes yet: run `dbsync migrate --two-way` first")
+            site, agent = agent, site  # the Agent's changes are captured, the Site applies them
         infos = registry.add(
-            site, agent, names, selection, identity=identity, insert_only=insert_only, copy_appends=do_backfill
+            site,
+            agent,
+            names,
+            selection,
+            identity=identity,
+            insert_only=insert_only,
+            copy_appends=do_backfill,
+            policy=policy,
         )  # all or none
         chosen = registry.selections(site)
         for info in infos:
-            click.echo(f"replicating {info.label} ({describe(info)}){_described(chosen.get(info.table_id))}")
+            what = describe(info) if policy is None else f"from agent, {describe(info)}, {_policy(policy)}"
+            click.echo(f"replicating {info.label} ({what}){_described(chosen.get(info.table_id))}")
             if info.copied is not None:
                 click.echo(f"{info.label}: backfill complete: {info.copied} rows")
             try:  # capture works regardless; the copy and repair would refuse
@@ -158,6 +211,11 @@ def _stopped(labels: list[str], finished: list[str], at: int, what: str) -> str:
     )
 
 
+def _policy(policy: registry.Policy) -> str:
+    owns = f", agent owns: {', '.join(policy.agent_owns)}" if policy.agent_owns else ""
+    return f"conflict: {policy.conflict}{owns} (stored, not enforced yet)"
+
+
 def _described(selection: registry.Selection | None) -> str:
     if selection is None:
         return ""
@@ -212,47 +270,67 @@ def alter(
 
 @tables.command("remove")
 @connection_options
+@origin_option("Which side's capture to remove: agent for write-back tables.")
 @click.argument("names", nargs=-1, required=True)
-def remove(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, names: tuple[str, ...]) -> None:
+def remove(
+    config_file: str | None, site_dsn: str | None, agent_dsn: str | None, origin: str, names: tuple[str, ...]
+) -> None:
     """Stop capturing the tables NAMES; changes already logged are still applied.
 
     If any of them is missing or not replicated, none is removed."""
-    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
-    assert settings.site_dsn
-    with connect(settings.site_dsn, "Site") as site:
-        for label in registry.remove(site, names):  # all or none
-            click.echo(f"no longer replicating {label}")
+    field = f"{origin}_dsn"
+    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require(field)
+    dsn = getattr(settings, field)
+    with connect(dsn, origin.capitalize()) as conn:
+        if origin == "agent" and not registry.captures(conn):
+            raise SchemaError("the Agent DB does not capture changes: nothing to remove (`dbsync migrate --two-way`)")
+        for label in registry.remove(conn, names):  # all or none
+            click.echo(f"no longer replicating {label}" + (" from the Agent DB" if origin == "agent" else ""))
 
 
 @tables.command("list")
 @connection_options
 @json_option
 def list_(config_file: str | None, site_dsn: str | None, agent_dsn: str | None, as_json: bool) -> None:
-    """List the replicated tables."""
+    """List the replicated tables: Site -> Agent, and Agent -> Site (write-back) when the Agent DB
+    is configured and captures."""
     settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
     assert settings.site_dsn
-    with connect(settings.site_dsn, "Site") as site:
-        infos = registry.listing(site)
-        chosen = registry.selections(site)
-    if as_json:
-        out = []
+    directions = [("site", settings.site_dsn)]
+    if settings.agent_dsn:
+        directions.append(("agent", settings.agent_dsn))
+    out = []
+    lines = []
+    for origin, dsn in directions:
+        with connect(dsn, origin.capitalize()) as conn:
+            if origin == "agent" and not registry.captures(conn):
+                continue
+            infos = registry.listing(conn)
+            chosen = registry.selections(conn)
+            policies = registry.policies(conn) if origin == "agent" else {}
         for i in infos:
             selection = chosen.get(i.table_id, registry.EVERYTHING)
-            out.append(
-                {
-                    "table": i.label,
-                    "key": i.keys,
-                    "table_id": i.table_id,
-                    "mode": i.mode,
-                    "identity": i.identity,
-                    "columns": None if selection.columns is None else list(selection.columns),
-                    "where": selection.where,
-                }
-            )
+            entry = {
+                "table": i.label,
+                "key": i.keys,
+                "table_id": i.table_id,
+                "mode": i.mode,
+                "identity": i.identity,
+                "columns": None if selection.columns is None else list(selection.columns),
+                "where": selection.where,
+                "from": origin,
+            }
+            policy = policies.get(i.table_id)
+            if policy is not None:
+                entry.update(conflict=policy.conflict, agent_owns=list(policy.agent_owns))
+            out.append(entry)
+            what = describe(i) if policy is None else f"from agent, {describe(i)}, {_policy(policy)}"
+            lines.append(f"{i.label}\t{what}{_described(chosen.get(i.table_id))}")
+    if as_json:
         click.echo(json.dumps(out))
         return
-    for info in infos:
-        click.echo(f"{info.label}\t{describe(info)}{_described(chosen.get(info.table_id))}")
+    for line in lines:
+        click.echo(line)
 
 
 @tables.command("refresh")

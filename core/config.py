@@ -33,6 +33,9 @@ class Settings:
     # not seen is reported as stale (it holds the log until dropped).
     consumer: str | None = None
     consumer_timeout: float = 3600.0
+    # Write-back (`dbsync migrate --two-way`): the source name of the Agent -> Site direction,
+    # whose progress and lock live on the Site DB.
+    write_back_source: str = "agent"
     batch_size: int = 10000
     # Poll even without a notification, in case one is lost (seconds).
     poll_interval: float = 1.0
@@ -73,6 +76,20 @@ class Settings:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{name} is not set: pass {flag}, set {env}, or put {name} in the config file")
         return self
+
+    def write_back(self) -> Settings:
+        """The Agent -> Site direction: the same machinery with the databases' roles swapped.
+        The verifications and the HTTP listener stay with the forward direction."""
+        return replace(
+            self,
+            site_dsn=self.agent_dsn,
+            agent_dsn=self.site_dsn,
+            source=self.write_back_source,
+            consumer=None,
+            http=None,
+            full_verify_interval=None,
+            verify_interval=None,
+        )
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}

@@ -1,4 +1,9 @@
-"""Apply the SQL migrations in sql/ with yoyo, to the Site DB or the Agent DB, or roll them back."""
+"""Apply the SQL migrations in sql/ with yoyo, to the Site DB or the Agent DB, or roll them back.
+
+A chain is the migrations of one role (sql/site: capture, sql/agent: apply). Each database gets
+its own role's chain; `dbsync migrate --two-way` also gives each the other one, so that the Agent
+DB captures what it changes and the Site DB can apply it (write-back). yoyo records both chains in
+one _yoyo_migration table: their ids differ."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from yoyo.connections import parse_uri
 from dbsync.config import describe_dsn
 from dbsync.db import connect, first_line, server_version
 from dbsync.errors import MigrationError
-from dbsync.protocol import LOCK_CLASS
+from dbsync.protocol import AGENT_SCHEMA_MARK, LOCK_CLASS, SCHEMA_EXISTS, SITE_SCHEMA_MARK
 
 log = logging.getLogger("dbsync.migrations")
 
@@ -87,10 +92,38 @@ def check(dsn: str, side: str) -> None:
         )
 
 
-def apply(dsn: str, side: str, pack_names: list[str]) -> list[str]:
-    """Apply what is pending on one side; returns the ids applied."""
+def apply(dsn: str, side: str, pack_names: list[str], *, chain: str | None = None) -> list[str]:
+    """Apply what is pending on one side; returns the ids applied. `chain`: the other side's
+    migrations instead (two-way), without packs."""
     check(dsn, side)
+    if chain is not None and chain != side:
+        return _run(dsn, chain, [], rollback=False, side=side)
     return _run(dsn, side, pack_names, rollback=False)
+
+
+def other(side: str) -> str:
+    return next(s for s in SIDES if s != side)
+
+
+# The roles dbsync applies with on a two-way database (sql/site/0013_site_write_back.sql): the
+# login role migrating it is the one the daemon connects as with the same settings.
+REGISTER_APPLIER = "SELECT dbsync.register_applier(SESSION_USER)"
+
+
+def apply_two_way(dsn: str, side: str) -> list[str]:
+    """Give one side the other side's chain too, and register the migrating role as the one
+    dbsync applies with there (its sessions that say so are not captured)."""
+    done = apply(dsn, side, [], chain=other(side))
+    with connect(dsn, side.capitalize()) as conn:
+        conn.execute(REGISTER_APPLIER)
+    return done
+
+
+def two_way(dsn: str, side: str) -> bool:
+    """Whether a database also holds the other side's chain (`dbsync migrate --two-way`)."""
+    mark = SITE_SCHEMA_MARK if side == "agent" else AGENT_SCHEMA_MARK
+    with connect(dsn, side.capitalize()) as conn:
+        return bool(conn.execute(SCHEMA_EXISTS.psycopg, {"rel": mark}).fetchone()[0])  # type: ignore[index]
 
 
 # A migration that changes capture locks the replicated tables and the sync log while the
@@ -100,9 +133,11 @@ def apply(dsn: str, side: str, pack_names: list[str]) -> list[str]:
 DEADLOCK_RETRIES = 5
 
 
-def _run(dsn: str, side: str, pack_names: list[str], *, rollback: bool) -> list[str]:
-    """Apply what is pending, or roll back what is applied (newest first), under yoyo's lock."""
-    migrations = read_migrations(*(str(d) for d in migration_dirs(side, pack_names)))
+def _run(dsn: str, chain: str, pack_names: list[str], *, rollback: bool, side: str | None = None) -> list[str]:
+    """Apply what is pending of a chain, or roll back what is applied (newest first), under
+    yoyo's lock, on the `side` DB (default: the chain's own)."""
+    side = side or chain
+    migrations = read_migrations(*(str(d) for d in migration_dirs(chain, pack_names)))
     done: list[str] = []
     try:
         for attempt in range(DEADLOCK_RETRIES + 1):
@@ -154,11 +189,10 @@ def check_rollback(dsn: str, side: str, pack_names: list[str]) -> bool:
     check(dsn, side)
     where = f"the {role} DB ({describe_dsn(dsn)})"
     recorded, schema, running = _recorded(dsn, role)
-    other = next(s for s in SIDES if s != side)
-    theirs = recorded & _ids(other, packs())
+    theirs = recorded & _ids(other(side), packs())
     if theirs and not recorded & _ids(side, packs()):
         raise MigrationError(
-            f"{where} holds dbsync's {other.capitalize()} DB migrations ({', '.join(sorted(theirs))}), "
+            f"{where} holds dbsync's {other(side).capitalize()} DB migrations ({', '.join(sorted(theirs))}), "
             f"not the {role} DB's: is the DSN the wrong one? nothing was rolled back"
         )
     if schema and not recorded & _ids(side, []):
@@ -172,7 +206,7 @@ def check_rollback(dsn: str, side: str, pack_names: list[str]) -> bool:
                 f"{where} also has the pack {name!r} applied: add --pack {name} to roll it back too "
                 "(that drops its tables); nothing was rolled back"
             )
-    if running and side == "agent":
+    if running and (side == "agent" or recorded & _ids("agent", [])):
         raise MigrationError(
             f"a dbsync daemon is applying to {where}: stop every daemon first; nothing was rolled back"
         )
@@ -180,8 +214,12 @@ def check_rollback(dsn: str, side: str, pack_names: list[str]) -> bool:
 
 
 def rollback(dsn: str, side: str, pack_names: list[str]) -> list[str]:
-    """Roll back every dbsync migration applied on one side (and the packs named), newest first;
-    returns the ids rolled back."""
+    """Roll back every dbsync migration applied on one side (and the packs named), newest first:
+    the other side's chain first where `--two-way` installed it; returns the ids rolled back."""
     if not check_rollback(dsn, side, pack_names):
         return []  # nothing of dbsync's here: do not let yoyo create its tables either
-    return _run(dsn, side, pack_names, rollback=True)
+    recorded, _, _ = _recorded(dsn, side.capitalize())
+    done = []
+    if recorded & _ids(other(side), []):
+        done += _run(dsn, other(side), [], rollback=True, side=side)
+    return done + _run(dsn, side, pack_names, rollback=True)

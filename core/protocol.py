@@ -29,6 +29,11 @@ INITIAL_SNAPSHOT = "3:3:"
 # A relation each side's migration creates: when it is missing, so is the schema.
 SITE_SCHEMA_MARK = "dbsync.sync_log"
 AGENT_SCHEMA_MARK = "dbsync.apply_progress"
+# Said by the daemon's session on the database it applies to: its writes there are the other
+# side's changes, not to be captured back (honoured only for the roles in dbsync.appliers,
+# sql/site/0013_site_write_back.sql). Session-level: the applying link is a session (it holds
+# the source's advisory lock), never a transaction-mode pooler.
+APPLY_MARK = "SET dbsync.applying = on"
 
 
 @dataclass(frozen=True)

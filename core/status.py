@@ -131,6 +131,14 @@ def require_schema(site: psycopg.Connection, agent: psycopg.Connection) -> None:
             raise SchemaError(no_schema(role))
 
 
+def write_back_installed(site: psycopg.Connection, agent: psycopg.Connection) -> bool:
+    """Whether the Agent DB captures and the Site DB applies (`dbsync migrate --two-way`)."""
+    return all(
+        conn.execute(SCHEMA_EXISTS.psycopg, {"rel": rel}).fetchone() == (True,)
+        for conn, rel in ((agent, SITE_SCHEMA_MARK), (site, AGENT_SCHEMA_MARK))
+    )
+
+
 def read_status(
     site: psycopg.Connection,
     agent: psycopg.Connection,

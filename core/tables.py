@@ -79,6 +79,7 @@ def add(
     identity: str | None = None,
     insert_only: bool = False,
     copy_appends: bool = False,
+    policy: Policy | None = None,
 ) -> list[AddedTable]:
     """Check every table on both sides, then install capture on all of them in one Site transaction.
 
@@ -90,13 +91,18 @@ def add(
     `identity` names the unique index that stands in for a missing primary key (one table only);
     `insert_only` registers keyless append-only tables, whose existing rows `copy_appends` logs
     in the same transaction (`copied` of each result): a copy any later would duplicate rows
-    inserted in between."""
+    inserted in between.
+
+    `policy`: write-back (`site` is then the Agent DB, whose changes are captured): the conflict
+    policy stored with each registration (sql/site/0013_site_write_back.sql; not enforced yet)."""
     if identity is not None and insert_only:
         raise SchemaError("--identity and --insert-only exclude each other: a table has a key or has none")
     if identity is not None and len(set(names)) > 1:
         raise SchemaError("--identity names the index of one table: add the tables one at a time")
     if not selection.everything and len(set(names)) > 1:
         raise SchemaError("--columns and --where apply to one table: add the tables one at a time")
+    if policy is not None and policy.agent_owns and len(set(names)) > 1:
+        raise SchemaError("--agent-owns names one table's columns: add the tables one at a time")
     if not selection.everything and insert_only:
         raise SchemaError(
             "--columns and --where do not apply to --insert-only tables: their rows are logged whole, as inserted"
@@ -109,7 +115,13 @@ def add(
     for name in names:
         try:
             schema, table, keys, site_cols, index = _check_add(
-                site, agent, name, identity, insert_only, selection.columns
+                site,
+                agent,
+                name,
+                identity,
+                insert_only,
+                selection.columns,
+                ("Agent", "Site") if policy else ("Site", "Agent"),
             )
         except SchemaError as exc:
             problems.append(str(exc))
@@ -129,6 +141,11 @@ def add(
                 ).fetchone()[0]  # type: ignore[index]
                 if filters:  # also clears what a table removed and added again had
                     _set_selection(site, schema, table, selection)
+                if policy is not None:
+                    site.execute(
+                        "SELECT dbsync.set_conflict_policy(%s::regclass, %s, %s)",
+                        (sql.Identifier(schema, table).as_string(site), policy.conflict, list(policy.agent_owns)),
+                    )
                 copied = None
                 if insert_only and copy_appends:
                     copied = site.execute("SELECT dbsync.copy_insert_only(%s)", (table_id,)).fetchone()[0]  # type: ignore[index]
@@ -139,6 +156,25 @@ def add(
         reason = f"cannot add {label}: {first_line(exc).removeprefix('dbsync: ')}"
         raise SchemaError(_none_done([reason], len(names), "added")) from None
     return infos
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A write-back table's conflict policy (issue 12 item 3), as the Agent DB's registry stores it."""
+
+    conflict: str = "site-wins"
+    agent_owns: tuple[str, ...] = ()
+
+
+CONFLICT_POLICIES = ("site-wins", "agent-wins", "latest")
+
+
+def policies(capture: psycopg.Connection) -> dict[int, Policy]:
+    """The stored policy of each table registered on a write-back registry (the Agent DB's)."""
+    rows = capture.execute(
+        "SELECT table_id, conflict, agent_owns FROM dbsync.replicated_tables WHERE removed_at IS NULL"
+    ).fetchall()
+    return {r[0]: Policy(r[1], tuple(r[2])) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -182,10 +218,13 @@ def _check_add(
     identity: str | None,
     insert_only: bool,
     listed: tuple[str, ...] | None = None,
+    sides: tuple[str, str] = ("Site", "Agent"),
 ) -> tuple[str, str, list[str], list[str], str | None]:
     """(schema, table, key columns, Site columns, identity index) of a table that can be added;
-    SchemaError if not."""
-    schema, table = resolve(site, name, "Site")
+    SchemaError if not. `sides`: the capturing and the applying database's names in messages
+    (write-back captures on the Agent DB)."""
+    src, dst = sides
+    schema, table = resolve(site, name, src)
     label = display_name(schema, table)
     index = None
     if insert_only:
@@ -207,23 +246,23 @@ def _check_add(
     check_column_list(label, listed, site_cols, keys)
     agent_cols = columns(agent, schema, table) if _exists(agent, schema, table) else None
     if agent_cols is None:
-        raise SchemaError(f"table {label} does not exist on the Agent DB; create it there first")
+        raise SchemaError(f"table {label} does not exist on the {dst} DB; create it there first")
     replicated = [c for c in site_cols if listed is None or c in listed]
     missing = [c for c in replicated if c not in agent_cols]
     if missing:
-        raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(missing)}")
+        raise SchemaError(f"table {label} on the {dst} DB lacks column(s) {', '.join(missing)}")
     if insert_only:
         return schema, table, keys, site_cols, index
     if index is None:
         agent_keys = primary_key(agent, schema, table)
         if sorted(agent_keys) != sorted(keys):
             raise SchemaError(
-                f"table {label}: the Agent DB's primary key ({', '.join(agent_keys) or 'none'}) "
-                f"differs from the Site DB's ({', '.join(keys)})"
+                f"table {label}: the {dst} DB's primary key ({', '.join(agent_keys) or 'none'}) "
+                f"differs from the {src} DB's ({', '.join(keys)})"
             )
     elif not has_unique_index(agent, schema, table, keys):
         raise SchemaError(
-            f"table {label}: the Agent DB has no primary key or unique index on ({', '.join(keys)}), "
+            f"table {label}: the {dst} DB has no primary key or unique index on ({', '.join(keys)}), "
             "which the apply's ON CONFLICT needs; create one there first"
         )
     # Rows are matched by key on both sides: each key type needs an equality operator there.
@@ -305,6 +344,13 @@ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
 """
 
 SET_SELECTION = "SELECT dbsync.set_table_filter(%s::regclass, %s::text[], %s::text)"
+
+
+def captures(conn: psycopg.Connection) -> bool:
+    """Whether a database has dbsync's capture chain: always the Site DB; the Agent DB after
+    `dbsync migrate --two-way`."""
+    row = conn.execute("SELECT pg_catalog.to_regclass('dbsync.sync_log') IS NOT NULL").fetchone()
+    return bool(row and row[0])
 
 
 def has_filters(site: psycopg.Connection) -> bool:

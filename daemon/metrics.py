@@ -72,7 +72,12 @@ class VerifyGauges:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """One direction's metrics. The forward one (Site -> Agent) is named dbsync_*; write-back's
+    (Agent -> Site) are the same set named `prefix`* (dbsync_write_back_*), so the forward names,
+    labels and the rules that use them stay as they are."""
+
+    def __init__(self, prefix: str = "dbsync_") -> None:
+        self.prefix = prefix
         self.applied: Counter[tuple[str, str]] = Counter()
         self.parked = 0
         self.batch_size = Histogram(SIZE_BUCKETS)
@@ -85,7 +90,7 @@ class Metrics:
         self.batch_seconds.observe(report.seconds)
 
     def render(self, g: Gauges) -> str:
-        out = _Text()
+        out = _Text(self.prefix)
         out.family("dbsync_events_applied_total", "counter", "Events applied to the Agent DB.")
         for (table, op), n in sorted(self.applied.items()):
             out.sample("dbsync_events_applied_total", n, table=table, op=OP_NAMES.get(op, op))
@@ -145,14 +150,19 @@ def _verify(out: _Text, v: VerifyGauges) -> None:
 
 
 class _Text:
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "dbsync_") -> None:
         self.lines: list[str] = []
+        self.prefix = prefix
+
+    def _name(self, name: str) -> str:
+        return self.prefix + name.removeprefix("dbsync_")
 
     def family(self, name: str, kind: str, help_text: str) -> None:
+        name = self._name(name)
         self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
     def sample(self, name: str, value: float, **labels: str) -> None:
-        self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        self.lines.append(f"{self._name(name)}{_labels(labels)} {_number(value)}")
 
     def single(self, name: str, kind: str, help_text: str, value: float) -> None:
         self.family(name, kind, help_text)

@@ -55,6 +55,7 @@ from dbsync.db import display_name
 from dbsync.errors import ApplyError, ConfigError, ConnectError, DbsyncError, DriftError, SchemaError
 from dbsync.protocol import (
     AGENT_SCHEMA_MARK,
+    APPLY_MARK,
     CHANNEL,
     CLAIM,
     HOLDER,
@@ -236,6 +237,7 @@ class Replicator:
                 "the Agent role may not set session_replication_role; Agent DB triggers and foreign keys "
                 "fire on replicated rows"
             )
+        await agent.execute(APPLY_MARK)  # and capture there, where write-back is installed, skips them
         # Pages commit without waiting for the WAL flush; the log is pruned only behind a flushed commit.
         await self.applier.relax_commit(agent)
         row = await agent.fetchrow(READ_PROGRESS.asyncpg, self.settings.source)
@@ -383,9 +385,7 @@ class Replicator:
             if self._small_batches:
                 # Most batches are small: opened and read whole in one statement.
                 limit = min(self.settings.batch_size, SMALL_BATCH_EVENTS)
-                opened, count, self._last_snapshot, small = await read_small_batch(
-                    self.reader, progress, stored, limit
-                )
+                opened, count, self._last_snapshot, small = await read_small_batch(self.reader, progress, stored, limit)
                 if small is not None:
                     progress = opened
                     self.stats.whole += 1

@@ -11,6 +11,7 @@ running blind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Mapping
@@ -19,7 +20,9 @@ from typing import Any
 import asyncpg
 
 from dbsync.config import Settings
+from dbsync.daemon import pg
 from dbsync.daemon.alerts import Alerter
+from dbsync.daemon.backoff import Backoff
 from dbsync.daemon.http import Response, serve
 from dbsync.daemon.lag import Lag, LagProbe
 from dbsync.daemon.metrics import CONTENT_TYPE, Gauges, Metrics, VerifyGauges
@@ -28,6 +31,7 @@ from dbsync.daemon.runner import APPLYING, STANDBY, Replicator, holder_name
 from dbsync.daemon.sdnotify import Notifier
 from dbsync.daemon.verify import Mismatch, Verifier
 from dbsync.errors import DbsyncError
+from dbsync.protocol import AGENT_SCHEMA_MARK, SCHEMA_EXISTS, SITE_SCHEMA_MARK
 
 log = logging.getLogger("dbsync.daemon")
 
@@ -55,6 +59,7 @@ class Service:
         self.replicator = r = Replicator(settings, stop=stop)
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
+        self.write_back_metrics = Metrics("dbsync_write_back_")
         self.probe = LagProbe(settings.site_dsn)
         self.alerter = Alerter(settings.alert_webhook, source=settings.source, daemon=holder_name())
         self.lag: Lag | None = None
@@ -64,6 +69,8 @@ class Service:
             if settings.full_verify_interval is not None or settings.verify_interval is not None
             else None
         )
+        # The Agent -> Site direction, once `run` has found write-back installed on both sides.
+        self.write_back: Replicator | None = None
         self._sender: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
         self._crashed: BaseException | None = None
@@ -78,12 +85,18 @@ class Service:
     async def run(self, *, once: bool = False) -> None:
         if once:
             await self.replicator.run(once=True)
+            if await write_back_installed(self.settings):
+                await Replicator(self.settings.write_back(), stop=self.stop).run(once=True)
             return
         server = None
         if self.settings.http:
             routes = {"/metrics": self.metrics_page, "/healthz": self.liveness, "/readyz": self.readiness}
             server = await serve(self.settings.http, routes)
-        helpers = [self._helper(self._monitor(), "lag monitor"), self._helper(self._reloads(), "config reload")]
+        helpers = [
+            self._helper(self._monitor(), "lag monitor"),
+            self._helper(self._reloads(), "config reload"),
+            self._helper(self._write_back(), "write-back"),
+        ]
         self._sender = self._helper(self.alerter.run(), "alert sender")
         if self.verifier is not None:
             loop = asyncio.get_running_loop()
@@ -127,6 +140,30 @@ class Service:
         self._crashed = exc
         self.stop.set()
 
+    # -- write-back ------------------------------------------------------------------------------
+    async def _write_back(self) -> None:
+        """Replicate Agent -> Site too when `dbsync migrate --two-way` installed it: the Agent DB
+        captures and the Site DB applies (found once, at start; retried while a database does not
+        answer). Its source has its own progress and lock on the Site DB, so standbys work the same."""
+        backoff = Backoff(self.settings.retry_initial, self.settings.retry_max)
+        while not self.stop.is_set():
+            try:
+                found = await write_back_installed(self.settings)
+                break
+            except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=backoff.next_delay())
+        else:
+            return
+        if not found:
+            return
+        log.info(
+            "write-back is installed: also replicating Agent -> Site as source %r", self.settings.write_back_source
+        )
+        self.write_back = Replicator(self.settings.write_back(), stop=self.stop)
+        self.write_back.on_report = self.write_back_metrics.record
+        await self.write_back.run()
+
     # -- reloads ---------------------------------------------------------------------------------
     async def _reloads(self) -> None:
         while True:
@@ -144,6 +181,8 @@ class Service:
         """Swap in reloaded settings (only dbsync.daemon.reload.LIVE may differ)."""
         self.settings = settings
         self.replicator.use_settings(settings)
+        if self.write_back is not None:
+            self.write_back.use_settings(settings.write_back())
         if self.verifier is not None:
             self.verifier.settings = settings  # read at each range
         logging.getLogger().setLevel(settings.log_level.upper())
@@ -255,10 +294,14 @@ class Service:
         if self.stop.is_set():
             return "stopping"
         if r.problem is not None:
-            return r.problem_state
-        if r.state == APPLYING and self.lag is not None:
-            return f"applying; lag {self.lag.seconds:.2f} s, {self.lag.events} events behind"
-        return r.state
+            text = r.problem_state
+        elif r.state == APPLYING and self.lag is not None:
+            text = f"applying; lag {self.lag.seconds:.2f} s, {self.lag.events} events behind"
+        else:
+            text = r.state
+        if self.write_back is not None:
+            text += f"; write-back {_state(self.write_back)}"
+        return text
 
     def liveness(self) -> Response:
         return 200, "text/plain", f"alive; {self.public_status()}\n"
@@ -281,25 +324,19 @@ class Service:
             reason = "lag unknown"
         elif lag.seconds > self.settings.lag_threshold:
             reason = f"lag {lag.seconds:.1f} s is over the threshold of {self.settings.lag_threshold:g} s"
+        elif self.write_back is not None and _state(self.write_back) not in (APPLYING, STANDBY):
+            reason = f"write-back {_state(self.write_back)}"
         if reason is not None:
             return 503, "text/plain", f"not ready: {reason}\n"
         return 200, "text/plain", f"ready; {self.public_status()}\n"
 
     def metrics_page(self) -> Response:
         r, lag = self.replicator, self.lag
-        gauges = Gauges(
-            active=r.active,
-            site_connected=_is_open(r.site),
-            agent_connected=_is_open(r.agent),
-            lag_seconds=lag.seconds if lag else None,
-            lag_events=lag.events if lag else None,
-            parked_events=r.applier.parked,
-            reconnects=r.stats.reconnects,
-            last_apply_at=r.stats.last_apply_at,
-            verify=self._verify_gauges(),
-            stale_consumers=len(r.retention.stale) if r.active else None,
-        )
-        return 200, CONTENT_TYPE, self.metrics.render(gauges)
+        lag_seconds, lag_events = (lag.seconds, lag.events) if lag else (None, None)
+        page = self.metrics.render(_gauges(r, lag_seconds, lag_events, self._verify_gauges()))
+        if self.write_back is not None:  # its "Site" is the Agent DB: connected{database} says which is which
+            page += self.write_back_metrics.render(_gauges(self.write_back, swapped=True))
+        return 200, CONTENT_TYPE, page
 
     def _verify_gauges(self) -> VerifyGauges | None:
         v = self.verifier
@@ -318,6 +355,50 @@ class Service:
             keys_verified=None if keys is None else keys.keys,
             key_passes=None if keys is None else keys.passes,
         )
+
+
+async def write_back_installed(settings: Settings) -> bool:
+    """Whether the Agent DB captures (its Site chain) and the Site DB can apply (its Agent chain)."""
+    assert settings.site_dsn and settings.agent_dsn
+    found = []
+    for dsn, role, mark in (
+        (settings.agent_dsn, "Agent", SITE_SCHEMA_MARK),
+        (settings.site_dsn, "Site", AGENT_SCHEMA_MARK),
+    ):
+        conn = await pg.connect(dsn, role, io_timeout=settings.io_timeout)
+        try:
+            found.append(bool(await conn.fetchval(SCHEMA_EXISTS.asyncpg, mark)))
+        finally:
+            await conn.close()
+    return all(found)
+
+
+def _gauges(
+    r: Replicator,
+    lag_seconds: float | None = None,
+    lag_events: int | None = None,
+    verify: VerifyGauges | None = None,
+    *,
+    swapped: bool = False,
+) -> Gauges:
+    source, target = _is_open(r.site), _is_open(r.agent)
+    return Gauges(
+        active=r.active,
+        site_connected=target if swapped else source,
+        agent_connected=source if swapped else target,
+        lag_seconds=lag_seconds,
+        lag_events=lag_events,
+        parked_events=r.applier.parked,
+        reconnects=r.stats.reconnects,
+        last_apply_at=r.stats.last_apply_at,
+        verify=verify,
+        stale_consumers=len(r.retention.stale) if r.active else None,
+    )
+
+
+def _state(r: Replicator) -> str:
+    """A direction's state in one word safe to show anyone."""
+    return r.problem_state if r.problem is not None else r.state
 
 
 def _is_open(conn: asyncpg.Connection | None) -> bool:

@@ -48,6 +48,10 @@ NAMES = [
     "jsonb_build_object",
     "json_typeof",
     "json_agg",
+    # 0013_site_write_back.
+    "skip_applied",
+    "set_conflict_policy",
+    "register_applier",
     # 0010_site_consumers and what it calls.
     "register_consumer",
     "consumer_applied",

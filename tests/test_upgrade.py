@@ -24,6 +24,7 @@ FILTERS = "0009_site_filters"
 CONSUMERS = "0010_site_consumers"
 KEYED_READS = "0011_site_keyed_reads"
 SMALL_STATEMENTS = "0012_site_small_statements"
+WRITE_BACK = "0013_site_write_back"
 
 
 def apply_site_before(dsn: str, last_excluded: str) -> list[str]:
@@ -119,6 +120,7 @@ def test_migrating_under_writers_over_an_old_backlog_loses_and_doubles_nothing(b
             CONSUMERS,
             KEYED_READS,
             SMALL_STATEMENTS,
+            WRITE_BACK,
         ]
         wait_until(lambda: formats(pair.site_dsn)[1] >= 300, timeout=60, what="key-only events after the upgrade")
     finally:

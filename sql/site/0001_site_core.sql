@@ -1,7 +1,26 @@
 -- dbsync Site DB core: the sync log, the capture trigger and the registry of replicated tables.
 -- Requires PostgreSQL 13+ (xid8, pg_current_xact_id, pg_snapshot).
 
-CREATE SCHEMA dbsync;
+-- The schema is new, or (`dbsync migrate --two-way`: this database is also an Agent DB) the one
+-- the Agent chain created: refused unless the installing role owns it, nobody else may create in
+-- it and it holds the Agent chain's mark table, so a schema planted by another role is never used.
+DO $do$
+DECLARE
+    v_owner oid;
+BEGIN
+    SELECT n.nspowner INTO v_owner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'dbsync';
+    IF NOT FOUND THEN
+        CREATE SCHEMA dbsync;
+    ELSIF v_owner OPERATOR(pg_catalog.<>) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)
+          OR pg_catalog.to_regclass('dbsync.apply_progress') IS NULL
+          OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+                      WHERE n.nspname OPERATOR(pg_catalog.=) 'dbsync' AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+                        AND a.grantee OPERATOR(pg_catalog.<>) v_owner) THEN
+        RAISE EXCEPTION 'dbsync: a schema dbsync already exists that dbsync''s Agent chain did not create for this role; refusing to install into it'
+            USING ERRCODE = 'duplicate_schema';
+    END IF;
+END
+$do$;
 REVOKE ALL ON SCHEMA dbsync FROM PUBLIC;
 
 -- Tables whose changes are captured. The Agent DB holds a table of the same schema and name.
