@@ -73,6 +73,8 @@ class Service:
         self.write_back: Replicator | None = None
         self._sender: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
+        # Set once the Site -> Agent direction has connected (applying or standby).
+        self._forward_up = asyncio.Event()
         self._crashed: BaseException | None = None
         r.on_report = self.metrics.record
         if self.verifier is not None and self.verifier.keys is not None:
@@ -145,6 +147,11 @@ class Service:
         """Replicate Agent -> Site too when `dbsync migrate --two-way` installed it: the Agent DB
         captures and the Site DB applies (found once, at start; retried while a database does not
         answer). Its source has its own progress and lock on the Site DB, so standbys work the same."""
+        # Not before the Site -> Agent direction is up: a DSN it refuses (a transaction-mode
+        # pooler) stops the daemon, and connections of this one through the same pooler at the
+        # same moment could hand the first direction's pooler probe a server session of its own
+        # twice (dbsync.pooler), so that it would not see the pooler at all.
+        await self._forward_up.wait()
         backoff = Backoff(self.settings.retry_initial, self.settings.retry_max)
         while not self.stop.is_set():
             try:
@@ -214,6 +221,7 @@ class Service:
 
     def _on_state(self, state: str) -> None:
         if state in (APPLYING, STANDBY):
+            self._forward_up.set()
             self.notifier.ready(self.status_line())
         else:
             self.notifier.status(self.status_line())
