@@ -986,7 +986,9 @@ def test_idle_daemon_notices_the_end_of_its_listening_session_alone(pair: DbPair
         lambda: site.execute("SELECT armed FROM dbsync.doorbell").fetchone()[0],  # type: ignore[index]
         20, 0.02, "the idle daemon to arm the doorbell",
     )
-    before = set(dbsync_backends(pair.site_dsn))
+    # The daemon's two Site sessions; the short connections that look for write-back once the
+    # daemon is up (daemon/service.py) come and go meanwhile.
+    before = set(wait_until(lambda: len(b := dbsync_backends(pair.site_dsn)) == 2 and b, 15, 0.02, "two Site sessions"))
     listening = site.execute(  # the Site session connects first, the reader after it
         "SELECT pid FROM pg_stat_activity WHERE pid = ANY (%s) ORDER BY backend_start LIMIT 1", (list(before),)
     ).fetchone()
