@@ -238,3 +238,40 @@ def test_run_once_with_incremental_verification_keeps_what_is_unverified(pair: D
     ).fetchone()
     assert unseen is not None and unseen[0] > 0, "run --once reported events as applied that nothing verified"
     assert log_rows(site) > 0
+
+
+def sync_log_rows_read(site: psycopg.Connection) -> int:
+    """Rows of dbsync.sync_log read so far (sequential and by index), as the statistics say."""
+    site.execute("SELECT pg_stat_force_next_flush()")
+    row = site.execute(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables"
+        " WHERE relid = 'dbsync.sync_log'::regclass"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_prune_reads_what_it_deletes_not_the_kept_log(pair: DbPair) -> None:
+    """The log a consumer has not applied yet (a catch-up backlog, a verified mark far behind, a
+    stale consumer) is kept, and each retention round (every 2 s) must not read it all again to
+    find that nothing of it may go: a prune's reads follow what it deletes."""
+    site = pair.site()
+    consumer = consumer_of(pair)
+    site.execute("SELECT dbsync.register_consumer(%s, pg_current_snapshot()::text)", (consumer,))
+    applied = 50
+    for i in range(applied):
+        insert(site, f"+1{i:05d}")
+    position = str(site.execute("SELECT pg_current_snapshot()::text").fetchone()[0])  # type: ignore[index]
+    kept = 20_000  # the backlog after the position, one event per statement
+    site.execute(
+        f"DO $$BEGIN FOR i IN 1..{kept} LOOP"
+        " INSERT INTO conversations (phone_number) VALUES ('+2' || i); END LOOP; END$$"
+    )
+    site.execute("ANALYZE dbsync.sync_log")
+    site.execute("SELECT dbsync.consumer_applied(%s, %s)", (consumer, position))
+    for _ in range(6):  # past PL/pgSQL's switch to a generic plan (after five executions)
+        before = sync_log_rows_read(site)
+        deleted = int(site.execute("SELECT dbsync.prune_log(10000)").fetchone()[0])  # type: ignore[index]
+        read = sync_log_rows_read(site) - before
+        assert read <= 1_000, f"one prune read {read} log rows to delete {deleted} of {applied} applied ones"
+    assert log_rows(site) == kept
