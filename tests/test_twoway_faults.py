@@ -1,0 +1,159 @@
+"""Write-back under faults and the changes a row can go through (issue 12): link cuts on either
+side while both sides write, a key changed on either side, a TRUNCATE on either side. Each test
+ends with both sides equal and shows that nothing came back: every row write is counted on both
+sides (tests/test_twoway.py's ENABLE ALWAYS trigger), and each side's own keys were written
+exactly as often as its writer wrote them, whatever the daemon replayed after a fault.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import psycopg
+import pytest
+
+from tests.helpers import Daemon, DbPair, assert_same, same, wait_until
+from tests.proxy import Proxy
+from tests.test_faults import routed
+from tests.test_twoway import AGENT_KEYS, ITEMS, both_ways, last_seq, logged, two_way, writes
+
+
+class Writer:
+    """Inserts a key and updates it, key after key, on one side until stopped: two writes a key."""
+
+    def __init__(self, dsn: str, first: int) -> None:
+        self.dsn, self.first, self.done = dsn, first, 0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while not self.stop.is_set():
+                    key = self.first + self.done
+                    conn.execute(f"INSERT INTO {ITEMS} VALUES (%s, 'v', NULL, 0)", (key,))
+                    conn.execute(f"UPDATE {ITEMS} SET score = 1 WHERE id = %s", (key,))
+                    self.done += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def start(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.thread.join(timeout=60)
+        assert self.error is None, self.error
+        return self.done
+
+
+def applied(dsn: str, source: str) -> int:
+    """Events one direction has applied, from its progress row on its target."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT events_applied FROM dbsync.apply_progress WHERE source = %s", (source,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_both_apply(pair: DbPair) -> None:
+    """Until each direction applies something new: connected and working."""
+    before = applied(pair.agent_dsn, "site"), applied(pair.site_dsn, "agent")
+    wait_until(
+        lambda: applied(pair.agent_dsn, "site") > before[0] and applied(pair.site_dsn, "agent") > before[1],
+        45,
+        0.05,
+        "both directions to apply new events",
+    )
+
+
+@pytest.mark.parametrize("side", ["site", "agent"])
+def test_two_way_link_cut_repeatedly_ends_equal_without_echo(pair: DbPair, side: str, tmp_path, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Every connection of the daemon to one database, which both directions use (one reads it,
+    the other applies to it), dies four times while both sides write."""
+    two_way(pair)
+    dsn = pair.site_dsn if side == "site" else pair.agent_dsn
+    host_port = psycopg.conninfo.conninfo_to_dict(dsn)
+    proxy = Proxy(str(host_port.get("host") or "127.0.0.1"), int(host_port.get("port") or 5432)).start()
+    log = tmp_path / "daemon.log"
+    rng = random.Random(f"{seed}:two-way cuts")
+    writers = [Writer(pair.site_dsn, 1).start(), Writer(pair.agent_dsn, AGENT_KEYS).start()]
+    try:
+        with Daemon(routed(pair, **{side: proxy}), log_path=log) as d:
+            for _ in range(4):
+                wait_both_apply(pair)
+                more = writers[0].done + rng.randint(5, 50)  # a random amount of work between cuts
+                wait_until(lambda n=more: writers[0].done >= n, 30, 0.01, "the Site writer to write")  # type: ignore[misc]
+                accepted = proxy.accepted
+                assert proxy.cut() >= 1
+                wait_until(lambda n=accepted: proxy.accepted > n, 20, what="the daemon to reconnect")  # type: ignore[misc]
+            wait_both_apply(pair)
+            site_keys, agent_keys = (w.finish() for w in writers)
+            wait_until(lambda: same(pair, [ITEMS]), 90, 0.1, "both sides equal")
+            assert d.proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        for w in writers:
+            w.stop.set()
+        proxy.close()
+    assert_same(pair, [ITEMS])
+    assert " ERROR " in log.read_text(), "the daemon reported none of the cuts"
+    assert site_keys > 10 and agent_keys > 10, (site_keys, agent_keys)
+    # No echo: each side's own keys were written twice each (insert, update), by its writer only.
+    assert writes(pair.site_dsn, 1, AGENT_KEYS - 1) == 2 * site_keys, log.read_text()[-3000:]
+    assert writes(pair.agent_dsn, AGENT_KEYS, 1 << 62) == 2 * agent_keys, log.read_text()[-3000:]
+    # And each arrived on the other side (at least once: a page replayed after a cut writes again).
+    assert writes(pair.agent_dsn, 1, AGENT_KEYS - 1) >= site_keys
+    assert writes(pair.site_dsn, AGENT_KEYS, 1 << 62) >= agent_keys
+
+
+def _settled(pair: DbPair) -> None:
+    """Both directions apply what is pending, more rounds than an echo needs to come back."""
+    for _ in range(3):
+        both_ways(pair)
+
+
+@pytest.mark.parametrize("side", ["site", "agent"])
+def test_a_key_changed_on_either_side_moves_the_row_on_both(pair: DbPair, side: str) -> None:
+    two_way(pair)
+    site, agent = pair.site(), pair.agent()
+    site.execute(f"INSERT INTO {ITEMS} VALUES (1, 'from site', NULL, NULL)")
+    agent.execute(f"INSERT INTO {ITEMS} VALUES ({AGENT_KEYS}, 'from agent', 'new', 1)")
+    _settled(pair)
+    assert_same(pair, [ITEMS])
+    marks = last_seq(pair.site_dsn), last_seq(pair.agent_dsn)
+    writer = site if side == "site" else agent
+    # Both rows get new keys (and a changed column), on one side, in one statement.
+    writer.execute(f"UPDATE {ITEMS} SET id = id + 500000, v = v || ' moved'")
+    _settled(pair)
+    assert_same(pair, [ITEMS])
+    ids = {r[0] for r in pair.site().execute(f"SELECT id FROM {ITEMS}").fetchall()}
+    assert ids == {500001, AGENT_KEYS + 500000}, ids
+    # The side that wrote logged its change; the side it was applied to logged nothing (no echo).
+    site_logged, agent_logged = logged(pair.site_dsn, marks[0]), logged(pair.agent_dsn, marks[1])
+    assert (site_logged > 0, agent_logged > 0) == (side == "site", side == "agent"), (site_logged, agent_logged)
+
+
+@pytest.mark.parametrize("side", ["site", "agent"])
+def test_a_truncate_on_either_side_empties_both_and_replication_goes_on(pair: DbPair, side: str) -> None:
+    two_way(pair)
+    site, agent = pair.site(), pair.agent()
+    site.execute(f"INSERT INTO {ITEMS} SELECT g, 'from site', NULL, NULL FROM generate_series(1, 50) g")
+    agent.execute(
+        f"INSERT INTO {ITEMS} SELECT g, 'from agent', 'new', 1 FROM generate_series({AGENT_KEYS}, {AGENT_KEYS + 49}) g"
+    )
+    _settled(pair)
+    assert_same(pair, [ITEMS])
+    marks = last_seq(pair.site_dsn), last_seq(pair.agent_dsn)
+    (site if side == "site" else agent).execute(f"TRUNCATE {ITEMS}")
+    _settled(pair)
+    for conn in (pair.site(), pair.agent()):
+        assert conn.execute(f"SELECT count(*) FROM {ITEMS}").fetchone()[0] == 0  # type: ignore[index]
+    site_logged, agent_logged = logged(pair.site_dsn, marks[0]), logged(pair.agent_dsn, marks[1])
+    assert (site_logged > 0, agent_logged > 0) == (side == "site", side == "agent"), (site_logged, agent_logged)
+    # Both directions go on after it.
+    site.execute(f"INSERT INTO {ITEMS} VALUES (7, 'after', NULL, NULL)")
+    agent.execute(f"INSERT INTO {ITEMS} VALUES ({AGENT_KEYS + 7}, 'after', 'new', 1)")
+    _settled(pair)
+    assert_same(pair, [ITEMS])
+    assert pair.agent().execute(f"SELECT count(*) FROM {ITEMS}").fetchone()[0] == 2  # type: ignore[index]
