@@ -11,10 +11,12 @@ from typing import Any
 import click
 import psycopg
 
+from dbsync import tables as registry
 from dbsync.backfill import BackfillError, BackfillProgress, backfill
-from dbsync.cli.options import connection_options
+from dbsync.cli.options import connection_options, direction, origin_option
 from dbsync.config import load_settings
 from dbsync.db import connect, first_line
+from dbsync.errors import SchemaError
 from dbsync.rls import from_error, is_rls_error
 
 
@@ -39,6 +41,7 @@ def chunk_options(func: Callable[..., None]) -> Callable[..., None]:
 @click.command("backfill")
 @connection_options
 @chunk_options
+@origin_option("Whose rows: agent copies write-back tables' Agent rows to the Site DB.")
 @click.argument("names", nargs=-1, required=True)
 def backfill_cmd(
     config_file: str | None,
@@ -47,30 +50,44 @@ def backfill_cmd(
     chunk_size: int,
     restart: bool,
     max_chunks: int | None,
+    origin: str,
     names: tuple[str, ...],
 ) -> None:
     """Copy the existing rows of the replicated tables NAMES to the Agent DB.
 
     The rows go through the sync log in key order, a chunk per transaction, and the running daemon
     applies them in order with live changes. An interrupted backfill resumes where it stopped.
+    With --from agent, the Agent DB's rows of the write-back tables NAMES go to the Site DB.
     """
-    settings = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn).require("site_dsn")
+    loaded = load_settings(config_file, site_dsn=site_dsn, agent_dsn=agent_dsn)
+    settings, source, _ = direction(loaded.require("site_dsn" if origin == "site" else "agent_dsn"), origin)
     assert settings.site_dsn
-    with connect(settings.site_dsn, "Site") as site:
+    with connect(settings.site_dsn, source) as db:
+        if origin == "agent" and not registry.captures(db):
+            raise SchemaError("the Agent DB does not capture changes: run `dbsync migrate --two-way` first")
         for name in names:
-            run_backfill(site, name, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks)
+            run_backfill(db, name, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks, where=source)
 
 
 def run_backfill(
-    site: psycopg.Connection, name: str, *, chunk_size: int, restart: bool, max_chunks: int | None
+    site: psycopg.Connection,
+    name: str,
+    *,
+    chunk_size: int,
+    restart: bool,
+    max_chunks: int | None,
+    where: str = "Site",
 ) -> BackfillProgress:
-    """One table, with progress on stderr (a bar on a terminal, a line a second otherwise)."""
+    """One table, with progress on stderr (a bar on a terminal, a line a second otherwise); `where`
+    names the database `site` is (the Agent DB for write-back tables)."""
     report = _Reporter()
     try:
-        done = backfill(site, name, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks, on_chunk=report)
+        done = backfill(
+            site, name, chunk_size=chunk_size, restart=restart, max_chunks=max_chunks, on_chunk=report, where=where
+        )
     except psycopg.Error as exc:
         if is_rls_error(exc):
-            raise from_error(exc, "Site") from None
+            raise from_error(exc, where) from None
         raise BackfillError(f"backfill of {name} failed: {first_line(exc)}") from None
     finally:
         report.close()
@@ -79,7 +96,7 @@ def run_backfill(
     elif done.finished:
         click.echo(f"{done.table}: backfill complete: {done.rows_done} rows queued in the sync log for the daemon")
     else:
-        resume = shlex.join(["dbsync", "backfill", done.table])
+        resume = shlex.join(["dbsync", "backfill", *(["--from", "agent"] if where == "Agent" else []), done.table])
         click.echo(f"{done.table}: backfill paused after {done.rows_done} rows; run `{resume}` to resume")
     return done
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 import click
 from click.core import ParameterSource
 
-from dbsync.config import dsn_has_password
+from dbsync.config import Settings, dsn_has_password
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,3 +80,20 @@ def consumer_timeout_option(func: F) -> F:
         default=None,
         help="A consumer not seen for this long is reported as stale (default 3600).",
     )(func)
+
+
+def origin_option(help_text: str) -> Callable[[F], F]:
+    """--from site|agent: which side's changes (agent: write-back, `dbsync migrate --two-way`)."""
+    option: Callable[[F], F] = click.option(
+        "--from", "origin", type=click.Choice(["site", "agent"]), default="site", show_default=True, help=help_text
+    )
+    return option
+
+
+def direction(settings: Settings, origin: str) -> tuple[Settings, str, str]:
+    """The settings of the direction that carries `origin`'s changes, and the names of its source
+    and target databases for messages: with --from agent the Agent DB is read and the Site DB
+    applied to (Settings.write_back), and every message still calls each database by its name."""
+    if origin == "agent":
+        return settings.write_back(), "Agent", "Site"
+    return settings, "Site", "Agent"

@@ -74,6 +74,9 @@ def status(
     if as_json:
         out = st.as_dict()
         out["write_back"] = None if back is None else back.as_dict()
+        if back is not None:  # the document's health is both directions' (each has its own too)
+            out["healthy"] = healthy
+            out["problems"] = [*st.problems, *(f"write-back: {p}" for p in back.problems)]
         click.echo(json.dumps(out, indent=2))
         if not healthy:
             raise SystemExit(1)

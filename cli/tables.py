@@ -14,7 +14,7 @@ from dbsync import rls
 from dbsync import tables as registry
 from dbsync.backfill import BackfillError
 from dbsync.cli.backfill import chunk_options, run_backfill
-from dbsync.cli.options import connection_options, json_option
+from dbsync.cli.options import connection_options, json_option, origin_option
 from dbsync.config import load_settings
 from dbsync.db import connect, first_line
 from dbsync.errors import DbsyncError, SchemaError
@@ -35,14 +35,6 @@ def _column_list(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not names:
         raise click.BadParameter("name at least one column", ctx=ctx, param=param)
     return names
-
-
-def origin_option(help_text: str) -> Callable[[F], F]:
-    """--from site|agent: which side's registry (agent: write-back, `dbsync migrate --two-way`)."""
-    option: Callable[[F], F] = click.option(
-        "--from", "origin", type=click.Choice(["site", "agent"]), default="site", show_default=True, help=help_text
-    )
-    return option
 
 
 COLUMNS_HELP = (

@@ -46,11 +46,13 @@ def backfill(
     restart: bool = False,
     max_chunks: int | None = None,
     on_chunk: Callable[[BackfillProgress], None] | None = None,
+    where: str = "Site",
 ) -> BackfillProgress:
-    """Copy `name` (or resume its copy); returns where it stopped."""
+    """Copy `name` (or resume its copy); returns where it stopped. `where` names the database
+    `site` is, for messages: the Agent DB for a write-back table."""
     if chunk_size < 1:
         raise BackfillError("the chunk size must be positive")
-    schema, table = registry.resolve(site, name, "Site")
+    schema, table = registry.resolve(site, name, where)
     label = display_name(schema, table)
     rel = regclass(site, schema, table)
     if _insert_only(site, rel):

@@ -7,16 +7,19 @@ exactly as often as its writer wrote them, whatever the daemon replayed after a 
 
 from __future__ import annotations
 
+import json
 import random
 import threading
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from tests.helpers import Daemon, DbPair, assert_same, same, wait_until
+from tests.helpers import Daemon, DbPair, assert_same, dbsync_cmd, same, wait_until
 from tests.proxy import Proxy
 from tests.test_faults import routed
-from tests.test_twoway import AGENT_KEYS, ITEMS, both_ways, last_seq, logged, two_way, writes
+from tests.test_twoway import AGENT_KEYS, ITEMS, TABLE, both_ways, last_seq, logged, ok, two_way, writes
 
 
 class Writer:
@@ -69,7 +72,9 @@ def wait_both_apply(pair: DbPair) -> None:
 
 
 @pytest.mark.parametrize("side", ["site", "agent"])
-def test_two_way_link_cut_repeatedly_ends_equal_without_echo(pair: DbPair, side: str, tmp_path, seed: int) -> None:  # type: ignore[no-untyped-def]
+def test_two_way_link_cut_repeatedly_ends_equal_without_echo(
+    pair: DbPair, side: str, tmp_path: Path, seed: int
+) -> None:
     """Every connection of the daemon to one database, which both directions use (one reads it,
     the other applies to it), dies four times while both sides write."""
     two_way(pair)
@@ -157,3 +162,98 @@ def test_a_truncate_on_either_side_empties_both_and_replication_goes_on(pair: Db
     _settled(pair)
     assert_same(pair, [ITEMS])
     assert pair.agent().execute(f"SELECT count(*) FROM {ITEMS}").fetchone()[0] == 2  # type: ignore[index]
+
+
+# -- poison and the initial copy, in the write-back direction -------------------------------------
+CAP = f"ALTER TABLE {ITEMS} ADD CONSTRAINT site_score_cap CHECK (score < 1000)"
+UNCAP = f"ALTER TABLE {ITEMS} DROP CONSTRAINT site_score_cap"
+
+
+def _status(pair: DbPair) -> dict[str, Any]:
+    proc = dbsync_cmd("status", "--json", env=pair.env())
+    assert proc.returncode in (0, 1) and proc.stdout, proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def _site_has(pair: DbPair, key: int) -> bool:
+    row = pair.site().execute(f"SELECT count(*) FROM {ITEMS} WHERE id = %s", (key,)).fetchone()
+    return bool(row and row[0])
+
+
+def test_write_back_poison_stop_waits_and_says_why(pair: DbPair, tmp_path: Path) -> None:
+    """The Site DB rejects an Agent row: the write-back direction retries, skips nothing, and
+    `dbsync status` shows it under write_back; once fixed, everything arrives in order."""
+    two_way(pair)
+    site, agent = pair.site(), pair.agent()
+    site.execute(CAP)
+    bad, later = AGENT_KEYS, AGENT_KEYS + 1
+    agent.execute(f"INSERT INTO {ITEMS} VALUES ({bad}, 'rejected by the Site', 'new', 5000)")
+    agent.execute(f"INSERT INTO {ITEMS} VALUES ({later}, 'fine, but after it', 'new', 1)")
+    site.execute(f"INSERT INTO {ITEMS} VALUES (1, 'the other direction goes on', NULL, NULL)")
+    log = tmp_path / "daemon.log"
+    with Daemon(pair, log_path=log) as d:
+        st = wait_until(lambda: (s := _status(pair))["write_back"]["last_error"] and s, 30, 0.2, "the error in status")
+        error = st["write_back"]["last_error"]
+        assert "public.items" in error and 'violates check constraint "site_score_cap"' in error, error
+        assert not st["healthy"], st
+        wait_until(lambda: pair.agent().execute(f"SELECT count(*) FROM {ITEMS} WHERE id = 1").fetchone()[0], 30)  # type: ignore[index]
+        assert not _site_has(pair, bad) and not _site_has(pair, later)  # nothing after it skipped ahead
+        site.execute(UNCAP)
+        wait_until(lambda: same(pair, [ITEMS]), 30, 0.1, "both sides equal")
+        wait_until(lambda: _status(pair)["write_back"]["last_error"] is None, 30, 0.2, "the error to clear")
+        assert d.proc.poll() is None
+    assert_same(pair, [ITEMS])
+    assert "site_score_cap" in log.read_text()
+
+
+def test_write_back_poison_park_and_retry_from_agent(pair: DbPair, tmp_path: Path) -> None:
+    """With poison_policy park the rejected Agent row waits in the Site DB's parked events, the
+    rest flows, and `dbsync retry --from agent` applies it once the cause is fixed."""
+    two_way(pair)
+    site, agent = pair.site(), pair.agent()
+    site.execute(CAP)
+    bad, good = AGENT_KEYS, AGENT_KEYS + 1
+    agent.execute(f"INSERT INTO {ITEMS} VALUES ({bad}, 'rejected by the Site', 'new', 5000)")
+    log = tmp_path / "daemon.log"
+    with Daemon(pair, "--poison-policy", "park", log_path=log) as d:
+        parked = "SELECT count(*) FROM dbsync.parked_events WHERE source = 'agent'"
+        wait_until(lambda: pair.site().execute(parked).fetchone()[0] == 1, 30, 0.1, "the Agent row parked")  # type: ignore[index]
+        agent.execute(f"INSERT INTO {ITEMS} VALUES ({good}, 'flows past it', 'new', 1)")
+        wait_until(lambda: _site_has(pair, good), 30, 0.1, "the other key to flow")
+        assert not _site_has(pair, bad)
+        assert _status(pair)["write_back"]["parked_events"] == 1
+        site.execute(UNCAP)
+        out = dbsync_cmd("retry", "--from", "agent", env=pair.env())
+        assert out.returncode == 0 and "all parked events applied" in out.stdout, out.stdout + out.stderr
+        wait_until(lambda: same(pair, [ITEMS]), 30, 0.1, "both sides equal")
+        assert d.proc.poll() is None
+    assert pair.site().execute(parked).fetchone()[0] == 0  # type: ignore[index]
+    assert_same(pair, [ITEMS])
+
+
+def test_backfill_from_agent_copies_the_agent_rows_to_the_site(pair: DbPair) -> None:
+    """A table registered for write-back after the Agent already held rows: `dbsync backfill
+    --from agent` sends them through the Agent's log, and the write-back direction applies them."""
+    env = pair.env()
+    ok(dbsync_cmd("migrate", "--two-way", env=env))
+    pair.site().execute(TABLE)
+    pair.agent().execute(TABLE)
+    pair.agent().execute(
+        f"INSERT INTO {ITEMS} SELECT g, 'old', 'new', 1 FROM generate_series({AGENT_KEYS}, {AGENT_KEYS + 99}) g"
+    )
+    ok(dbsync_cmd("tables", "add", "--from", "agent", ITEMS, env=env))
+    both_ways(pair)
+    assert not _site_has(pair, AGENT_KEYS)  # capture sees changes, not the rows already there
+    out = ok(dbsync_cmd("backfill", "--from", "agent", ITEMS, env=env))
+    assert "backfill complete: 100 rows" in out, out
+    both_ways(pair)
+    assert_same(pair, [ITEMS])
+
+
+@pytest.mark.parametrize("command", [("retry", "--from", "agent"), ("backfill", "--from", "agent", ITEMS)])
+def test_from_agent_without_write_back_is_one_line(pair: DbPair, command: tuple[str, ...]) -> None:
+    pair.site().execute(TABLE)
+    pair.agent().execute(TABLE)
+    proc = dbsync_cmd(*command, env=pair.env())
+    assert proc.returncode != 0 and "dbsync migrate --two-way" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
