@@ -257,3 +257,27 @@ def test_from_agent_without_write_back_is_one_line(pair: DbPair, command: tuple[
     proc = dbsync_cmd(*command, env=pair.env())
     assert proc.returncode != 0 and "dbsync migrate --two-way" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_write_back_schema_drift_stops_it_until_the_site_has_the_column(pair: DbPair, tmp_path: Path) -> None:
+    """A column added on the Agent DB only: the write-back direction stops with an error naming
+    it (nothing skipped, the Site -> Agent direction goes on); once the Site has the column too,
+    it resumes by itself with nothing lost."""
+    two_way(pair)
+    site, agent = pair.site(), pair.agent()
+    agent.execute(f"ALTER TABLE {ITEMS} ADD COLUMN tier text NOT NULL DEFAULT 'silver'")
+    agent.execute(f"INSERT INTO {ITEMS} VALUES ({AGENT_KEYS}, 'drifted', 'new', 1, 'gold')")
+    log = tmp_path / "daemon.log"
+    with Daemon(pair, log_path=log) as d:
+        st = wait_until(lambda: (s := _status(pair))["write_back"]["last_error"] and s, 30, 0.2, "the drift in status")
+        assert "tier" in st["write_back"]["last_error"] and "public.items" in st["write_back"]["last_error"], st
+        assert not st["healthy"] and any(p.startswith("write-back: ") for p in st["problems"]), st
+        site.execute(f"INSERT INTO {ITEMS} VALUES (1, 'the other direction goes on', NULL, NULL)")
+        wait_until(lambda: pair.agent().execute(f"SELECT count(*) FROM {ITEMS} WHERE id = 1").fetchone()[0], 30)  # type: ignore[index]
+        assert not _site_has(pair, AGENT_KEYS)
+        site.execute(f"ALTER TABLE {ITEMS} ADD COLUMN tier text NOT NULL DEFAULT 'silver'")
+        wait_until(lambda: same(pair, [ITEMS]), 30, 0.1, "both sides equal")
+        wait_until(lambda: _status(pair)["write_back"]["last_error"] is None, 30, 0.2, "the error to clear")
+        assert d.proc.poll() is None
+    assert pair.site().execute(f"SELECT tier FROM {ITEMS} WHERE id = %s", (AGENT_KEYS,)).fetchone() == ("gold",)
+    assert_same(pair, [ITEMS])
