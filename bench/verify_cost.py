@@ -10,6 +10,12 @@ together, and by table: sequential and index reads), and the keys the verificati
 (dbsync.verify_mark) against the rows written. The summary gives medians and, for the spread,
 each rep's ratio of the verifying run to the plain one (the two run back to back).
 The issue's target: at most +20% Site read load, p99 no more than 2 ms higher.
+
+With --statements the Site server loads pg_stat_statements (a restart before the setup) and each
+run records the statements that hit the most buffers, with their calls and rows, and the share
+of the verifier's own statements (by their text: the key lookups, the in-flight and pass-key log
+reads, the catch-up count): which statement the extra rows read come from. Results go to
+bench/results/verify-cost-<UTC>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,24 @@ FROM pg_stat_all_tables WHERE schemaname IN ('public', 'dbsync') ORDER BY 1
 APP = "dbsync_bench_daemon"
 DAEMON_BACKENDS = "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
 KEYS_VERIFIED = "SELECT coalesce(sum(keys_verified), 0)::bigint FROM dbsync.verify_mark"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# pg_stat_statements of the Site database (--statements): a run's statements by buffers hit.
+STATEMENTS = """
+SELECT s.query, s.calls, s.rows, s.shared_blks_hit + s.shared_blks_read
+FROM public.pg_stat_statements s
+WHERE s.dbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())
+ORDER BY 4 DESC
+"""
+# The verifier's statements on the Site, by what their text holds (core/reconcile.py,
+# daemon/verify_keys.py, protocol.PENDING_BY_TABLE as core/catchup.py runs it).
+VERIFIER_MARKS = {
+    "key lookup (rows_by_key)": "json_to_recordset",
+    "moving keys (in-flight log read)": "json_to_record(lk.key)",
+    "catch-up count (pending_by_table)": "GROUP BY l.table_id",
+    "pass keys (log read after a restart)": "SELECT p.seq, p.table_id, k.key::text",
+    "pass bounds": "SELECT min(l.seq), max(l.seq)",
+}
 
 
 def server_cpu(postmaster: int) -> float:
@@ -107,10 +132,42 @@ def _read_where(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, 
     return out
 
 
+def load_statements(w: World) -> None:
+    """pg_stat_statements on the Site server: preloaded, so a restart (before the setup)."""
+    with connect(w.site.admin_dsn) as conn:
+        conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        conn.execute("ALTER SYSTEM SET pg_stat_statements.max = 10000")
+    w.site.cluster.stop()
+    w.site.cluster.start()
+
+
+def reset_statements(site_dsn: str) -> None:
+    with connect(site_dsn) as site:
+        site.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")
+        site.execute("SELECT public.pg_stat_statements_reset()")
+
+
+def read_statements(site_dsn: str, top: int = 15) -> dict[str, Any]:
+    """The run's statements with the most buffers hit, and the verifier's statements summed."""
+    with connect(site_dsn) as site:
+        rows = [(str(q), int(c), int(r), int(b)) for q, c, r, b in site.execute(STATEMENTS).fetchall()]
+    verifier: dict[str, list[int]] = {}
+    for kind, mark in VERIFIER_MARKS.items():
+        mine = [r for r in rows if mark in r[0]]
+        verifier[kind] = [sum(r[1] for r in mine), sum(r[2] for r in mine), sum(r[3] for r in mine)]
+    return {
+        "buffers_total": sum(r[3] for r in rows),
+        "verifier_calls_rows_buffers": verifier,
+        "top": [{"query": " ".join(q.split())[:160], "calls": c, "rows": n, "buffers": b} for q, c, n, b in rows[:top]],
+    }
+
+
 def one(
     w: World, consumer: latency.Consumer, interval: float | None, args: argparse.Namespace, rep: int
 ) -> dict[str, Any]:
     site_dsn, agent_dsn = consumer.site_dsn, consumer.agent_dsn
+    if args.statements:
+        reset_statements(site_dsn)
     consumer.extra = ("--verify-interval", str(interval)) if interval is not None else ()
     consumer.start()
     try:
@@ -139,7 +196,9 @@ def one(
     after = _counters(w, site_dsn, agent_dsn)
     cpu, reads, writes, keys = (a - b for a, b in zip(after, before, strict=True))
     where = _read_where(tables_before, _by_table(site_dsn))
+    statements = read_statements(site_dsn) if args.statements else None
     return {
+        "load_average": os.getloadavg()[0],
         "verify_interval": interval,
         "rep": rep,
         "site_cpu_s": round(cpu, 2),
@@ -149,6 +208,7 @@ def one(
         "keys_verified": keys,
         **{k: result[k] for k in ("p50_ms", "p99_ms", "achieved_changes_per_s", "lost", "daemon_cpu_share")},
         "site_rows_read_by_table": where,
+        "statements": statements,
     }
 
 
@@ -161,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writers", type=int, default=8)
     p.add_argument("--interval", type=float, default=1.0, help="--verify-interval of the verifying runs")
     p.add_argument("--mode", choices=("durable", "fast"), default="durable")
+    p.add_argument("--statements", action="store_true", help="record per-statement Site reads (pg_stat_statements)")
     args = p.parse_args(argv)
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="dbsync-verify-cost-"))
     runs: list[dict[str, Any]] = []
     with world(args.mode) as w:
+        if args.statements:
+            load_statements(w)
         site_dsn, agent_dsn = latency._setup(w, "dbsync")
         consumer = latency.Consumer("dbsync", site_dsn, agent_dsn, workdir)
         consumer.daemon_site_dsn = make_conninfo(site_dsn, application_name=APP)
@@ -180,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"p99 {r['p99_ms']:.1f} ms, Site CPU {r['site_cpu_s']:.2f} s "
                         f"(daemon's sessions {r['daemon_site_cpu_s']:.2f} s), "
                         f"Site rows read {r['site_rows_read']}, "
-                        f"written {r['site_rows_written']}, keys verified {r['keys_verified']}, lost {r['lost']}",
+                        f"written {r['site_rows_written']}, keys verified {r['keys_verified']}, lost {r['lost']}, "
+                        f"load {r['load_average']:.1f}",
                         flush=True,
                     )
         finally:
@@ -222,7 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         "site_cpu_ratio": [round(b["site_cpu_s"] / a["site_cpu_s"], 3) for a, b in pairs if a["site_cpu_s"]],
         "p99_delta_ms": [round(b["p99_ms"] - a["p99_ms"], 2) for a, b in pairs],
     }
-    print(json.dumps({"runs": runs, "summary": summary}, indent=1))
+    out = {
+        "command": "python -m bench.verify_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+        "started": started,
+        "load_average": [load_before[0], os.getloadavg()[0]],
+        "runs": runs,
+        "summary": summary,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"verify-cost-{started}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(out, indent=1))
+    print(f"results: {path}", file=sys.stderr)
     return 0
 
 

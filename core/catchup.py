@@ -19,8 +19,7 @@ import psycopg
 
 from dbsync.config import Settings
 from dbsync.errors import DbsyncError
-from dbsync.protocol import NO_PROGRESS, PENDING_BY_TABLE, PROGRESS_REPORT
-from dbsync.status import read_status
+from dbsync.protocol import LOCK_CLASS, LOCK_HELD, NO_PROGRESS, PENDING_BY_TABLE, PROGRESS_REPORT
 
 log = logging.getLogger("dbsync.reconcile")
 
@@ -56,6 +55,14 @@ def pending_by_table(
     return {r[0]: Pending(r[1], r[2]) for r in site.execute(PENDING_BY_TABLE.psycopg, params).fetchall()}
 
 
+def active_daemon(agent: psycopg.Connection, source: str) -> str | None:
+    """Who holds the source's lock (as `dbsync status` names it), None when no daemon does."""
+    if agent.execute(LOCK_HELD.psycopg, {"cls": LOCK_CLASS, "source": source}).fetchone() != (True,):
+        return None
+    row = agent.execute(PROGRESS_REPORT.psycopg, {"source": source}).fetchone()
+    return None if row is None or row[7] is None else str(row[7])
+
+
 def site_snapshot(site: psycopg.Connection) -> str:
     row = site.execute(SNAPSHOT).fetchone()
     assert row is not None
@@ -89,27 +96,36 @@ class CatchUp:
         left = self.behind(snap, tables)
         if not left:
             return
-        status = read_status(self.site, self.agent, self.settings.source)
-        if status.active_daemon is None:
-            if not self.apply:
-                raise CatchUpError(
-                    f"{left} committed event(s) are not applied yet and no daemon is running: "
-                    "start the daemon or run `dbsync run --once`, or pass --apply to apply them here"
-                )
-            log.info("no active daemon: applying %d pending event(s) in-process", left)
-            self._drain()
-        else:
-            log.info("waiting for the daemon (%s) to apply %d event(s)", status.active_daemon, left)
+        self.start_applying(left)
         deadline = time.monotonic() + self.timeout
-        delay = 0.02
+        delay = 0.01
         while (left := self.behind(snap, tables)) > 0:
             if time.monotonic() > deadline:
-                raise CatchUpError(
-                    f"the daemon has not applied {left} event(s) within {self.timeout:g} s; "
-                    "`dbsync status` shows why (or raise --wait)"
-                )
+                raise CatchUpError(self.too_slow(left))
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
+
+    def too_slow(self, left: int) -> str:
+        return (
+            f"the daemon has not applied {left} event(s) within {self.timeout:g} s; "
+            "`dbsync status` shows why (or raise --wait)"
+        )
+
+    def start_applying(self, left: int) -> None:
+        """Make sure something applies the `left` pending events: the active daemon, or this
+        process (`apply`). Only the advisory lock and the progress row are read: `dbsync status`
+        would also count every log consumer's lag, a scan of the log behind the oldest one."""
+        daemon = active_daemon(self.agent, self.settings.source)
+        if daemon is not None:
+            log.info("waiting for the daemon (%s) to apply %d event(s)", daemon, left)
+            return
+        if not self.apply:
+            raise CatchUpError(
+                f"{left} committed event(s) are not applied yet and no daemon is running: "
+                "start the daemon or run `dbsync run --once`, or pass --apply to apply them here"
+            )
+        log.info("no active daemon: applying %d pending event(s) in-process", left)
+        self._drain()
 
     def _drain(self) -> None:
         # The one place the library drives daemon code: the apply itself, run here once. It is

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,7 +31,7 @@ import psycopg
 
 from dbsync import tables as registry
 from dbsync import verify as record
-from dbsync.catchup import CatchUp, CatchUpError
+from dbsync.catchup import CatchUp
 from dbsync.config import Settings
 from dbsync.daemon.backoff import Backoff
 from dbsync.daemon.verify_keys import KeyVerifier
@@ -63,20 +63,14 @@ LOGGED_KEYS = 20
 
 class OwnApply(CatchUp):
     """The verification's wait for the apply, which runs in this very process (the verification
-    runs only while its daemon is the active one): it polls what is left to apply, nothing else.
-    CatchUp.wait first reads `dbsync status` to find the active daemon, and that counts every log
-    consumer's lag: with the incremental verification on, the whole log behind the verified mark,
-    at every recheck that had to wait (most of the log rows the verification added in
-    bench/verify_cost)."""
+    runs only while its daemon is the active one): it polls what is left to apply, nothing else
+    (no look for the active daemon)."""
 
-    def wait(self, snap: str, tables: Sequence[int]) -> None:
-        deadline = time.monotonic() + self.timeout
-        delay = 0.01
-        while (left := self.behind(snap, tables)) > 0:
-            if time.monotonic() > deadline:
-                raise CatchUpError(f"the apply has not applied {left} event(s) within {self.timeout:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+    def start_applying(self, left: int) -> None:
+        pass
+
+    def too_slow(self, left: int) -> str:
+        return f"the apply has not applied {left} event(s) within {self.timeout:g} s"
 
 
 def range_rows(rows_per_second: int) -> int:
