@@ -13,9 +13,10 @@ import click
 import psycopg
 
 from dbsync.catchup import CatchUp
-from dbsync.cli.options import connection_options, json_option
+from dbsync.cli.options import connection_options, direction, json_option, origin_option
 from dbsync.config import Settings, load_settings
 from dbsync.db import connect, first_line
+from dbsync.errors import SchemaError
 from dbsync.logcheck import LogReport, log_check
 from dbsync.reconcile import (
     Comparer,
@@ -27,6 +28,7 @@ from dbsync.reconcile import (
 )
 from dbsync.repair import Repair, repair
 from dbsync.rls import from_error, is_rls_error
+from dbsync.status import write_back_installed
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,16 @@ class Options:
     wait: float
     max_keys: int
     as_json: bool
+    # The names of the databases compared, source first: ("Site", "Agent"), or for write-back
+    # ("Agent", "Site").
+    where: tuple[str, ...] = ("Site", "Agent")
+
+
+def _require_write_back(settings: Settings) -> None:
+    assert settings.site_dsn and settings.agent_dsn
+    with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+        if not write_back_installed(site, agent):
+            raise SchemaError("no write-back is installed: run `dbsync migrate --two-way` first")
 
 
 @click.command()
@@ -74,10 +86,13 @@ class Options:
     show_default=True,
     help="Keys listed per table and kind of difference.",
 )
-@click.option("--source", default=None, help="Consumer name on the Agent DB (default: site).")
+@click.option(
+    "--source", default=None, help="The direction's source name (default: site, or with --from agent: agent)."
+)
 @click.option(
     "--lag-threshold", type=float, default=None, help="Log check: seconds of lag that count as behind (default 5)."
 )
+@origin_option("Which direction: agent checks (and repairs) the write-back tables' Site rows against the Agent's.")
 def reconcile(
     config_file: str | None,
     site_dsn: str | None,
@@ -91,6 +106,7 @@ def reconcile(
     max_keys: int,
     source: str | None,
     lag_threshold: float | None,
+    origin: str,
 ) -> None:
     """Check that the Agent DB matches the Site DB.
 
@@ -100,13 +116,22 @@ def reconcile(
     Site rows (or deletes) for the differing keys into the sync log, waits for the daemon to
     apply them and checks again.
 
+    With --from agent the write-back direction is checked: the Agent DB is the source, the Site
+    DB the copy ("missing" rows are missing on the Site DB), and --repair logs on the Agent DB.
+
     Exit status: 0 in sync, 1 differences found (and not repaired), 2 error.
     """
-    settings = load_settings(
-        config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, source=source, lag_threshold=lag_threshold
+    named = {"write_back_source" if origin == "agent" else "source": source}
+    loaded = load_settings(
+        config_file, site_dsn=site_dsn, agent_dsn=agent_dsn, lag_threshold=lag_threshold, **named
     ).require("site_dsn", "agent_dsn")
-    opts = Options(deep or do_repair or bool(tables), tables, do_repair, do_apply, wait_seconds, max_keys, as_json)
+    settings, *where = direction(loaded, origin)
+    opts = Options(
+        deep or do_repair or bool(tables), tables, do_repair, do_apply, wait_seconds, max_keys, as_json, (*where,)
+    )
     try:
+        if origin == "agent":
+            _require_write_back(loaded)
         if opts.deep:
             _deep(settings, opts)
         else:
@@ -120,7 +145,8 @@ def reconcile(
 
 def _log(settings: Settings, opts: Options) -> None:
     assert settings.site_dsn and settings.agent_dsn
-    with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
+    source_db, target_db = opts.where
+    with connect(settings.site_dsn, source_db) as site, connect(settings.agent_dsn, target_db) as agent:
         report = log_check(site, agent, settings.source, settings.lag_threshold)
     if opts.as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
@@ -160,8 +186,9 @@ def _print_log(report: LogReport) -> None:
 def _deep(settings: Settings, opts: Options) -> None:
     assert settings.site_dsn and settings.agent_dsn
     results: list[tuple[TableDiff, Repair | None]] = []
-    with connect(settings.site_dsn, "Site") as site, connect(settings.agent_dsn, "Agent") as agent:
-        chosen = targets(site, agent, opts.tables)
+    source_db, target_db = opts.where
+    with connect(settings.site_dsn, source_db) as site, connect(settings.agent_dsn, target_db) as agent:
+        chosen = targets(site, agent, opts.tables, (source_db, target_db))
         comparer = Comparer(site, agent)
         catchup = CatchUp(site, agent, settings, timeout=opts.wait, apply=opts.apply)
         try:
@@ -175,9 +202,9 @@ def _deep(settings: Settings, opts: Options) -> None:
             comparer.close()
     differs = any((fixed.after if fixed else diff).differs for diff, fixed in results)
     if opts.as_json:
-        click.echo(json.dumps(_as_json(results, opts.max_keys, not differs), indent=2))
+        click.echo(json.dumps(_as_json(results, opts.max_keys, not differs, opts.where), indent=2))
     else:
-        _print_deep(results, opts.max_keys, not differs)
+        _print_deep(results, opts.max_keys, not differs, opts.where)
     if differs:
         raise SystemExit(1)
 
@@ -206,37 +233,42 @@ def _kinds(diff: TableDiff) -> list[tuple[str, list[str]]]:
     return [("missing", diff.missing), ("extra", diff.extra), ("changed", diff.changed), ("unsettled", diff.unsettled)]
 
 
-def _table_json(diff: TableDiff, max_keys: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"site_rows": diff.site_rows, "agent_rows": diff.agent_rows}
+def _table_json(diff: TableDiff, max_keys: int, where: tuple[str, ...]) -> dict[str, Any]:
+    # Each count under its database's name: with --from agent the source is the Agent DB.
+    out: dict[str, Any] = {f"{where[0].lower()}_rows": diff.site_rows, f"{where[1].lower()}_rows": diff.agent_rows}
     for kind, keys in _kinds(diff):
         out[kind] = len(keys)
         out[f"{kind}_keys"] = render_keys(keys, max_keys)
     return out
 
 
-def _as_json(results: Sequence[tuple[TableDiff, Repair | None]], max_keys: int, in_sync: bool) -> dict[str, Any]:
+def _as_json(
+    results: Sequence[tuple[TableDiff, Repair | None]], max_keys: int, in_sync: bool, where: tuple[str, ...]
+) -> dict[str, Any]:
     tables: dict[str, Any] = {}
     for diff, fixed in results:
-        entry = _table_json(diff, max_keys)
+        entry = _table_json(diff, max_keys, where)
         entry["in_sync"] = not diff.differs
         if fixed is not None:
             entry["repair"] = {
                 "upserts_logged": fixed.updated,
                 "deletes_logged": fixed.deleted,
-                "after": _table_json(fixed.after, max_keys),
+                "after": _table_json(fixed.after, max_keys, where),
             }
             entry["in_sync"] = not fixed.after.differs
         tables[diff.table] = entry
     return {"in_sync": in_sync, "tables": tables}
 
 
-def _print_deep(results: Sequence[tuple[TableDiff, Repair | None]], max_keys: int, in_sync: bool) -> None:
+def _print_deep(
+    results: Sequence[tuple[TableDiff, Repair | None]], max_keys: int, in_sync: bool, where: tuple[str, ...]
+) -> None:
     for diff, fixed in results:
         if not diff.differs:
             click.echo(f"{diff.table}: in sync ({diff.site_rows} rows)")
             continue
         counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in _kinds(diff) if keys)
-        click.echo(f"{diff.table}: {counts} (Site {diff.site_rows} rows, Agent {diff.agent_rows} rows)")
+        click.echo(f"{diff.table}: {counts} ({where[0]} {diff.site_rows} rows, {where[1]} {diff.agent_rows} rows)")
         for kind, keys in _kinds(diff):
             for key in keys[:max_keys]:
                 click.echo(f"  {kind:<9} {key}")

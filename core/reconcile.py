@@ -127,8 +127,14 @@ class TableDiff:
         return [*self.missing, *self.extra, *self.changed, *self.unsettled]
 
 
-def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence[str]) -> list[ComparedTable]:
-    """The replicated tables to compare (all when `names` is empty), checked on both sides."""
+def targets(
+    site: psycopg.Connection,
+    agent: psycopg.Connection,
+    names: Sequence[str],
+    where: tuple[str, str] = ("Site", "Agent"),
+) -> list[ComparedTable]:
+    """The replicated tables to compare (all when `names` is empty), checked on both sides.
+    `where` names the source and the target database for messages (write-back: Agent, Site)."""
     require_schema(site, agent)
     # Before 0009_site_filters every table replicates all its columns and rows.
     selection = "column_list, row_filter" if registry.has_filters(site) else "NULL::text[], NULL::text"
@@ -136,7 +142,7 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
     rows: list[tuple[Any, ...]] = []
     if names:
         for name in names:
-            schema, table = registry.resolve(site, name, "Site")
+            schema, table = registry.resolve(site, name, where[0])
             found = site.execute(replicated, {"schema": schema, "name": table}).fetchall()
             if not found:
                 raise UnknownTable(f"table {display_name(schema, table)} is not replicated (see `dbsync tables list`)")
@@ -144,14 +150,14 @@ def targets(site: psycopg.Connection, agent: psycopg.Connection, names: Sequence
     else:
         rows = site.execute(replicated, {"schema": None, "name": None}).fetchall()
     chosen = [
-        _compared_table(site, agent, r[0], r[1], r[2], tuple(r[3]), registry.Selection(_tuple(r[4]), r[5]))
+        _compared_table(site, agent, r[0], r[1], r[2], tuple(r[3]), registry.Selection(_tuple(r[4]), r[5]), where[1])
         for r in rows
     ]
     # Both sides are read as this command's roles: they must see every row, or the rows a policy
     # hides would be reported as differences (and repaired away).
     names_of = [(t.site.schema, t.site.name) for t in chosen]
-    rls.require_all_rows(site, names_of, "Site")
-    rls.require_all_rows(agent, names_of, "Agent")
+    rls.require_all_rows(site, names_of, where[0])
+    rls.require_all_rows(agent, names_of, where[1])
     return chosen
 
 
@@ -167,6 +173,7 @@ def _compared_table(
     name: str,
     keys: tuple[str, ...],
     selection: registry.Selection = registry.EVERYTHING,
+    target: str = "Agent",
 ) -> ComparedTable:
     """Both sides compare the replicated columns only; the Site's rows through the row filter."""
     label = display_name(schema, name)
@@ -180,10 +187,10 @@ def _compared_table(
     try:
         agent_columns = registry.columns(agent, schema, name)
     except psycopg.errors.UndefinedTable:
-        raise SchemaError(f"table {label} does not exist on the Agent DB") from None
+        raise SchemaError(f"table {label} does not exist on the {target} DB") from None
     lacking = [c for c in columns if c not in agent_columns]
     if lacking:
-        raise SchemaError(f"table {label} on the Agent DB lacks column(s) {', '.join(lacking)}")
+        raise SchemaError(f"table {label} on the {target} DB lacks column(s) {', '.join(lacking)}")
     return ComparedTable(
         table_id,
         TableShape(

@@ -250,7 +250,10 @@ def test_backfill_from_agent_copies_the_agent_rows_to_the_site(pair: DbPair) -> 
     assert_same(pair, [ITEMS])
 
 
-@pytest.mark.parametrize("command", [("retry", "--from", "agent"), ("backfill", "--from", "agent", ITEMS)])
+@pytest.mark.parametrize(
+    "command",
+    [("retry", "--from", "agent"), ("backfill", "--from", "agent", ITEMS), ("reconcile", "--from", "agent", "--deep")],
+)
 def test_from_agent_without_write_back_is_one_line(pair: DbPair, command: tuple[str, ...]) -> None:
     pair.site().execute(TABLE)
     pair.agent().execute(TABLE)
@@ -281,3 +284,32 @@ def test_write_back_schema_drift_stops_it_until_the_site_has_the_column(pair: Db
         assert d.proc.poll() is None
     assert pair.site().execute(f"SELECT tier FROM {ITEMS} WHERE id = %s", (AGENT_KEYS,)).fetchone() == ("gold",)
     assert_same(pair, [ITEMS])
+
+
+def test_reconcile_from_agent_finds_and_repairs_site_drift(pair: DbPair) -> None:
+    """Rows of a write-back table changed on the Site DB behind dbsync's back (no capture): `dbsync
+    reconcile --from agent --deep` names them as the Site's differences from the Agent, and
+    `--repair` brings the Site rows back to the Agent's through the Agent's log."""
+    two_way(pair)
+    agent = pair.agent()
+    agent.execute(f"INSERT INTO {ITEMS} SELECT g, 'v', 'new', 1 FROM generate_series({AGENT_KEYS}, {AGENT_KEYS + 9}) g")
+    both_ways(pair)
+    assert_same(pair, [ITEMS])
+    with psycopg.connect(pair.site_dsn, autocommit=True) as behind:  # not captured: replica role
+        behind.execute("SET session_replication_role = replica")
+        behind.execute(f"UPDATE {ITEMS} SET stage = 'tampered' WHERE id = {AGENT_KEYS}")
+        behind.execute(f"DELETE FROM {ITEMS} WHERE id IN ({AGENT_KEYS + 1}, {AGENT_KEYS + 2})")
+        behind.execute(f"INSERT INTO {ITEMS} VALUES ({AGENT_KEYS + 50}, 'only on the Site', NULL, NULL)")
+    env = pair.env()
+    found = dbsync_cmd("reconcile", "--from", "agent", "--deep", "--json", "--apply", env=env)
+    assert found.returncode == 1, found.stdout + found.stderr
+    table = json.loads(found.stdout)["tables"][ITEMS]
+    # "missing" and "extra" are the copy's (the Site's); each count under its database's name.
+    assert (table["changed"], table["missing"], table["extra"]) == (1, 2, 1), table
+    assert (table["agent_rows"], table["site_rows"]) == (10, 9), table
+    text = dbsync_cmd("reconcile", "--from", "agent", "--deep", "--apply", env=env)
+    assert "(Agent 10 rows, Site 9 rows)" in text.stdout, text.stdout
+    fixed = dbsync_cmd("reconcile", "--from", "agent", "--repair", "--apply", env=env)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert_same(pair, [ITEMS])
+    assert ok(dbsync_cmd("reconcile", "--from", "agent", "--deep", "--apply", env=env)).strip().endswith("in sync")
