@@ -182,7 +182,7 @@ def _next(kept: list[tuple[str, LocalCluster]]) -> list[str]:
     return [
         "Next, with the clusters kept:",
         f"  dbsync status {dsns}    # exits 1, 'no active daemon', until a dbsync run applies",
-        f"  dbsync run {dsns}    # applies what you change on the Site DB:",
+        f"  dbsync run {dsns}    # both ways (leads back from the Agent); change the Site DB with:",
         f"  {cluster.bindir / 'psql'} '{site}'",
         f"  dbsync reconcile --deep {dsns}",
     ]
