@@ -8,6 +8,7 @@ from dbsync import migrations
 from dbsync.cli.options import connection_options
 from dbsync.config import describe_dsn, load_settings
 from dbsync.errors import ConfigError
+from dbsync.packs import register_write_back, write_back_tables
 
 
 @click.command()
@@ -17,7 +18,8 @@ from dbsync.errors import ConfigError
     "--two-way",
     is_flag=True,
     help="Also install write-back (Agent -> Site): the capture chain on the Agent DB and the apply chain on "
-    "the Site DB, registering each DSN's role as the one dbsync applies with there. Needs both DSNs.",
+    "the Site DB, registering each DSN's role as the one dbsync applies with there. Needs both DSNs. "
+    "With --pack, also registers the pack's write-back tables (whatsapp: leads, the Agent owning stage, score).",
 )
 @click.option(
     "--rollback",
@@ -62,3 +64,12 @@ def migrate(
             done += migrations.apply_two_way(dsn, side)
         what = ", ".join(done) if done else "nothing pending"
         click.echo(f"{side} DB ({describe_dsn(dsn)}): {what}")
+    if two_way and packs:
+        assert settings.site_dsn and settings.agent_dsn
+        wanted = write_back_tables(list(packs))
+        for label in register_write_back(settings.site_dsn, settings.agent_dsn, list(packs)):
+            owns = ", ".join(wanted[label].agent_owns)
+            click.echo(
+                f"agent DB: {label} registered for write-back (Agent -> Site"
+                + (f"; the Agent owns {owns})" if owns else ")")
+            )

@@ -1,8 +1,10 @@
-"""How far behind the Agent DB is, measured by the daemon itself, on a connection of its own.
+"""How far behind a direction is, measured by the daemon itself, on a connection of its own.
 
-The count is `dbsync status`'s query (dbsync.protocol.PENDING), fed the daemon's in-memory
-progress instead of the Agent DB's row, so it costs the Agent DB nothing. It runs on its own
-Site connection: lag is worth most exactly when the replication connections are failing.
+The count is `dbsync status`'s query (dbsync.protocol.PENDING) on the capturing side's log, fed
+the daemon's in-memory progress instead of the applying side's row, so it costs that side
+nothing. It runs on its own connection: lag is worth most exactly when the replication
+connections are failing. Site -> Agent measures against the Site DB's log; write-back
+(Agent -> Site) against the Agent DB's.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class Lag:
 
 
 class LagProbe:
-    def __init__(self, site_dsn: str) -> None:
-        self.site_dsn = site_dsn
+    def __init__(self, site_dsn: str, role: str = "Site") -> None:
+        self.site_dsn = site_dsn  # the capturing side's: the Agent DB's for write-back
+        self.role = role
         self.conn: asyncpg.Connection | None = None
         # Why the last measurement failed (one line, no password), or None.
         self.error: str | None = None
@@ -58,7 +61,8 @@ class LagProbe:
             )
         except (DbsyncError, asyncpg.PostgresError, *pg.CONNECTION_ERRORS) as exc:
             if first_line(exc) != self.error:  # once per change: /readyz says only "lag unknown"
-                log.warning("cannot measure the lag: %s", first_line(exc))
+                what = "the lag" if self.role == "Site" else "the write-back lag"
+                log.warning("cannot measure %s: %s", what, first_line(exc))
             self.error = first_line(exc)
             await self.close()
             return None
@@ -68,7 +72,9 @@ class LagProbe:
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
-            self.conn = await pg.connect(self.site_dsn, "Site", server_settings={"application_name": "dbsync-monitor"})
+            self.conn = await pg.connect(
+                self.site_dsn, self.role, server_settings={"application_name": "dbsync-monitor"}
+            )
         return self.conn
 
     async def close(self) -> None:

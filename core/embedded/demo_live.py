@@ -1,16 +1,17 @@
-"""The live part of `dbsync demo`: the daemon in this event loop, traffic on, lag measured.
+"""The live part of `dbsync demo`: both directions of the daemon in this event loop, the web
+app's traffic on the Site DB and the automation on the Agent DB, lag measured each way.
 
-Lag is per event: from its capture on the Site DB (sync_log.captured_at) to the commit of its
-page on the Agent DB (when the Replicator's on_page callback runs); both clusters run on this
-machine, so the two timestamps come from one clock. "Behind" comes from
-dbsync.status, the same numbers `dbsync status` shows.
+Lag is per event: from its capture on the side it was written (sync_log.captured_at) to the
+commit of its page on the other side (when the Replicator's on_page callback runs); both clusters
+run on this machine, so the two timestamps come from one clock. "Behind" comes from
+dbsync.status, the same numbers `dbsync status` shows for each direction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
@@ -20,8 +21,9 @@ from dbsync.config import Settings
 from dbsync.daemon.consume import Event
 from dbsync.daemon.runner import Replicator
 from dbsync.db import connect, first_line
+from dbsync.embedded.demo_automation import Automation, automate
 from dbsync.embedded.demo_report import percentile
-from dbsync.embedded.demo_traffic import Crm, drive
+from dbsync.embedded.demo_traffic import Crm, drive, run_all
 from dbsync.errors import DbsyncError
 from dbsync.status import Status, read_status
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from dbsync.embedded.demo import DemoOptions
 
 SOURCE = "site"
+WRITE_BACK_SOURCE = Settings.write_back_source
 DAEMON_START_TIMEOUT = 30.0
 CATCH_UP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -42,11 +45,11 @@ class LiveError(DbsyncError):
 
 @dataclass
 class LagMeter:
-    """Fed by the Replicator after each page commits on the Agent DB."""
+    """Fed by a direction's Replicator after each page commits on the side it applies to."""
 
+    applied: asyncio.Event  # set by both directions' meters
     lags_ms: list[float] = field(default_factory=list)
     window_ms: list[float] = field(default_factory=list)
-    applied: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_page(self, events: Sequence[Event]) -> None:
         now = time.time()
@@ -68,10 +71,13 @@ class Probe:
         self.agent = connect(agent_dsn, "Agent")
         self.lock = asyncio.Lock()
 
-    async def status(self) -> Status:
+    async def status(self, *, back: bool = False) -> Status:
+        """Site -> Agent, or with `back` write-back: the Agent DB's log against the Site's progress."""
+        capture, target = (self.agent, self.site) if back else (self.site, self.agent)
+        source = WRITE_BACK_SOURCE if back else SOURCE
         async with self.lock:
             try:
-                return await asyncio.to_thread(read_status, self.site, self.agent, SOURCE)
+                return await asyncio.to_thread(read_status, capture, target, source)
             except psycopg.Error as exc:
                 raise LiveError(f"cannot read the replication status: {first_line(exc)}") from exc
 
@@ -80,13 +86,39 @@ class Probe:
         self.agent.close()
 
 
-class Ticker:
-    """One progress line a second: an updating line on a terminal, plain lines otherwise."""
+@dataclass
+class Direction:
+    """One direction as the ticker shows it: who writes, what they wrote, what was applied."""
 
-    def __init__(self, out: TextIO, crm: Crm, meter: LagMeter, probe: Probe, start: float) -> None:
-        self.out, self.crm, self.meter, self.probe, self.start = out, crm, meter, probe, start
+    label: str  # "Site -> Agent"
+    writer: str  # who writes on the capturing side
+    written: Callable[[], int]  # transactions so far
+    meter: LagMeter
+    back: bool  # the write-back direction
+    last_tx: int = 0
+    last_events: int = 0
+
+    def line(self, span: float, behind: str) -> str:
+        tx, events, window = self.written(), len(self.meter.lags_ms), sorted(self.meter.take_window())
+        p50, p99 = (f"{percentile(window, q):6.1f}" if window else "     -" for q in (0.50, 0.99))
+        line = (
+            f"{self.label}  {self.writer} {(tx - self.last_tx) / span:6.1f} tx/s  "
+            f"applied {(events - self.last_events) / span:7.1f} ev/s  lag p50 {p50} ms  p99 {p99} ms  "
+            f"behind {behind}"
+        )
+        self.last_tx, self.last_events = tx, events
+        return line
+
+
+class Ticker:
+    """Two progress lines a second, one per direction: updated in place on a terminal, plain
+    lines otherwise."""
+
+    def __init__(self, out: TextIO, directions: Sequence[Direction], probe: Probe, start: float) -> None:
+        self.out, self.directions, self.probe, self.start = out, directions, probe, start
         self.tty = out.isatty()
-        self.last_t, self.last_tx, self.last_events = start, 0, 0
+        self.last_t = start
+        self.shown = False
         self.dirty = False
 
     async def run(self) -> None:
@@ -98,22 +130,24 @@ class Ticker:
             await self.show(loop.time())
 
     async def show(self, now: float) -> None:
-        try:
-            status = await self.probe.status()
-            behind = behind_text(status.events_behind, status.seconds_behind)
-        except LiveError:
-            behind = "? (the status query failed)"
         span = max(now - self.last_t, 1e-6)
-        tx, events, window = self.crm.transactions, len(self.meter.lags_ms), sorted(self.meter.take_window())
-        p50, p99 = (f"{percentile(window, q):6.1f}" if window else "     -" for q in (0.50, 0.99))
-        line = (
-            f"{now - self.start:6.1f}s  site {(tx - self.last_tx) / span:6.1f} tx/s  "
-            f"applied {(events - self.last_events) / span:7.1f} ev/s  lag p50 {p50} ms  p99 {p99} ms  "
-            f"behind {behind}"
-        )
-        self.last_t, self.last_tx, self.last_events = now, tx, events
-        self.out.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        lines: list[str] = []
+        for d in self.directions:
+            try:
+                status = await self.probe.status(back=d.back)
+                behind = behind_text(status.events_behind, status.seconds_behind)
+            except LiveError:
+                behind = "? (the status query failed)"
+            lead = f"{now - self.start:6.1f}s" if not lines else " " * 7
+            lines.append(f"{lead}  {d.line(span, behind)}")
+        self.last_t = now
+        if self.tty:  # back to the start of the previous tick's lines, each cleared as it is rewritten
+            up = f"\x1b[{len(lines) - 1}A" if self.shown and len(lines) > 1 else ""
+            self.out.write(up + "\r" + "\n".join(f"{line}\x1b[K" for line in lines))
+        else:
+            self.out.write("".join(line + "\n" for line in lines))
         self.out.flush()
+        self.shown = True
         self.dirty = self.tty
 
     def end(self) -> None:
@@ -124,7 +158,7 @@ class Ticker:
 
 
 def behind_text(events: int, seconds: float) -> str:
-    """How far the Agent DB is behind, with units: events not applied, and the age of the oldest."""
+    """How far a direction is behind, with units: events not applied, and the age of the oldest."""
     age = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
     return f"{events} event{'' if events == 1 else 's'}, {age}"
 
@@ -132,50 +166,67 @@ def behind_text(events: int, seconds: float) -> str:
 @dataclass
 class Live:
     crm: Crm
-    meter: LagMeter
+    automation: Automation
+    meter: LagMeter  # Site -> Agent
+    back_meter: LagMeter  # Agent -> Site (write-back)
     traffic_seconds: float = 0.0
     catch_up_seconds: float | None = None
     behind: int = 0
+    back_behind: int = 0
     parked: int = 0
 
 
 async def replicate_under_load(site_dsn: str, agent_dsn: str, options: DemoOptions, seed: int, out: TextIO) -> Live:
-    """Start the daemon, drive the traffic, wait (with a deadline) until all of it is applied, stop."""
-    live = Live(Crm(), LagMeter())
-    stop, ready = asyncio.Event(), asyncio.Event()
-
-    async def on_ready() -> None:
-        ready.set()
-
+    """Start both directions, drive the Site traffic and the Agent automation, wait (with a
+    deadline) until each direction has applied all of it, stop."""
+    applied = asyncio.Event()
+    live = Live(Crm(), Automation(), LagMeter(applied), LagMeter(applied))
+    stop = asyncio.Event()
     probe = Probe(site_dsn, agent_dsn)
-    replicator = Replicator(Settings(site_dsn=site_dsn, agent_dsn=agent_dsn), stop=stop, on_page=live.meter.on_page)
-    daemon = asyncio.create_task(replicator.run(on_ready=on_ready), name="dbsync-daemon")
+    settings = Settings(site_dsn=site_dsn, agent_dsn=agent_dsn)
+    daemons: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     ticker: Ticker | None = None
     ticking: asyncio.Task[None] | None = None
     try:
-        if not await _unless_daemon_dies(ready.wait(), daemon, DAEMON_START_TIMEOUT):
-            raise LiveError(f"the replicator did not connect within {DAEMON_START_TIMEOUT:.0f} s")
+        # As `dbsync run` does: write-back starts once the Site -> Agent direction is up.
+        for direction, meter in ((settings, live.meter), (settings.write_back(), live.back_meter)):
+            ready = asyncio.Event()
+            name = f"dbsync-{direction.source}"
+            daemons.append(asyncio.create_task(_start(direction, stop, meter, ready), name=name))
+            if not await _unless_daemon_dies(ready.wait(), daemons, DAEMON_START_TIMEOUT):
+                raise LiveError(
+                    f"the replicator (source {direction.source}) did not connect within {DAEMON_START_TIMEOUT:.0f} s"
+                )
         start = loop.time()
-        ticker = Ticker(out, live.crm, live.meter, probe, start)
+        directions = [
+            Direction("Site -> Agent", "site", lambda: live.crm.transactions, live.meter, back=False),
+            Direction("Agent -> Site", "auto", lambda: live.automation.transactions, live.back_meter, back=True),
+        ]
+        ticker = Ticker(out, directions, probe, start)
         ticking = asyncio.create_task(ticker.run())
         traffic = drive(
             site_dsn, live.crm, rate=options.rate, duration=options.duration, writers=options.writers, seed=seed
         )
-        await _unless_daemon_dies(traffic, daemon)
+        automation = automate(
+            agent_dsn, live.automation, rate=options.automation_rate, duration=options.duration, seed=seed
+        )
+        await _unless_daemon_dies(run_all((traffic, automation)), daemons)
         stopped = loop.time()
         live.traffic_seconds = stopped - start
         deadline = stopped + CATCH_UP_TIMEOUT
         while True:
-            live.meter.applied.clear()
-            status = await probe.status()
-            live.behind, live.parked = status.events_behind, status.parked_events
-            if status.events_behind == 0:
+            applied.clear()
+            status, back = await probe.status(), await probe.status(back=True)
+            live.behind, live.back_behind = status.events_behind, back.events_behind
+            live.parked = status.parked_events + back.parked_events
+            # Nothing dbsync applies is captured again, so once both are 0 both stay 0.
+            if status.events_behind == 0 and back.events_behind == 0:
                 live.catch_up_seconds = loop.time() - stopped
                 return live
             if loop.time() >= deadline:
                 return live
-            await _unless_daemon_dies(live.meter.applied.wait(), daemon, min(0.5, deadline - loop.time()))
+            await _unless_daemon_dies(applied.wait(), daemons, min(0.5, deadline - loop.time()))
     finally:
         if ticking is not None:
             ticking.cancel()
@@ -183,25 +234,37 @@ async def replicate_under_load(site_dsn: str, agent_dsn: str, options: DemoOptio
         if ticker is not None:
             ticker.end()
         stop.set()
-        await asyncio.wait({daemon}, timeout=STOP_TIMEOUT)
-        if not daemon.done():
-            daemon.cancel()
-        await asyncio.gather(daemon, return_exceptions=True)
+        if daemons:
+            await asyncio.wait(daemons, timeout=STOP_TIMEOUT)
+        for daemon in daemons:
+            if not daemon.done():
+                daemon.cancel()
+        await asyncio.gather(*daemons, return_exceptions=True)
         probe.close()
 
 
-async def _unless_daemon_dies(aw: Awaitable[T], daemon: asyncio.Task[None], timeout: float | None = None) -> T | None:
-    """Await `aw` (None once `timeout` passes), failing at once if the daemon task ends first."""
+async def _start(settings: Settings, stop: asyncio.Event, meter: LagMeter, ready: asyncio.Event) -> None:
+    async def on_ready() -> None:
+        ready.set()
+
+    await Replicator(settings, stop=stop, on_page=meter.on_page).run(on_ready=on_ready)
+
+
+async def _unless_daemon_dies(
+    aw: Awaitable[T], daemons: Collection[asyncio.Task[None]], timeout: float | None = None
+) -> T | None:
+    """Await `aw` (None once `timeout` passes), failing at once if a daemon task ends first."""
     task = asyncio.ensure_future(aw)
     try:
-        await asyncio.wait({task, daemon}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *daemons}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     if task.done() and not task.cancelled():
         return task.result()
-    if daemon.done():
-        exc = None if daemon.cancelled() else daemon.exception()
-        raise LiveError(f"the replicator stopped unexpectedly: {exc or 'no error reported'}") from exc
+    for daemon in daemons:
+        if daemon.done():
+            exc = None if daemon.cancelled() else daemon.exception()
+            raise LiveError(f"the replicator stopped unexpectedly: {exc or 'no error reported'}") from exc
     return None

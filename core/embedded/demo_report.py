@@ -71,6 +71,20 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 @dataclass
+class WriteBack:
+    """The Agent -> Site direction: what the automation did, and whether it reached the Site."""
+
+    stages: dict[str, int]  # lead stage changes by the stage moved to
+    transactions: int
+    lags_ms: list[float]  # ascending
+    behind: int
+    # Leads in a stage only the Agent's automation sets, on each side: equal, and not 0, when
+    # write-back works (the Site's app never moves a stage).
+    site_moved: int
+    agent_moved: int
+
+
+@dataclass
 class DemoResult:
     options: DemoOptions
     seed: int
@@ -82,6 +96,7 @@ class DemoResult:
     behind: int
     parked: int
     checks: list[TableCheck]
+    write_back: WriteBack | None = None
     kept: list[tuple[str, LocalCluster]] = field(default_factory=list)
 
     @property
@@ -100,7 +115,7 @@ def format_summary(r: DemoResult) -> str:
         f"{c.get('outbound', 0)} outbound, {c.get('inbound', 0)} inbound, "
         f"{c.get('status', 0)} delivery status callbacks "
         f"({c.get('failed', 0)} of them simulated WhatsApp delivery failures), "
-        f"{c.get('crm', 0)} agent actions ({c.get('stage_changes', 0)} lead stage changes)"
+        f"{c.get('crm', 0)} agent actions ({c.get('lead_edits', 0)} emails filed on leads the automation closed)"
     )
     lines = [
         f"dbsync demo: {r.traffic_seconds:.1f} s of WhatsApp CRM traffic, {r.options.writers} writers, seed {r.seed}",
@@ -111,13 +126,14 @@ def format_summary(r: DemoResult) -> str:
         caught = f"caught up {r.catch_up_seconds:.2f} s after traffic stopped"
     else:
         span = r.traffic_seconds
-        caught = f"NOT caught up: {r.behind} events still behind after the deadline"
+        behind = r.behind + (r.write_back.behind if r.write_back else 0)
+        caught = f"NOT caught up: {behind} events still behind after the deadline"
     lines.append(f"  Events applied     {r.events} ({r.events / max(span, 1e-9):.1f}/s), {caught}")
-    if r.lags_ms:
-        lag = "  ".join(f"{name} {percentile(r.lags_ms, q):.1f} ms" for name, q in _QUANTILES)
-        lines.append(f"  Replication lag    {lag}  max {r.lags_ms[-1]:.1f} ms")
+    lines.extend(_lag("Replication lag", r.lags_ms))
+    if r.write_back is not None:
+        lines.extend(_write_back(r.write_back, seconds, span))
     if r.parked:
-        lines.append(f"  Parked events      {r.parked} (rejected by the Agent DB; see `dbsync status`)")
+        lines.append(f"  Parked events      {r.parked} (rejected where they were to be applied; see `dbsync status`)")
     width = max(len(check.table) for check in r.checks)
     for check in r.checks:
         verdict = (
@@ -134,6 +150,26 @@ def format_summary(r: DemoResult) -> str:
 _QUANTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 
 
+def _lag(name: str, lags_ms: list[float]) -> list[str]:
+    if not lags_ms:
+        return []
+    lag = "  ".join(f"{q_name} {percentile(lags_ms, q):.1f} ms" for q_name, q in _QUANTILES)
+    return [f"  {name:<17}  {lag}  max {lags_ms[-1]:.1f} ms"]
+
+
+def _write_back(w: WriteBack, seconds: float, span: float) -> list[str]:
+    stages = ", ".join(f"{w.stages[s]} {s}" for s in ("contacted", "qualified", "won", "lost") if w.stages.get(s))
+    events = len(w.lags_ms)
+    return [
+        f"  Agent automation   {w.transactions} transactions ({w.transactions / seconds:.1f}/s), "
+        f"lead stages moved to: {stages or 'none'}",
+        f"  Written back       {events} events applied to the Site DB ({events / max(span, 1e-9):.1f}/s)",
+        *_lag("Write-back lag", w.lags_ms),
+        f"  Write-back check   leads in a stage only the automation sets: {w.agent_moved} on the Agent DB, "
+        f"{w.site_moved} on the Site DB",
+    ]
+
+
 def _next(kept: list[tuple[str, LocalCluster]]) -> list[str]:
     """What to try next: with the clusters kept, commands for them; otherwise how to keep them."""
     if not kept:
@@ -146,7 +182,7 @@ def _next(kept: list[tuple[str, LocalCluster]]) -> list[str]:
     return [
         "Next, with the clusters kept:",
         f"  dbsync status {dsns}    # exits 1, 'no active daemon', until a dbsync run applies",
-        f"  dbsync run {dsns}    # applies what you change on the Site DB:",
+        f"  dbsync run {dsns}    # both ways (leads back from the Agent); change the Site DB with:",
         f"  {cluster.bindir / 'psql'} '{site}'",
         f"  dbsync reconcile --deep {dsns}",
     ]

@@ -8,7 +8,9 @@ Four kinds of write transaction, each what one user-visible action costs the app
 * inbound: a webhook delivers a customer's message. The conversation is found or opened, the
   message stored, the lead created or its score bumped, the assigned agent notified;
 * status: a webhook moves an outbound message sent -> delivered -> read, or to failed (~5%);
-* crm: now and then an agent moves a lead through its stages, or reads or closes a conversation.
+* crm: now and then an agent reads or closes a conversation, or files the email of a lead the
+  Agent DB's automation has closed (demo_automation: the stage and score of a lead are the
+  Agent's, and reach the Site by write-back).
 
 Writers share one pacer, so the total rate is what was asked for however many writers there are.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, deque
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,12 +92,11 @@ INSERT INTO public.whatsapp_messages
     (message_id, conversation_id, phone_number, direction, content, media_url, status, delivered_at)
 VALUES (%s, %s, %s, 'inbound', %s, %s, 'delivered', now())
 """
-UPSERT_LEAD = """
+# A new number becomes a lead; a known one's lead is the automation's to score (demo_automation).
+NEW_LEAD = """
 INSERT INTO public.leads (phone_number, name, conversation_id, attributes)
 VALUES (%s, %s, %s, %s)
-ON CONFLICT (phone_number) DO UPDATE
-SET score = leads.score + 1, conversation_id = EXCLUDED.conversation_id, updated_at = now()
-RETURNING id, xmax = 0 AS created
+ON CONFLICT (phone_number) DO NOTHING
 """
 INSERT_OUTBOUND = """
 INSERT INTO public.whatsapp_messages (message_id, conversation_id, phone_number, direction, content)
@@ -114,13 +116,14 @@ FAILED = """
 UPDATE public.whatsapp_messages SET status = 'failed', error_message = %s, updated_at = now()
 WHERE message_id = %s AND status = 'sent'
 """
-ADVANCE_STAGE = """
+# Only a lead the automation has closed, and whose close has reached the Site: the automation
+# never writes it again, so the two sides never change one lead at once (demo_automation).
+FILE_EMAIL = """
 UPDATE public.leads
-SET stage = CASE stage WHEN 'new' THEN 'contacted' WHEN 'contacted' THEN 'qualified' ELSE %(outcome)s END,
-    score = score + 10, email = coalesce(email, %(email)s),
-    attributes = attributes || jsonb_build_object('stage_changed_by', %(agent)s::text), updated_at = now()
-WHERE id = %(id)s AND stage NOT IN ('won', 'lost')
-RETURNING stage
+SET email = %(email)s, attributes = attributes || jsonb_build_object('filed_by', %(agent)s::text), updated_at = now()
+WHERE id = (SELECT id FROM public.leads WHERE stage IN ('won', 'lost') AND email IS NULL
+            ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+RETURNING id, stage
 """
 READ_CONVERSATION = """
 UPDATE public.conversations SET unread_count = 0, status = %s, updated_at = now() WHERE id = %s
@@ -146,7 +149,6 @@ class Crm:
 
     phones: list[str] = field(default_factory=list)
     open_conversations: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (phone, agent)
-    leads: list[int] = field(default_factory=list)
     sent: deque[str] = field(default_factory=deque)
     delivered: deque[str] = field(default_factory=deque)
     counts: Counter[str] = field(default_factory=Counter)
@@ -228,8 +230,7 @@ class Writer:
             )
             conv_id, agent = await _one(cur)
             await self.conn.execute(INSERT_INBOUND, (message_id, conv_id, phone, text, media_url))
-            cur = await self.conn.execute(UPSERT_LEAD, (phone, name, conv_id, attributes))
-            lead_id, created = await _one(cur)
+            await self.conn.execute(NEW_LEAD, (phone, name, conv_id, attributes))
             await self.conn.execute(
                 NOTIFY,
                 (
@@ -241,8 +242,6 @@ class Writer:
         if new:
             crm.phones.append(phone)
         crm.open_conversations[conv_id] = (phone, agent)
-        if created:
-            crm.leads.append(lead_id)
 
     async def status(self) -> None:
         crm = self.crm
@@ -261,24 +260,16 @@ class Writer:
     async def agent_action(self) -> None:
         rng, crm = self.rng, self.crm
         agent = rng.choice(AGENTS)
-        if crm.leads and rng.random() < 0.6:
-            lead_id = rng.choice(crm.leads)
-            outcome = "won" if rng.random() < 0.4 else "lost"
-            email = f"kunde{lead_id}@example.com"
+        if rng.random() < 0.6:
             async with self.conn.transaction():
-                cur = await self.conn.execute(
-                    ADVANCE_STAGE, {"id": lead_id, "outcome": outcome, "email": email, "agent": agent}
-                )
+                email = f"kunde{rng.randrange(10**6)}@example.com"
+                cur = await self.conn.execute(FILE_EMAIL, {"email": email, "agent": agent})
                 row = await cur.fetchone()
                 if row is not None:
-                    await self.conn.execute(
-                        NOTIFY, (agent, "lead_stage_changed", Jsonb({"lead_id": lead_id, "stage": row[0]}))
-                    )
+                    await self.conn.execute(NOTIFY, (agent, "lead_closed", Jsonb({"lead_id": row[0], "stage": row[1]})))
             if row is not None:
-                crm.counts["stage_changes"] += 1
-            if (row is None or row[0] in ("won", "lost")) and lead_id in crm.leads:
-                crm.leads.remove(lead_id)
-            return
+                crm.counts["lead_edits"] += 1
+                return
         conv_id = rng.choice(list(crm.open_conversations))
         close = rng.random() < 0.3
         await self.conn.execute(READ_CONVERSATION, ("closed" if close else "open", conv_id))
@@ -300,22 +291,25 @@ async def drive(dsn: str, crm: Crm, *, rate: float, duration: float, writers: in
             conns.append(await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="crm-web"))
         start = asyncio.get_running_loop().time()
         pacer = Pacer(rate, start, start + duration)
-        tasks = [
-            asyncio.create_task(Writer(conn, crm, random.Random(seed * 1000 + i)).run(pacer))
-            for i, conn in enumerate(conns)
-        ]
-        try:
-            # Unlike gather, wait leaves the writers alone when it is cancelled: each is cancelled
-            # once, below (psycopg then cancels its query on the server).
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            task.result()
+        await run_all(Writer(conn, crm, random.Random(seed * 1000 + i)).run(pacer) for i, conn in enumerate(conns))
     except psycopg.Error as exc:
         raise TrafficError(f"the simulated web app failed to write to the Site DB: {first_line(exc)}") from exc
     finally:
         for conn in conns:
             await conn.close()
+
+
+async def run_all(aws: Iterable[Awaitable[None]]) -> None:
+    """Await all of them; the first to fail cancels the others.
+
+    Unlike gather, wait leaves them alone when it is cancelled: each is cancelled once, below
+    (psycopg then cancels its query on the server)."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
